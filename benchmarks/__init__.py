@@ -1,0 +1,1 @@
+"""Benchmarks for steerserve (run as modules, e.g. `python -m benchmarks.frontend`)."""

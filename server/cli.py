@@ -1,0 +1,82 @@
+"""The `steerserve` command: serve a model, fetch the embedded default."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import typing
+from pathlib import Path
+
+from .settings import Settings
+
+
+def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per settings field (`max_model_len` -> `--max-model-len`); unset flags defer to env/YAML/defaults."""
+    for name, field in Settings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        kind = typing.get_args(field.annotation) or (field.annotation,)
+        if bool in kind:
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None,
+                                help=field.description)
+        elif typing.get_origin(field.annotation) is typing.Literal:
+            parser.add_argument(flag, dest=name, choices=kind, default=None, help=field.description)
+        else:
+            convert = next((t for t in (int, float, Path) if t in kind), str)
+            parser.add_argument(flag, dest=name, type=convert, default=None, help=field.description)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="steerserve", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="serve a model over the OpenAI HTTP API")
+    serve.add_argument("--config", type=Path, help="YAML file of settings (flags and STEERSERVE_* env win)")
+    _add_settings_flags(serve)
+
+    models = commands.add_parser("models", help="manage local models")
+    models_cmd = models.add_subparsers(dest="models_command", required=True)
+    fetch = models_cmd.add_parser("fetch", help="download, verify and convert a known model into the cache")
+    fetch.add_argument("name", choices=["smollm2"])
+
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields}
+        return serve_forever(Settings.load(args.config, **overrides))
+    if args.command == "models":
+        from .models import ModelFetchError, fetch_smollm2
+
+        try:
+            print(fetch_smollm2(Settings.load().cache))
+        except ModelFetchError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+    return 0
+
+
+def serve_forever(settings: Settings) -> int:
+    import uvicorn
+
+    from .app import create_app
+    from .engine import Engine
+    from .models import ModelFetchError, resolve_model
+
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        model_path = resolve_model(settings.model, settings.cache)
+    except ModelFetchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    failed = []
+
+    def stop_serving() -> None:
+        failed.append(True)
+        server.should_exit = True
+
+    app = create_app(lambda: Engine(settings, model_path), on_engine_failure=stop_serving)
+    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level))
+    server.run()
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,162 @@
+"""One HTTP generation request in the engine: fan out prompts, merge their outputs, time tokens, render OpenAI JSON."""
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from .engine import Engine
+from .metrics import Metrics
+
+
+@dataclass
+class Prompt:
+    ids: list[int]
+    text: str | None = None
+
+
+@dataclass
+class Delta:
+    """New output of one choice: text and tokens since the last delta, and the finish reason once finished."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[dict] | None
+    finish_reason: str | None
+
+
+@dataclass
+class Choice:
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[dict] = field(default_factory=list)
+    finish_reason: str | None = None
+
+    def add(self, d: Delta) -> None:
+        self.text += d.text
+        self.token_ids += d.token_ids
+        self.logprobs += d.logprobs or []
+        self.finish_reason = d.finish_reason or self.finish_reason
+
+
+class Generation:
+    """Runs prompts x n choices through the engine; `deltas()` yields them merged as they come."""
+
+    def __init__(self, engine: Engine, metrics: Metrics, route: str, prompts: list[Prompt], params,
+                 kind: str, cache_salt: str | None = None):
+        self.engine, self.metrics, self.route = engine, metrics, route
+        self.prompts, self.params, self.n, self.cache_salt = prompts, params, params.n, cache_salt
+        self.id = f"{kind}-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.arrival = time.perf_counter()
+        self.completion_tokens = 0
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(len(p.ids) for p in self.prompts)
+
+    def usage(self) -> dict[str, int]:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens}
+
+    async def deltas(self) -> AsyncIterator[Delta]:
+        self.metrics.prompt_tokens.labels(self.route).inc(self.prompt_tokens)
+        streams = [self.engine.generate(p.ids, self.params, f"{self.id}-{i}", prompt_text=p.text,
+                                        cache_salt=self.cache_salt) for i, p in enumerate(self.prompts)]
+        last = None
+        async for job, out in _merge(streams):
+            now = time.perf_counter()
+            if last is None:
+                self.metrics.ttft.labels(self.route).observe(now - self.arrival)
+            else:
+                self.metrics.itl.labels(self.route).observe(now - last)
+            last = now
+            for o in out.outputs:
+                self.completion_tokens += len(o.token_ids)
+                self.metrics.generation_tokens.labels(self.route).inc(len(o.token_ids))
+                yield Delta(job * self.n + o.index, o.text, list(o.token_ids), o.logprobs, o.finish_reason)
+
+    async def collect(self) -> list[Choice]:
+        choices = [Choice(i) for i in range(len(self.prompts) * self.n)]
+        async for d in self.deltas():
+            choices[d.index].add(d)
+        return choices
+
+
+async def _merge(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, Any]]:
+    """Items of several async iterators as they arrive, tagged with the iterator's index. Cancelling or
+    closing the merge cancels every source, which makes vLLM abort those requests."""
+    if len(streams) == 1:
+        async for item in streams[0]:
+            yield 0, item
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(i: int, stream: AsyncIterator) -> None:
+        try:
+            async for item in stream:
+                await queue.put((i, item))
+            await queue.put((i, done))
+        except Exception as exc:  # handed to the consumer, which raises it
+            await queue.put((i, exc))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            i, item = await queue.get()
+            if item is done:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _token_logprob(token_id: int, entry: dict, top: int) -> tuple[Any, list[Any]]:
+    """(the sampled token's Logprob, the `top` best alternatives by rank) from one vLLM logprob dict."""
+    alternatives = sorted((lp for lp in entry.values() if lp.rank is not None and lp.rank <= top),
+                          key=lambda lp: lp.rank)
+    return entry[token_id], alternatives
+
+
+def _token_text(lp: Any, token_id: int, tokenizer) -> str:
+    return lp.decoded_token if lp.decoded_token is not None else tokenizer.decode([token_id])
+
+
+def chat_logprobs(token_ids: list[int], entries: list[dict], top: int, tokenizer) -> dict:
+    content = []
+    for token_id, entry in zip(token_ids, entries, strict=False):
+        chosen, alternatives = _token_logprob(token_id, entry, top)
+        alt_ids = [t for lp in alternatives for t, v in entry.items() if v is lp]
+        text = _token_text(chosen, token_id, tokenizer)
+        content.append({
+            "token": text, "logprob": max(chosen.logprob, -9999.0), "bytes": list(text.encode()),
+            "top_logprobs": [{"token": (s := _token_text(lp, t, tokenizer)), "logprob": max(lp.logprob, -9999.0),
+                              "bytes": list(s.encode())} for lp, t in zip(alternatives, alt_ids, strict=True)],
+        })
+    return {"content": content}
+
+
+def completion_logprobs(token_ids: list[int], entries: list[dict], top: int, tokenizer, offset: int = 0) -> dict:
+    tokens, token_logprobs, tops, offsets = [], [], [], []
+    for token_id, entry in zip(token_ids, entries, strict=False):
+        chosen, alternatives = _token_logprob(token_id, entry, top)
+        text = _token_text(chosen, token_id, tokenizer)
+        tokens.append(text)
+        token_logprobs.append(max(chosen.logprob, -9999.0))
+        tops.append({_token_text(lp, t, tokenizer): max(lp.logprob, -9999.0)
+                     for t, lp in entry.items() if lp in alternatives} if top else None)
+        offsets.append(offset)
+        offset += len(text)
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": tops, "text_offset": offsets}

@@ -1,0 +1,59 @@
+"""Prometheus metrics: one registry per app, HTTP-level series from an ASGI middleware, token-level from generation."""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+TOKEN_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56)
+
+
+class Metrics:
+    def __init__(self, unfinished_requests: Callable[[], int] = lambda: 0):
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("steerserve_requests", "HTTP requests by route and status code",
+                                ["route", "status"], registry=r)
+        self.latency = Histogram("steerserve_request_latency_seconds", "Whole request time, body included",
+                                 ["route"], buckets=LATENCY_BUCKETS, registry=r)
+        self.in_flight = Gauge("steerserve_requests_in_flight", "HTTP requests being served", ["route"], registry=r)
+        self.ttft = Histogram("steerserve_time_to_first_token_seconds", "Arrival to first generated token",
+                              ["route"], buckets=LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("steerserve_inter_token_latency_seconds", "Time between a request's token deliveries",
+                             ["route"], buckets=TOKEN_LATENCY_BUCKETS, registry=r)
+        self.prompt_tokens = Counter("steerserve_prompt_tokens", "Prompt tokens processed", ["route"], registry=r)
+        self.generation_tokens = Counter("steerserve_generation_tokens", "Tokens generated", ["route"], registry=r)
+        unfinished = Gauge("steerserve_engine_unfinished_requests", "Requests the vLLM engine still holds",
+                           registry=r)
+        unfinished.set_function(unfinished_requests)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class MetricsMiddleware:
+    """Counts every HTTP request by route template and status, timing it until its body is fully sent."""
+
+    def __init__(self, app, metrics: Metrics, routes: set[str]):
+        self.app, self.metrics, self.routes = app, metrics, routes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        route = scope["path"] if scope["path"] in self.routes else "other"
+        status = {"code": 500}
+
+        async def send_and_record(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        start = time.perf_counter()
+        self.metrics.in_flight.labels(route).inc()
+        try:
+            await self.app(scope, receive, send_and_record)
+        finally:
+            self.metrics.in_flight.labels(route).dec()
+            self.metrics.latency.labels(route).observe(time.perf_counter() - start)
+            self.metrics.requests.labels(route, str(status["code"])).inc()

@@ -1,0 +1,68 @@
+"""The one settings object: CLI flags > STEERSERVE_* environment > optional YAML file > defaults."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import yaml
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="STEERSERVE_", extra="forbid", protected_namespaces=())
+
+    # Where the YAML file for this construction comes from (set by `load`, read by the source hook).
+    _yaml_path: ClassVar[Path | None] = None
+
+    model: str | None = Field(None, description="Local HF checkpoint directory; None serves the embedded default (SmolLM2).")
+    served_model_name: str | None = Field(None, description="Name clients use in `model`; default: the directory name.")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "float32", description="fp32 by default: in bf16 vLLM-CPU flips SmolLM2 greedy answers (one rounding step).")
+    max_model_len: int = Field(2048, ge=16, description="Context window (prompt + generation) in tokens.")
+    max_num_seqs: int = Field(64, ge=1, description="Most requests batched together in one engine step.")
+    max_num_batched_tokens: int | None = Field(None, ge=16, description="Token budget per step; None: vLLM's default.")
+    kv_cache_gib: float = Field(1.0, gt=0, description="KV cache size; always capped (vLLM-CPU otherwise takes ~15 GiB).")
+    enable_prefix_caching: bool = True
+    enforce_eager: bool = Field(True, description="Skip torch.compile (saves ~30 s of start-up on CPU).")
+    seed: int = 0
+    cache: Path = Field(Path.home() / ".cache" / "steerserve", description="Model cache (env STEERSERVE_CACHE).")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @model_validator(mode="after")
+    def _check_batch_budget(self) -> Settings:
+        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError("max_num_batched_tokens must be >= max_num_seqs")
+        return self
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings):
+        return (init_settings, env_settings, _YamlSource(settings_cls, cls._yaml_path))
+
+    @classmethod
+    def load(cls, yaml_path: str | Path | None = None, **overrides: Any) -> Settings:
+        """Settings from a YAML file (optional), the environment and explicit overrides (None values are ignored)."""
+        cls._yaml_path = Path(yaml_path) if yaml_path else None
+        try:
+            return cls(**{k: v for k, v in overrides.items() if v is not None})
+        finally:
+            cls._yaml_path = None
+
+
+class _YamlSource(PydanticBaseSettingsSource):
+    def __init__(self, settings_cls: type[BaseSettings], path: Path | None):
+        super().__init__(settings_cls)
+        self.data: dict[str, Any] = {}
+        if path is not None:
+            loaded = yaml.safe_load(path.read_text()) or {}
+            if not isinstance(loaded, dict):
+                raise ValueError(f"{path}: expected a mapping of setting names to values")
+            self.data = {k.replace("-", "_"): v for k, v in loaded.items()}
+
+    def get_field_value(self, field, field_name):  # unused: __call__ returns the whole mapping
+        return self.data.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(self.data)
