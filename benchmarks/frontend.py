@@ -1,11 +1,13 @@
 """Compare steerserve's HTTP frontend with vLLM's own OpenAI server: same model, engine settings and workload.
 
 The two servers run one after the other (never both at once), each in its own process group, and are driven
-by the same streaming chat workload over httpx at several concurrency levels. Writes
-benchmarks/results/frontend.json and frontend.png, prints a table and, last, steerserve/vLLM token throughput.
+by the same streaming chat workload (httpx, fixed output length via ignore_eos) at several concurrency levels.
+Each server runs --rounds times in ABBA order and the best round per level is kept, since other work on a
+shared machine only ever slows a run down. Also measured: the frontend process's own CPU time per request.
+Writes benchmarks/results/frontend.json and .png, prints a table and, last, steerserve/vLLM token throughput.
 
-    python -m benchmarks.frontend            # full run (several minutes on 2 cores)
-    python -m benchmarks.frontend --quick    # smoke run
+    python -m benchmarks.frontend            # full run (~20 minutes on 2 cores)
+    python -m benchmarks.frontend --quick    # smoke run (~3 minutes)
 """
 from __future__ import annotations
 
@@ -180,7 +182,7 @@ async def run_level(base: str, model: str, prompts: list[str], concurrency: int,
 def bench_server(kind: str, a, env: dict) -> dict:
     port = free_port()
     cmd, ready_path = server_command(kind, a.model, port, a)
-    log = RESULTS / f"frontend-{kind}.log"
+    log = RESULTS / f"{a.name}-{kind}.log"
     print(f"[{kind}] starting: {' '.join(cmd)}", flush=True)
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -263,11 +265,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=8, help="warm-up requests per server (not measured)")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--rounds", type=int, default=2, help="rounds per server (ABBA order); best round is kept")
+    p.add_argument("--rounds", type=int, default=3, help="rounds per server (ABBA order); best round is kept")
     p.add_argument("--servers", default="steerserve,vllm", help="which servers, in this order")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="extra env for both servers")
     p.add_argument("--startup-timeout", type=float, default=600)
     p.add_argument("--level-timeout", type=float, default=600, help="bound on one concurrency level (s)")
+    p.add_argument("--name", default="frontend", help="results file stem under benchmarks/results/")
     p.add_argument("--quick", action="store_true", help="smoke run: c=1,4, 8 requests, 16 tokens")
     a = p.parse_args(argv)
     if a.quick:
@@ -285,8 +288,9 @@ def main(argv: list[str] | None = None) -> int:
                / max(results["vllm"]["levels"][c]["output_token_throughput"], 1e-9) for c in map(str, a.concurrency)}
               if {"steerserve", "vllm"} <= results.keys() else {})
     out = {"conditions": conditions(a, overrides), "results": results, "token_throughput_ratio": ratios}
-    (RESULTS / "frontend.json").write_text(json.dumps(out, indent=2))
-    plot(results, RESULTS / "frontend.png")
+    json_path, png_path = RESULTS / f"{a.name}.json", RESULTS / f"{a.name}.png"
+    json_path.write_text(json.dumps(out, indent=2))
+    plot(results, png_path)
 
     print(f"\n{'server':<11}{'conc':>5}{'req/s':>8}{'tok/s':>9}{'ttft p50/p90/p99 ms':>24}"
           f"{'itl p50/p90/p99 ms':>22}{'e2e p50/p90/p99 s':>22}{'cpu ms/req':>11}{'err':>5}")
@@ -295,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{kind:<11}{c:>5}{lv['request_throughput']:>8.2f}{lv['output_token_throughput']:>9.1f}"
                   f"{fmt(lv['ttft_s'], 1000, 0):>24}{fmt(lv['itl_s'], 1000, 1):>22}{fmt(lv['e2e_s'], 1, 2):>22}"
                   f"{lv['frontend_cpu_ms_per_request']:>11.1f}{lv['errors']:>5}")
-    print(f"\nresults: {RESULTS / 'frontend.json'}, {RESULTS / 'frontend.png'}")
+    print(f"\nresults: {json_path}, {png_path}")
     print("token throughput steerserve/vLLM: " + ", ".join(f"c={c}: {r:.3f}x" for c, r in ratios.items()))
     return 0
 

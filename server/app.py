@@ -13,30 +13,40 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
+from steerserve.steering import spec as steering_spec
+
 from . import generation as gen
+from . import steer
+from .auth import KeyStore, Principal
 from .engine import Engine
-from .errors import APIError, BadRequest, NotFound, Unavailable, pydantic_to_api_error
+from .errors import APIError, BadRequest, Forbidden, NotFound, Unavailable, pydantic_to_api_error
 from .metrics import Metrics, MetricsMiddleware
+from .profiles import GLOBAL, ProfileStore, validate_name
 from .protocol import ChatCompletionRequest, CompletionRequest, sampling_params, structured_output
 
 log = logging.getLogger("steerserve.server")
 
-ROUTES = {"/health", "/ready", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions"}
+ROUTES = {"/health", "/ready", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions",
+          "/v1/steering/schema", "/v1/steering/profiles"}
 
 
 class ClientDisconnected(Exception):
     pass
 
 
-def create_app(engine_factory: Callable[[], Engine], on_engine_failure: Callable[[], None] = lambda: None) -> FastAPI:
+def create_app(engine_factory: Callable[[], Engine], keys: KeyStore, profiles: ProfileStore,
+               on_engine_failure: Callable[[], None] = lambda: None) -> FastAPI:
     """The app. `engine_factory` builds the engine in a worker thread, so /health answers while it loads;
-    `on_engine_failure` is called if it cannot be built (the CLI then exits non-zero)."""
+    `on_engine_failure` is called if it cannot be built or fails its steering self-test (the CLI then exits
+    non-zero)."""
     state: dict[str, Any] = {"engine": None, "error": None}
     metrics = Metrics(lambda: state["engine"].num_unfinished_requests() if state["engine"] else 0)
 
     async def load_engine() -> None:
         try:
-            state["engine"] = await asyncio.to_thread(engine_factory)
+            eng = await asyncio.to_thread(engine_factory)
+            await eng.verify_steering()
+            state["engine"] = eng
             log.info("engine ready: serving %s", state["engine"].info.name)
         except Exception as exc:  # readiness reports it; the process stays up to say why
             log.exception("engine failed to start")
@@ -74,6 +84,12 @@ def create_app(engine_factory: Callable[[], Engine], on_engine_failure: Callable
                               else f"the engine failed to start: {state['error']}")
         return state["engine"]
 
+    def principal(request: Request) -> Principal:
+        return keys.authenticate(request.headers.get("authorization"))
+
+    def steering_for(request: Request, req, who: Principal, eng: Engine) -> steer.Steering:
+        return steer.resolve(request.headers, req.steering, who, profiles, eng.facts)
+
     @app.get("/health")
     async def health() -> dict:
         return {"status": "ok"}
@@ -92,15 +108,18 @@ def create_app(engine_factory: Callable[[], Engine], on_engine_failure: Callable
         return Response(metrics.render(), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
-    async def models() -> dict:
+    async def models(request: Request) -> dict:
+        principal(request)
         info = engine().info
         return {"object": "list", "data": [{"id": info.name, "object": "model", "created": 0,
                                             "owned_by": "steerserve", "max_model_len": info.max_model_len}]}
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
+        who = principal(request)
         req = await _parse(request, CompletionRequest)
         eng = _check_model(engine(), req.model)
+        steering = steering_for(request, req, who, eng)
         if req.echo:
             raise BadRequest("echo is not supported by this server", param="echo")
         prompts = []
@@ -111,8 +130,8 @@ def create_app(engine_factory: Callable[[], Engine], on_engine_failure: Callable
             if isinstance(p, list) and not all(0 <= t < eng.info.vocab_size for t in p):
                 raise BadRequest(f"prompt token ids must be in [0, {eng.info.vocab_size})", param="prompt")
             prompts.append(gen.Prompt(ids, p if isinstance(p, str) else None))
-        params = _params(eng, req, max(prompts, key=lambda p: len(p.ids)), req.logprobs)
-        g = gen.Generation(eng, metrics, "/v1/completions", prompts, params, "cmpl")
+        params = _params(eng, req, max(prompts, key=lambda p: len(p.ids)), req.logprobs, steering)
+        g = gen.Generation(eng, metrics, "/v1/completions", prompts, params, "cmpl", steering.cache_salt)
         top = req.logprobs or 0
 
         def choice_json(c: gen.Choice | gen.Delta, offset: int = 0) -> dict:
@@ -123,7 +142,8 @@ def create_app(engine_factory: Callable[[], Engine], on_engine_failure: Callable
         head = {"id": g.id, "object": "text_completion", "created": g.created, "model": eng.info.name}
         if not req.stream:
             choices = await _until_disconnect(request, g.collect())
-            return JSONResponse({**head, "choices": [choice_json(c) for c in choices], "usage": g.usage()})
+            return JSONResponse({**head, "choices": [choice_json(c) for c in choices], "usage": g.usage()},
+                                headers={"X-Steering-Applied": steering.applied})
 
         sent = [0] * (len(prompts) * req.n)
 
@@ -131,17 +151,20 @@ def create_app(engine_factory: Callable[[], Engine], on_engine_failure: Callable
             sent[d.index] += len(d.text)
             return {**head, "choices": [choice_json(d, sent[d.index] - len(d.text))], "usage": None}
 
-        return await _sse(request, g, [], chunk, head, req)
+        return await _sse(request, g, [], chunk, head, req, steering)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
+        who = principal(request)
         req = await _parse(request, ChatCompletionRequest)
         eng = _check_model(engine(), req.model)
+        steering = steering_for(request, req, who, eng)
         text = _render_chat(eng, req)
         prompt = gen.Prompt(eng.tokenizer.encode(text, add_special_tokens=False), text)
         top = req.top_logprobs or 0
-        params = _params(eng, req, prompt, top if req.logprobs else None, structured_output(req.response_format))
-        g = gen.Generation(eng, metrics, "/v1/chat/completions", [prompt], params, "chatcmpl")
+        params = _params(eng, req, prompt, top if req.logprobs else None, steering,
+                         structured_output(req.response_format))
+        g = gen.Generation(eng, metrics, "/v1/chat/completions", [prompt], params, "chatcmpl", steering.cache_salt)
         head = {"id": g.id, "object": "chat.completion", "created": g.created, "model": eng.info.name}
 
         def logprobs_json(c: gen.Choice | gen.Delta) -> dict | None:
@@ -152,7 +175,7 @@ def create_app(engine_factory: Callable[[], Engine], on_engine_failure: Callable
             return JSONResponse({**head, "choices": [
                 {"index": c.index, "message": {"role": "assistant", "content": c.text},
                  "logprobs": logprobs_json(c), "finish_reason": c.finish_reason} for c in choices],
-                "usage": g.usage()})
+                "usage": g.usage()}, headers={"X-Steering-Applied": steering.applied})
 
         head = {**head, "object": "chat.completion.chunk"}
 
@@ -164,7 +187,54 @@ def create_app(engine_factory: Callable[[], Engine], on_engine_failure: Callable
                                          "logprobs": logprobs_json(d), "finish_reason": d.finish_reason}],
                     "usage": None}
 
-        return await _sse(request, g, roles, chunk, head, req)
+        return await _sse(request, g, roles, chunk, head, req, steering)
+
+    @app.get("/v1/steering/schema")
+    async def steering_schema() -> dict:
+        return steering_spec.SteeringSpec.model_json_schema()
+
+    def scope_of(who: Principal, scope: str, writing: bool) -> str:
+        if scope not in ("tenant", "global"):
+            raise BadRequest("scope must be 'tenant' or 'global'", param="scope")
+        if scope == "global" and writing and not who.is_admin:
+            raise Forbidden("only admins manage global steering profiles", param="scope")
+        return GLOBAL if scope == "global" else who.tenant
+
+    @app.get("/v1/steering/profiles")
+    async def list_profiles(request: Request) -> dict:
+        return {"object": "list", "data": profiles.list(principal(request).tenant)}
+
+    @app.get("/v1/steering/profiles/{name}")
+    async def get_profile(request: Request, name: str, scope: str | None = None) -> dict:
+        who = principal(request)
+        validate_name(name)
+        spec = profiles.resolve(who.tenant, name) if scope is None else \
+            profiles.get(scope_of(who, scope, writing=False), name)
+        if spec is None:
+            raise NotFound(f"steering profile '{name}' not found", param="name", code="profile_not_found")
+        return {"name": name, "spec": spec}
+
+    @app.put("/v1/steering/profiles/{name}")
+    async def put_profile(request: Request, name: str, scope: str = "tenant") -> dict:
+        who = principal(request)
+        validate_name(name)
+        owner = scope_of(who, scope, writing=True)
+        raw = await request.body()
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise BadRequest(f"the profile is not valid JSON: {exc}", code="invalid_json") from None
+        spec = steer.validate_profile(body, engine().facts)
+        profiles.put(owner, name, spec)
+        return {"name": name, "scope": scope, "spec": spec}
+
+    @app.delete("/v1/steering/profiles/{name}")
+    async def delete_profile(request: Request, name: str, scope: str = "tenant") -> dict:
+        who = principal(request)
+        validate_name(name)
+        if not profiles.delete(scope_of(who, scope, writing=True), name):
+            raise NotFound(f"steering profile '{name}' not found", param="name", code="profile_not_found")
+        return {"name": name, "deleted": True}
 
     return app
 
@@ -200,9 +270,10 @@ def _render_chat(eng: Engine, req: ChatCompletionRequest) -> str:
         raise BadRequest(f"the chat template rejected these messages: {exc}", param="messages") from None
 
 
-def _params(eng: Engine, req, prompt: gen.Prompt, logprobs: int | None, structured=None):
+def _params(eng: Engine, req, prompt: gen.Prompt, logprobs: int | None, steering: steer.Steering, structured=None):
     return sampling_params(req, prompt_len=len(prompt.ids), max_model_len=eng.info.max_model_len,
-                           vocab_size=eng.info.vocab_size, logprobs=logprobs, stream=True, structured=structured)
+                           vocab_size=eng.info.vocab_size, logprobs=logprobs, stream=True, structured=structured,
+                           extra_args=steering.extra_args())
 
 
 async def _until_disconnect(request: Request, work):
@@ -246,7 +317,7 @@ def _engine_error(exc: Exception) -> APIError:
 
 
 async def _sse(request: Request, g: gen.Generation, preamble: list[dict], render: Callable[[gen.Delta], dict],
-               head: dict, req) -> Response:
+               head: dict, req, steering: steer.Steering) -> Response:
     """Server-sent events. The first delta is awaited before answering, so a request the engine rejects is still
     a 400 and not a broken stream."""
     deltas = g.deltas()
@@ -273,4 +344,5 @@ async def _sse(request: Request, g: gen.Generation, preamble: list[dict], render
             await deltas.aclose()
         yield "data: [DONE]\n\n"
 
-    return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return StreamingResponse(body(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Steering-Applied": steering.applied})

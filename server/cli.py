@@ -38,10 +38,27 @@ def main(argv: list[str] | None = None) -> int:
     fetch = models_cmd.add_parser("fetch", help="download, verify and convert a known model into the cache")
     fetch.add_argument("name", choices=["smollm2"])
 
+    keys = commands.add_parser("keys", help="manage API keys (only their sha256 is stored)")
+    keys_cmd = keys.add_subparsers(dest="keys_command", required=True)
+    add = keys_cmd.add_parser("add", help="create a key for a tenant; prints it once, stores only its hash")
+    add.add_argument("--file", type=Path, required=True, help="key file (.yaml, .yml or .json); created 0600")
+    add.add_argument("--tenant", required=True)
+    add.add_argument("--role", choices=["user", "admin"], required=True)
+    add.add_argument("--name", help="label for the key (who or what uses it)")
+
     args = parser.parse_args(argv)
     if args.command == "serve":
         overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields}
         return serve_forever(Settings.load(args.config, **overrides))
+    if args.command == "keys":
+        from .auth import add_key
+
+        try:
+            print(add_key(args.file, args.tenant, args.role, name=args.name))
+        except (ValueError, OSError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        return 0
     if args.command == "models":
         from .models import ModelFetchError, fetch_smollm2
 
@@ -57,22 +74,31 @@ def serve_forever(settings: Settings) -> int:
     import uvicorn
 
     from .app import create_app
+    from .auth import KeyStore, check_bind
     from .engine import Engine
     from .models import ModelFetchError, resolve_model
+    from .profiles import ProfileStore
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log = logging.getLogger("steerserve")
     try:
+        keys = KeyStore.load(settings.api_keys) if settings.api_keys else KeyStore.open()
+        check_bind(settings.host, keys)
         model_path = resolve_model(settings.model, settings.cache)
-    except ModelFetchError as exc:
+    except (ModelFetchError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    if keys.is_open:
+        log.warning("no API keys configured (--api-keys): open mode, every request is the 'default' tenant "
+                    "with admin rights; listening on loopback only")
+    profiles = ProfileStore(settings.data_dir / "profiles.sqlite3")
     failed = []
 
     def stop_serving() -> None:
         failed.append(True)
         server.should_exit = True
 
-    app = create_app(lambda: Engine(settings, model_path), on_engine_failure=stop_serving)
+    app = create_app(lambda: Engine(settings, model_path), keys, profiles, on_engine_failure=stop_serving)
     server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level))
     server.run()
     return 1 if failed else 0

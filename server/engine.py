@@ -1,10 +1,16 @@
 """The engine wrapper: one vLLM AsyncLLM, the served model's facts, and request submission by token ids."""
 from __future__ import annotations
 
+import json
 import logging
+import os
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from steerserve.steering.model import ModelFacts
+from steerserve.steering.plan import LogitsPlan, Plan
 
 from .settings import Settings
 
@@ -28,6 +34,12 @@ class Engine:
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        from .worker import SteeringLogitsProcessor
+
+        # Our worker hooks are V1-runner logits processors; GPU vLLM defaults to Model Runner V2, which would
+        # reject them (vllm-notes.md §4). CPU always runs V1.
+        os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+        log.info("steering hooks need the V1 model runner: VLLM_USE_V2_MODEL_RUNNER=0")
         name = settings.served_model_name or model_path.name
         args = AsyncEngineArgs(
             model=str(model_path),
@@ -41,6 +53,9 @@ class Engine:
             enforce_eager=settings.enforce_eager,
             seed=settings.seed,
             disable_log_stats=True,
+            logits_processors=[SteeringLogitsProcessor],
+            # logprobs of the distribution actually sampled from, i.e. with logits steering applied
+            logprobs_mode="processed_logprobs",
         )
         log.info("starting vLLM on %s (dtype=%s, max_model_len=%d)", model_path, settings.dtype, settings.max_model_len)
         self.llm = AsyncLLM.from_engine_args(args)
@@ -49,6 +64,7 @@ class Engine:
         self.info = ModelInfo(
             name=name, path=model_path, max_model_len=config.max_model_len, vocab_size=config.get_vocab_size()
         )
+        self.facts = ModelFacts(self.tokenizer, self.info.vocab_size, _eos_token_ids(self.tokenizer, model_path))
 
     def generate(self, prompt_ids: list[int], params, request_id: str, *, prompt_text: str | None = None,
                  cache_salt: str | None = None) -> AsyncIterator:
@@ -58,6 +74,24 @@ class Engine:
         prompt = tokens_input(prompt_ids, prompt=prompt_text, cache_salt=cache_salt)
         return self.llm.generate(prompt, params, request_id)
 
+    async def verify_steering(self) -> None:
+        """Fail closed: prove on a real request that the worker-side hooks fire, or refuse to serve."""
+        from vllm.sampling_params import SamplingParams
+
+        async def first_token(extra_args=None) -> int:
+            params = SamplingParams(max_tokens=1, temperature=0, extra_args=extra_args)
+            async for out in self.generate([self.facts.eos_token_ids[0] if self.facts.eos_token_ids else 0],
+                                           params, f"steerserve-selftest-{uuid.uuid4().hex}"):
+                token = out.outputs[0].token_ids[0]
+            return token
+
+        plain = await first_token()
+        target = (plain + 1) % self.info.vocab_size
+        plan = Plan("selftest", LogitsPlan(bias_ids=(target,), bias_values=(100.0,)))
+        if await first_token(plan.to_extra_args()) != target:
+            raise RuntimeError("steering hooks are not active in this vLLM model runner; refusing to serve")
+        log.info("steering self-test passed: worker hooks are active")
+
     def num_unfinished_requests(self) -> int:
         return self.llm.get_num_unfinished_requests()
 
@@ -66,3 +100,13 @@ class Engine:
 
     def shutdown(self) -> None:
         self.llm.shutdown()
+
+
+def _eos_token_ids(tokenizer, model_path: Path) -> tuple[int, ...]:
+    """End-of-sequence ids: the tokenizer's and generation_config.json's (chat models end turns there)."""
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    gen_config = model_path / "generation_config.json"
+    if gen_config.is_file():
+        eos = json.loads(gen_config.read_text()).get("eos_token_id")
+        ids += eos if isinstance(eos, list) else [eos] if eos is not None else []
+    return tuple(dict.fromkeys(ids))

@@ -55,6 +55,7 @@ class Generation:
         self.created = int(time.time())
         self.arrival = time.perf_counter()
         self.completion_tokens = 0
+        self.cached_tokens: dict[int, int] = {}  # prompt index -> prompt tokens served from the prefix cache
 
     @property
     def prompt_tokens(self) -> int:
@@ -62,7 +63,8 @@ class Generation:
 
     def usage(self) -> dict[str, int]:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "total_tokens": self.prompt_tokens + self.completion_tokens}
+                "total_tokens": self.prompt_tokens + self.completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": sum(self.cached_tokens.values())}}
 
     async def deltas(self) -> AsyncIterator[Delta]:
         self.metrics.prompt_tokens.labels(self.route).inc(self.prompt_tokens)
@@ -76,6 +78,8 @@ class Generation:
             else:
                 self.metrics.itl.labels(self.route).observe(now - last)
             last = now
+            if out.num_cached_tokens is not None:
+                self.cached_tokens.setdefault(job, out.num_cached_tokens)
             for o in out.outputs:
                 self.completion_tokens += len(o.token_ids)
                 self.metrics.generation_tokens.labels(self.route).inc(len(o.token_ids))

@@ -75,6 +75,7 @@ class SamplingRequest(Strict):
     stream_options: StreamOptions | None = None
     user: str | None = None
     ignore_eos: bool = False
+    steering: dict[str, Any] | None = None  # steerserve's extension; parsed by steering.spec, not here
 
     @field_validator("stop")
     @classmethod
@@ -148,7 +149,7 @@ class ChatCompletionRequest(SamplingRequest):
 
 
 def sampling_params(req: SamplingRequest, *, prompt_len: int, max_model_len: int, vocab_size: int,
-                    logprobs: int | None, stream: bool, structured=None):
+                    logprobs: int | None, stream: bool, structured=None, extra_args: dict | None = None):
     """Translate a validated request into vLLM SamplingParams, checking what only the served model can decide."""
     room = max_model_len - prompt_len
     if room < 1:
@@ -164,12 +165,13 @@ def sampling_params(req: SamplingRequest, *, prompt_len: int, max_model_len: int
     from vllm.exceptions import VLLMClientError
 
     try:
-        return _make_params(req, room, vocab_size, logprobs, stream, structured)
+        return _make_params(req, room, vocab_size, logprobs, stream, structured, extra_args)
     except (ValueError, VLLMClientError) as exc:  # vLLM's own checks, e.g. n > 1 with greedy sampling
         raise BadRequest(str(exc), param=getattr(exc, "parameter", None)) from None
 
 
-def _make_params(req: SamplingRequest, room: int, vocab_size: int, logprobs: int | None, stream: bool, structured):
+def _make_params(req: SamplingRequest, room: int, vocab_size: int, logprobs: int | None, stream: bool, structured,
+                 extra_args: dict | None):
     from vllm.sampling_params import RequestOutputKind, SamplingParams
 
     return SamplingParams(
@@ -188,6 +190,7 @@ def _make_params(req: SamplingRequest, room: int, vocab_size: int, logprobs: int
         logit_bias=_token_bias(req.logit_bias, vocab_size),
         ignore_eos=req.ignore_eos,
         structured_outputs=structured,
+        extra_args=extra_args,
         output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY,
     )
 

@@ -29,6 +29,10 @@ class Settings(BaseSettings):
     enforce_eager: bool = Field(True, description="Skip torch.compile (saves ~30 s of start-up on CPU).")
     seed: int = 0
     cache: Path = Field(Path.home() / ".cache" / "steerserve", description="Model cache (env STEERSERVE_CACHE).")
+    data_dir: Path = Field(Path.home() / ".local" / "share" / "steerserve",
+                           description="Server state that must survive restarts (steering profiles).")
+    api_keys: Path | None = Field(None, description="YAML/JSON file of API key hashes -> tenant and role "
+                                                    "(`steerserve keys add`); none: open mode, loopback only.")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @model_validator(mode="after")

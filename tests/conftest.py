@@ -70,9 +70,28 @@ def smollm2_path() -> Path:
 
 
 @pytest.fixture(scope="session")
-def server(smollm2_path: Path, tmp_path_factory) -> Server:
-    """The real server on SmolLM2 (fp32, so greedy answers are exact), shared by every end-to-end test."""
-    srv = Server(["--model", str(smollm2_path), *SERVER_ARGS], tmp_path_factory.mktemp("server") / "server.log")
+def api_keys(tmp_path_factory) -> dict[str, str]:
+    """A key file with an admin and two tenants; returns the keys by who holds them."""
+    from steerserve.server.auth import add_key
+
+    path = tmp_path_factory.mktemp("keys") / "keys.yaml"
+    keys = {"ops": add_key(path, "ops", "admin"), "alice": add_key(path, "alice", "user"),
+            "bob": add_key(path, "bob", "user")}
+    keys["file"] = str(path)
+    return keys
+
+
+def auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+@pytest.fixture(scope="session")
+def server(smollm2_path: Path, api_keys, tmp_path_factory) -> Server:
+    """The real server on SmolLM2 (fp32, so greedy answers are exact), shared by every end-to-end test.
+    Tenants: `alice` and `bob` (users), `ops` (admin)."""
+    state = tmp_path_factory.mktemp("server")
+    srv = Server(["--model", str(smollm2_path), *SERVER_ARGS, "--api-keys", api_keys["file"],
+                  "--data-dir", str(state / "data")], state / "server.log")
     try:
         yield srv.wait_ready()
     finally:
@@ -80,18 +99,19 @@ def server(smollm2_path: Path, tmp_path_factory) -> Server:
 
 
 @pytest.fixture(scope="session")
-def model_name(server: Server) -> str:
-    return httpx.get(f"{server.url}/v1/models").json()["data"][0]["id"]
+def model_name(server: Server, api_keys) -> str:
+    return httpx.get(f"{server.url}/v1/models", headers=auth(api_keys["alice"])).json()["data"][0]["id"]
 
 
 @pytest.fixture(scope="session")
-def openai_client(server: Server):
+def openai_client(server: Server, api_keys):
     import openai
 
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=api_keys["alice"], max_retries=0, timeout=120)
 
 
 @pytest.fixture(scope="session")
-def http(server: Server):
-    with httpx.Client(base_url=server.url, timeout=120) as client:
+def http(server: Server, api_keys):
+    """An HTTP client acting as tenant alice."""
+    with httpx.Client(base_url=server.url, timeout=120, headers=auth(api_keys["alice"])) as client:
         yield client

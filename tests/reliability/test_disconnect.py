@@ -28,7 +28,7 @@ def long_chat(model_name: str, stream: bool) -> dict:
 
 def test_stream_disconnect_aborts_engine_request(server, http, model_name):
     assert wait_for(lambda: unfinished(http) == 0)
-    with httpx.Client(base_url=server.url, timeout=60) as client, \
+    with httpx.Client(base_url=server.url, timeout=60, headers=http.headers) as client, \
             client.stream("POST", "/v1/chat/completions", json=long_chat(model_name, True)) as r:
         lines = r.iter_lines()
         for _ in range(3):
@@ -40,7 +40,8 @@ def test_stream_disconnect_aborts_engine_request(server, http, model_name):
 def test_non_stream_disconnect_aborts_engine_request(server, http, model_name):
     assert wait_for(lambda: unfinished(http) == 0)
     try:
-        httpx.post(f"{server.url}/v1/chat/completions", json=long_chat(model_name, False), timeout=1.5)
+        httpx.post(f"{server.url}/v1/chat/completions", json=long_chat(model_name, False), timeout=1.5,
+                   headers=http.headers)
     except httpx.TimeoutException:
         pass
     assert wait_for(lambda: unfinished(http) == 0), "the engine still holds the abandoned request"

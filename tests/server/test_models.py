@@ -10,6 +10,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+
 from steerserve.server import models
 from steerserve.server.models import ModelFetchError, fetch_smollm2, resolve_model
 

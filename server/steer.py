@@ -1,0 +1,87 @@
+"""A request's steering on the server side: gather its sources (profiles, header, body), merge, compile."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from steerserve.steering import spec as steering
+from steerserve.steering.model import ModelFacts, SpecError
+from steerserve.steering.plan import Plan
+
+from .auth import Principal
+from .errors import BadRequest, NotFound
+from .profiles import ProfileStore
+
+MAX_HEADER_BYTES = 16 * 1024
+
+
+@dataclass(frozen=True)
+class Steering:
+    spec: steering.SteeringSpec
+    plan: Plan | None
+    cache_salt: str
+
+    @property
+    def applied(self) -> str:
+        """The X-Steering-Applied header: the fingerprint and the methods applied."""
+        return f"{steering.fingerprint(self.spec)}; methods={','.join(self.spec.methods())}"
+
+    def extra_args(self) -> dict[str, Any] | None:
+        return self.plan.to_extra_args() if self.plan else None
+
+
+def spec_error(exc: SpecError) -> BadRequest:
+    return BadRequest(f"{exc.field}: {exc.reason}", param=exc.field, code="invalid_steering")
+
+
+def resolve(headers, body_spec: Any, principal: Principal, profiles: ProfileStore, model: ModelFacts) -> Steering:
+    """The merged, compiled steering of a request. Anything that cannot be applied is a 400 (or 404 for an
+    unknown profile): a request is never served silently unsteered."""
+    sources: list[dict[str, Any]] = []
+    try:
+        for name in _profile_names(headers.get("x-steering-profile")):
+            stored = profiles.resolve(principal.tenant, name)
+            if stored is None:
+                raise NotFound(f"steering profile '{name}' not found", param="X-Steering-Profile",
+                               code="profile_not_found")
+            sources.append(steering.parse(stored, f"X-Steering-Profile[{name}]"))
+        if (header := headers.get("x-steering")) is not None:
+            sources.append(steering.parse(_header_json(header), "X-Steering"))
+        if body_spec is not None:
+            sources.append(steering.parse(body_spec, "steering"))
+        spec = steering.merge(sources)
+        plan = steering.compile_spec(spec, model)
+    except SpecError as exc:
+        raise spec_error(exc) from None
+    return Steering(spec, plan, steering.cache_salt(spec, principal.tenant))
+
+
+def validate_profile(raw: Any, model: ModelFacts) -> dict[str, Any]:
+    """A profile body, checked as a request's spec would be (on this model) before it is stored."""
+    try:
+        parsed = steering.parse(raw, "profile")
+        steering.compile_spec(steering.merge([parsed]), model, "profile")
+    except SpecError as exc:
+        raise spec_error(exc) from None
+    return parsed
+
+
+def _profile_names(header: str | None) -> list[str]:
+    if header is None:
+        return []
+    names = [n.strip() for n in header.split(",")]
+    if not all(names):
+        raise SpecError("X-Steering-Profile", "must be a comma-separated list of profile names")
+    return names
+
+
+def _header_json(header: str) -> Any:
+    if len(header.encode("latin-1", "replace")) > MAX_HEADER_BYTES:
+        raise SpecError("X-Steering", f"is longer than {MAX_HEADER_BYTES} bytes")
+    if not header.isascii():
+        raise SpecError("X-Steering", "must be ASCII JSON (escape other characters as \\uXXXX)")
+    try:
+        return json.loads(header)
+    except json.JSONDecodeError as exc:
+        raise SpecError("X-Steering", f"is not valid JSON: {exc}") from None

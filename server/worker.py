@@ -1,0 +1,219 @@
+"""Worker-side steering: per-row state of vLLM's persistent batch, and the logits-level steering methods.
+
+`SteeringLogitsProcessor` is registered with the engine (`LLM(logits_processors=[...])`) and lives in the model
+runner of every worker. vLLM calls its `update_state` before each step's forward (vllm-notes.md §3, route (ii)),
+so it is also where per-row buffers for other steering hooks belong; `apply` then steers the logits of that step.
+The per-request input is the compiled `Plan` in `SamplingParams.extra_args` (steering/plan.py).
+
+Logits rules (methods.md §7, with the EOS ramp held at its max past the window as plan.py specifies):
+    logits[row] += bias                                    (plain bias and constant rule deltas, merged)
+    logits[row, eos] += max * min(t, window) / window       (t = tokens generated so far)
+    logits[row, w] -= diversity  for each distinct w generated so far in this response
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
+
+from steerserve.steering.plan import EosRamp, Plan
+
+if TYPE_CHECKING:
+    from vllm import SamplingParams
+    from vllm.config import VllmConfig
+
+
+class RowBuffers:
+    """Per-row tensors of vLLM's persistent batch plus one host-side record per row, kept in step with vLLM's
+    row operations in one place, so a new kind of per-row state is one `new(...)` line.
+
+    Invariant: a row whose record is None has all-zero tensors. It lets every operation skip rows that carry no
+    steering, so unsteered traffic costs no tensor work at all.
+    """
+
+    def __init__(self, max_rows: int, device: torch.device):
+        self.max_rows, self.device = max_rows, device
+        self.records: list[Any] = [None] * max_rows
+        self._tensors: list[torch.Tensor] = []
+
+    def new(self, *shape: int, dtype: torch.dtype) -> torch.Tensor:
+        """A zeroed `[max_rows, *shape]` tensor that follows the rows from now on."""
+        t = torch.zeros((self.max_rows, *shape), dtype=dtype, device=self.device)
+        self._tensors.append(t)
+        return t
+
+    def clear(self, i: int) -> bool:
+        """Reset row i; True if it held anything."""
+        if self.records[i] is None:
+            return False
+        for t in self._tensors:
+            t[i] = 0
+        self.records[i] = None
+        return True
+
+    def move(self, src: int, dst: int) -> bool:
+        """Row src goes to dst (whatever dst held is dropped) and src becomes empty; True if anything changed."""
+        if self.records[src] is None and self.records[dst] is None:
+            return False
+        for t in self._tensors:
+            t[dst] = t[src]
+            t[src] = 0
+        self.records[dst], self.records[src] = self.records[src], None
+        return True
+
+    def swap(self, a: int, b: int) -> bool:
+        if self.records[a] is None and self.records[b] is None:
+            return False
+        for t in self._tensors:
+            t[[a, b]] = t[[b, a]]  # the right side is a gathered copy, so this is a safe swap
+        self.records[a], self.records[b] = self.records[b], self.records[a]
+        return True
+
+    def apply(self, batch_update: BatchUpdate, install) -> bool:
+        """Replay one step's row operations in vLLM's required order: removed, added, moved. `install(i, params,
+        output_tok_ids)` sets up an added row, which has been cleared first: an added row may reuse an index whose
+        previous occupant never appears in `removed`. Returns True if any steered row was touched."""
+        changed = False
+        for i in batch_update.removed:
+            changed |= self.clear(i)
+        for i, params, _prompt_ids, output_ids in batch_update.added:
+            changed |= self.clear(i)
+            changed |= install(i, params, output_ids)
+        for src, dst, how in ():
+            changed |= self.swap(src, dst) if how == MoveDirectionality.SWAP else self.move(src, dst)
+        return changed
+
+
+@dataclass
+class _Row:
+    """Host-side state of one steered row."""
+
+    plan: Plan
+    output_ids: list[int]  # vLLM's live list of this request's generated tokens (appended after each step)
+    eos_ids: tuple[int, ...] = ()
+    eos_ramp: EosRamp | None = None
+    diversity: float = 0.0
+    consumed: int = 0  # how many of output_ids are already folded into `seen`/`bias`
+
+
+class SteeringLogitsProcessor(LogitsProcessor):
+    """Per-row steering state for the persistent batch, and the logits rules of each row's plan.
+
+    Rows without a plan, or whose plan steers no logits, are never written: their logits stay bit-identical.
+    """
+
+    def __init__(self, vllm_config: VllmConfig, device: torch.device, is_pin_memory: bool):
+        self.device = torch.device(device)
+        # The model's vocabulary (embedding rows), which vLLM trims the logits to; a tokenizer may have fewer.
+        self.vocab = vllm_config.model_config.get_vocab_size()
+        self.rows = RowBuffers(vllm_config.scheduler_config.max_num_seqs, self.device)
+        # Dense additive bias: the plan's bias, minus `diversity` at every token already generated (folded in
+        # as tokens arrive, so that `apply` is one gather-add for bias and diversity together).
+        self.bias = self.rows.new(self.vocab, dtype=torch.float32)
+        self.seen = self.rows.new(self.vocab, dtype=torch.bool)  # tokens already folded into `bias`
+        self.diversity = self.rows.new(dtype=torch.float32)
+        self.logits_active = self.rows.new(dtype=torch.bool)
+        # Derived from the buffers above whenever the batch changes; read every step.
+        self._active: list[int] = []
+        self._active_idx = torch.zeros(0, dtype=torch.long, device=self.device)
+        self._eos_rows = self._eos_cols = self._active_idx
+
+    @classmethod
+    def validate_params(cls, sampling_params: SamplingParams) -> None:
+        """Reject malformed plans at the engine boundary (vLLM turns the ValueError into HTTP 400), so
+        `update_state` in the worker never sees one."""
+        try:
+            Plan.from_extra_args(sampling_params.extra_args)
+        except (TypeError, KeyError, AttributeError) as e:  # a wrong shape inside the plan dict
+            raise ValueError(f"malformed steerserve plan in extra_args: {e!r}") from e
+
+    def is_argmax_invariant(self) -> bool:
+        return False
+
+    def update_state(self, batch_update: BatchUpdate | None) -> None:
+        if batch_update is None or not self.rows.apply(batch_update, self._admit):
+            return
+        # Only when a steered row was added, removed or moved: O(rows), not per step.
+        self._active_idx = torch.nonzero(self.logits_active[: batch_update.batch_size]).flatten()
+        self._active = self._active_idx.tolist()
+        rows, cols = [], []
+        for r in self._active:
+            rec: _Row = self.rows.records[r]
+            rows += [r] * len(rec.eos_ids)
+            cols += rec.eos_ids
+        self._eos_rows = torch.tensor(rows, dtype=torch.long, device=self.device)
+        self._eos_cols = torch.tensor(cols, dtype=torch.long, device=self.device)
+
+    def _admit(self, i: int, params: SamplingParams | None, output_ids: list[int]) -> bool:
+        plan = Plan.from_extra_args(params.extra_args if params is not None else None)
+        if plan is None or plan.logits.is_noop():
+            return False  # future per-row hooks (attention, MoE) would install their own state here
+        self._install(i, plan, output_ids)
+        return True
+
+    def _install(self, i: int, plan: Plan, output_ids: list[int]) -> None:
+        lg = plan.logits
+        in_vocab = [(t, v) for t, v in zip(lg.bias_ids, lg.bias_values, strict=True) if 0 <= t < self.vocab]
+        if in_vocab:
+            ids, values = zip(*in_vocab, strict=True)
+            self.bias[i].index_put_((torch.tensor(ids, device=self.device),),
+                                    torch.tensor(values, dtype=torch.float32, device=self.device), accumulate=True)
+        self.diversity[i] = lg.diversity
+        self.logits_active[i] = True
+        ramp = lg.eos_ramp
+        eos_ids = tuple(dict.fromkeys(t for t in ramp.token_ids if 0 <= t < self.vocab)) if ramp else ()
+        self.rows.records[i] = _Row(plan, output_ids, eos_ids, ramp if eos_ids else None, lg.diversity)
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        if not self._active:
+            return logits
+        ramp = self._catch_up()
+        idx = self._active_idx
+        width = min(logits.shape[1], self.vocab)  # equal in vLLM, which trims padded vocab rows off the logits
+        # index_add_ writes only the steered rows; the others are not touched, not even by a +0.0.
+        logits[:, :width].index_add_(0, idx, self.bias.index_select(0, idx)[:, :width])
+        if ramp:
+            logits.index_put_((self._eos_rows, self._eos_cols),
+                              torch.tensor(ramp, dtype=logits.dtype, device=logits.device), accumulate=True)
+        return logits
+
+    def _catch_up(self) -> list[float]:
+        """Fold tokens generated since the last step into `bias` (diversity) and return this step's EOS-ramp
+        values, aligned with `_eos_rows`. Runs in `apply`, not `update_state`: with async scheduling vLLM only
+        replaces the previous step's placeholder ids (-1) just before sampling."""
+        new_rows: list[int] = []
+        new_tokens: list[int] = []
+        ramp: list[float] = []
+        for r in self._active:
+            rec: _Row = self.rows.records[r]
+            out = rec.output_ids
+            n = len(out)
+            if n < rec.consumed:  # vLLM took tokens back (e.g. a failed KV load): redo this row from scratch
+                self.rows.clear(r)
+                self._install(r, rec.plan, out)
+                rec = self.rows.records[r]
+            if n > rec.consumed:
+                fresh = out[rec.consumed:n]
+                if min(fresh) < 0:  # stop at the first placeholder; it is folded once vLLM fills it in
+                    fresh = fresh[: next(k for k, t in enumerate(fresh) if t < 0)]
+                rec.consumed += len(fresh)
+                if rec.diversity:
+                    new_rows += [r] * len(fresh)
+                    new_tokens += fresh
+            if rec.eos_ramp is not None:
+                ramp += [rec.eos_ramp.bias(n)] * len(rec.eos_ids)
+        if new_tokens:
+            self._fold_diversity(new_rows, new_tokens)
+        return ramp
+
+    def _fold_diversity(self, rows: list[int], tokens: list[int]) -> None:
+        """Subtract each row's diversity once per distinct new token, vectorised over all (row, token) pairs."""
+        key = torch.tensor(rows, dtype=torch.long) * self.vocab + torch.tensor(tokens, dtype=torch.long)
+        key = torch.unique(key[torch.tensor(tokens) < self.vocab]).to(self.device)
+        r, t = key // self.vocab, key % self.vocab
+        fresh = ~self.seen[r, t]
+        r, t = r[fresh], t[fresh]
+        self.seen[r, t] = True
+        self.bias.index_put_((r, t), -self.diversity[r], accumulate=True)

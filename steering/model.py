@@ -1,0 +1,32 @@
+"""What steering needs to know about the served model (tokenizer, sizes), and the error for specs it rejects."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+
+class SpecError(ValueError):
+    """A steering spec that cannot be applied to the served model: `field` is its dotted path in the spec."""
+
+    def __init__(self, field: str, reason: str):
+        super().__init__(f"{field}: {reason}")
+        self.field, self.reason = field, reason
+
+
+@dataclass(frozen=True, eq=False)
+class ModelFacts:
+    tokenizer: Any
+    vocab_size: int
+    eos_token_ids: tuple[int, ...] = ()
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def single_token(self, text: str) -> int | None:
+        """The id of `text` if the tokenizer encodes it as exactly one token (no special tokens added)."""
+        return _single_token(self, text)
+
+
+@lru_cache(maxsize=4096)
+def _single_token(model: ModelFacts, text: str) -> int | None:
+    ids = model.tokenizer.encode(text, add_special_tokens=False)
+    return ids[0] if len(ids) == 1 else None

@@ -1,0 +1,80 @@
+"""The compiled per-request plan: what the server sends to the vLLM workers in `SamplingParams.extra_args`.
+
+A plan holds only flat, already validated numbers (token ids, gains), never user text. The server builds it
+(`steering.compile`), the worker-side processors read it (`server/worker.py`). Keep both sides on this module.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+EXTRA_ARGS_KEY = "steerserve"
+PLAN_VERSION = 1
+
+
+@dataclass(frozen=True)
+class EosRamp:
+    """Add `max * t / window` to every end-of-sequence logit, t = tokens generated so far; from t >= window on,
+    the bias stays at `max` (the paper's intent; the reference code drops it to 0 there)."""
+
+    token_ids: tuple[int, ...]
+    max: float
+    window: int
+
+    def bias(self, generated: int) -> float:
+        return self.max * min(generated, self.window) / self.window
+
+
+@dataclass(frozen=True)
+class LogitsPlan:
+    """Logits-level steering of one request. `bias` merges the plain logit bias and the rules' constant token
+    deltas (both are additive constants); `diversity` is subtracted once from every distinct token id already
+    generated in this response (prompt tokens do not count)."""
+
+    bias_ids: tuple[int, ...] = ()
+    bias_values: tuple[float, ...] = ()
+    eos_ramp: EosRamp | None = None
+    diversity: float = 0.0
+
+    def is_noop(self) -> bool:
+        return not self.bias_ids and self.eos_ramp is None and self.diversity == 0.0
+
+
+@dataclass(frozen=True)
+class Plan:
+    fingerprint: str
+    logits: LogitsPlan = field(default_factory=LogitsPlan)
+
+    def to_extra_args(self) -> dict[str, Any]:
+        return {EXTRA_ARGS_KEY: {"v": PLAN_VERSION, **asdict(self)}}
+
+    @staticmethod
+    def from_extra_args(extra_args: dict[str, Any] | None) -> Plan | None:
+        """The plan in a request's extra_args, or None if it carries none. Raises ValueError if malformed."""
+        raw = (extra_args or {}).get(EXTRA_ARGS_KEY)
+        if raw is None:
+            return None
+        if not isinstance(raw, dict) or raw.get("v") != PLAN_VERSION:
+            raise ValueError(f"extra_args[{EXTRA_ARGS_KEY!r}] is not a version-{PLAN_VERSION} steerserve plan")
+        lg = raw.get("logits") or {}
+        ramp = lg.get("eos_ramp")
+        logits = LogitsPlan(
+            bias_ids=tuple(int(i) for i in lg.get("bias_ids", ())),
+            bias_values=tuple(float(v) for v in lg.get("bias_values", ())),
+            eos_ramp=EosRamp(tuple(int(i) for i in ramp["token_ids"]), float(ramp["max"]), int(ramp["window"]))
+            if ramp else None,
+            diversity=float(lg.get("diversity", 0.0)),
+        )
+        _check(logits)
+        return Plan(fingerprint=str(raw.get("fingerprint", "")), logits=logits)
+
+
+def _check(lg: LogitsPlan) -> None:
+    if len(lg.bias_ids) != len(lg.bias_values):
+        raise ValueError("plan: bias_ids and bias_values differ in length")
+    numbers = [*lg.bias_values, lg.diversity] + ([lg.eos_ramp.max] if lg.eos_ramp else [])
+    if not all(math.isfinite(x) for x in numbers):
+        raise ValueError("plan: non-finite value")
+    if lg.eos_ramp is not None and (lg.eos_ramp.window < 1 or not lg.eos_ramp.token_ids):
+        raise ValueError("plan: eos_ramp needs a window >= 1 and at least one token id")

@@ -1,0 +1,95 @@
+"""The steering spec of one request: its schema, the merge of its sources, fingerprints, and compilation.
+
+Sources, later winning per method (`logits.bias`, `logits.rules`, ...): named profiles, the `X-Steering`
+header, the body field `steering`. Each source is validated on its own, so an error names where it came from.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, field_validator
+
+from .logits import LogitsSpec, compile_logits
+from .model import ModelFacts, SpecError
+from .plan import Plan
+from .schema import Strict
+
+# Families whose methods change hidden states: they enter the prefix-cache salt. Logits-only and prompt-only
+# methods do not change the KV of a given token sequence.
+HIDDEN_STATE_FAMILIES = ("attention", "experts")
+RESERVED_FAMILIES = ("attention", "experts", "prompt")
+
+
+class SteeringSpec(Strict):
+    """A request's steering. Every family is optional; an empty spec steers nothing."""
+
+    version: Literal[1] = 1
+    logits: LogitsSpec | None = None
+    attention: dict[str, Any] | None = Field(None, description="Reserved: attention steering (not supported yet).")
+    experts: dict[str, Any] | None = Field(None, description="Reserved: MoE expert steering (not supported yet).")
+    prompt: dict[str, Any] | None = Field(None, description="Reserved: prompt-level methods (not supported yet).")
+
+    @field_validator(*RESERVED_FAMILIES)
+    @classmethod
+    def _not_yet(cls, value: Any, info) -> None:
+        if value is not None:
+            raise ValueError(f"steering family '{info.field_name}' is not supported yet by this server")
+        return None
+
+    def methods(self) -> list[str]:
+        """The methods this spec applies, as `family.method` names."""
+        out = []
+        for family, value in self.model_dump(exclude_none=True, exclude={"version"}).items():
+            out += [f"{family}.{method}" for method in value]
+        return sorted(out)
+
+
+def parse(raw: Any, where: str) -> dict[str, Any]:
+    """One source's spec, validated, as a dict of its families (None-free). Raises SpecError naming the field
+    as `<where>.<path>`."""
+    if not isinstance(raw, dict):
+        raise SpecError(where, "must be a JSON object")
+    try:
+        spec = SteeringSpec.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        path = ".".join(str(p) for p in err["loc"])
+        raise SpecError(f"{where}.{path}" if path else where, err["msg"].removeprefix("Value error, ")) from None
+    return spec.model_dump(exclude_none=True, exclude={"version"}, mode="json")
+
+
+def merge(sources: list[dict[str, Any]]) -> SteeringSpec:
+    """Merge parsed sources in order; a later source replaces an earlier one's method wholesale."""
+    merged: dict[str, dict[str, Any]] = {}
+    for source in sources:
+        for family, methods in source.items():
+            merged.setdefault(family, {}).update(methods)
+    return SteeringSpec.model_validate(merged)
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+
+
+def fingerprint(spec: SteeringSpec) -> str:
+    """A short stable hash of everything a spec asks for; "" for an empty spec."""
+    body = spec.model_dump(exclude_none=True, exclude={"version"}, mode="json")
+    return _digest(body) if body else ""
+
+
+def cache_salt(spec: SteeringSpec, tenant: str) -> str:
+    """vLLM's prefix-cache salt: tenants never share KV blocks, nor do requests whose hidden states differ."""
+    hidden = spec.model_dump(include=set(HIDDEN_STATE_FAMILIES), exclude_none=True, mode="json")
+    return _digest({"tenant": tenant, "hidden": hidden})
+
+
+def compile_spec(spec: SteeringSpec, model: ModelFacts, field: str = "steering") -> Plan | None:
+    """The worker plan for a spec on this model, or None when it steers nothing."""
+    fp = fingerprint(spec)
+    if not fp:
+        return None
+    logits = compile_logits(spec.logits, model, f"{field}.logits") if spec.logits else None
+    plan = Plan(fingerprint=fp, **({"logits": logits} if logits else {}))
+    return plan
