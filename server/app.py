@@ -87,8 +87,12 @@ def create_app(engine_factory: Callable[[], Engine], keys: KeyStore, profiles: P
     def principal(request: Request) -> Principal:
         return keys.authenticate(request.headers.get("authorization"))
 
-    def steering_for(request: Request, req, who: Principal, eng: Engine) -> steer.Steering:
-        return steer.resolve(request.headers, req.steering, who, profiles, eng.facts)
+    async def admit(request: Request, schema: type[BaseModel]) -> tuple[Any, Engine, steer.Steering]:
+        """The common start of a generation route: authenticate, parse, check the model, resolve steering."""
+        who = principal(request)
+        req = await _parse(request, schema)
+        eng = _check_model(engine(), req.model)
+        return req, eng, steer.resolve(request.headers, req.steering, who, profiles, eng.facts)
 
     @app.get("/health")
     async def health() -> dict:
@@ -116,10 +120,7 @@ def create_app(engine_factory: Callable[[], Engine], keys: KeyStore, profiles: P
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        who = principal(request)
-        req = await _parse(request, CompletionRequest)
-        eng = _check_model(engine(), req.model)
-        steering = steering_for(request, req, who, eng)
+        req, eng, steering = await admit(request, CompletionRequest)
         if req.echo:
             raise BadRequest("echo is not supported by this server", param="echo")
         prompts = []
@@ -155,10 +156,7 @@ def create_app(engine_factory: Callable[[], Engine], keys: KeyStore, profiles: P
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        who = principal(request)
-        req = await _parse(request, ChatCompletionRequest)
-        eng = _check_model(engine(), req.model)
-        steering = steering_for(request, req, who, eng)
+        req, eng, steering = await admit(request, ChatCompletionRequest)
         text = _render_chat(eng, req)
         prompt = gen.Prompt(eng.tokenizer.encode(text, add_special_tokens=False), text)
         top = req.top_logprobs or 0

@@ -30,16 +30,17 @@ class ModelInfo:
 class Engine:
     """Owns the AsyncLLM. Prompts arrive already tokenized, so the server controls exactly what the model sees."""
 
-    def __init__(self, settings: Settings, model_path: Path):
+    def __init__(self, settings: Settings, model_path: Path, logits_processor: type | None = None):
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        from . import plugin
         from .worker import SteeringLogitsProcessor
 
-        # Our worker hooks are V1-runner logits processors; GPU vLLM defaults to Model Runner V2, which would
-        # reject them (vllm-notes.md §4). CPU always runs V1.
-        os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
-        log.info("steering hooks need the V1 model runner: VLLM_USE_V2_MODEL_RUNNER=0")
+        # Enables our vLLM plugin in this process and the engine processes it spawns; the plugin is loaded by
+        # vLLM itself, but call it here too so the env it sets is in place before the config is built.
+        os.environ[plugin.ENGINE_FLAG] = "1"
+        plugin.register()
         name = settings.served_model_name or model_path.name
         args = AsyncEngineArgs(
             model=str(model_path),
@@ -53,7 +54,7 @@ class Engine:
             enforce_eager=settings.enforce_eager,
             seed=settings.seed,
             disable_log_stats=True,
-            logits_processors=[SteeringLogitsProcessor],
+            logits_processors=[logits_processor or SteeringLogitsProcessor],
             # logprobs of the distribution actually sampled from, i.e. with logits steering applied
             logprobs_mode="processed_logprobs",
         )

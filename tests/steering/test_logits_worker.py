@@ -79,7 +79,8 @@ def tokens_and_logprobs(out) -> tuple[list[int], list[float]]:
 
 
 def steer_reference(logits: torch.Tensor, plan: Plan | None, generated: list[int]) -> torch.Tensor:
-    """The rules of methods.md §7 / plan.py, one token id at a time; `generated` = this response's tokens so far."""
+    """The rules of methods.md §7 / plan.py, one token id at a time; `generated` = this response's tokens so far,
+    where -1 is a token sampled but not known yet (vLLM's async placeholder): it counts for t, not for diversity."""
     logits = logits.clone()
     if plan is None:
         return logits
@@ -90,7 +91,7 @@ def steer_reference(logits: torch.Tensor, plan: Plan | None, generated: list[int
         t, ramp = len(generated), lg.eos_ramp
         for token in set(ramp.token_ids):
             logits[token] += ramp.max * min(t, ramp.window) / ramp.window
-    for token in set(generated):
+    for token in set(generated) - {-1}:
         logits[token] -= lg.diversity
     return logits
 
@@ -147,17 +148,17 @@ def test_steered_greedy_matches_hf_reference(llm, hf, name):
 
 def test_mixed_batch_isolation(llm):
     """Steered and plain rows share batches, chunked prefills, queueing and row moves without leaking."""
-    plans = [None, PLANS["all"], None, PLANS["ramp"], PLANS["diversity"], None]
+    plans = [None, PLANS["all"], Plan("noop"), PLANS["ramp"], PLANS["diversity"], None]  # "noop" steers nothing
     max_tokens = [9, 14, 3, 11, 6, 16]  # rows finish at different steps, so the persistent batch condenses
     mixed = llm.generate(PROMPTS, [params(p, m) for p, m in zip(plans, max_tokens, strict=True)], use_tqdm=False)
 
-    plain = [i for i, p in enumerate(plans) if p is None]
+    plain = [i for i, p in enumerate(plans) if p is None or p.logits.is_noop()]
     alone_plain = llm.generate([PROMPTS[i] for i in plain], [params(None, max_tokens[i]) for i in plain],
                                use_tqdm=False)
     for i, out in zip(plain, alone_plain, strict=True):
         assert tokens_and_logprobs(mixed[i]) == tokens_and_logprobs(out), f"unsteered prompt {i} changed"
     for i, plan in enumerate(plans):
-        if plan is not None:
+        if i not in plain:
             alone = llm.generate([PROMPTS[i]], [params(plan, max_tokens[i])], use_tqdm=False)[0]
             assert tokens_and_logprobs(mixed[i]) == tokens_and_logprobs(alone), f"steered prompt {i} changed"
             assert tokens_and_logprobs(mixed[i])[0] != tokens_and_logprobs(
@@ -178,8 +179,9 @@ def test_malformed_plan_is_refused(llm):
 
 
 def test_row_operations_follow_the_persistent_batch():
-    """Random removes, adds (reusing freed rows), condensing moves and SWAPs, replayed as vLLM would send them:
-    every row's logits must equal the reference for the request that sits in that row now."""
+    """Random removes, adds (reusing freed rows, some resumed with tokens already generated), condensing moves
+    and SWAPs, replayed as vLLM would send them, plus token lists that carry placeholders or lose tokens: every
+    row's logits must equal the reference for the request that sits in that row now."""
     from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
 
     from steerserve.server.worker import SteeringLogitsProcessor
@@ -190,7 +192,7 @@ def test_row_operations_follow_the_persistent_batch():
     proc = SteeringLogitsProcessor(config, torch.device("cpu"), False)
     choices = [None, *PLANS.values()]
     batch: list[tuple[Plan | None, list[int]] | None] = []  # row -> (plan, generated tokens)
-    for _ in range(60):
+    for _ in range(200):
         removed = [i for i, r in enumerate(batch) if r is not None and rng.random() < 0.2]
         for i in removed:
             batch[i] = None
@@ -205,7 +207,8 @@ def test_row_operations_follow_the_persistent_batch():
             else:
                 batch.append(None)
             plan = rng.choice(choices)
-            batch[i] = (plan, [])
+            resumed = [rng.choice([5, 47, EOS_ID]) for _ in range(rng.choice([0, 0, 3, 6]))]  # after preemption
+            batch[i] = (plan, resumed)
             added.append((i, SimpleNamespace(extra_args=plan.to_extra_args() if plan else None), None, batch[i][1]))
         moved = []
         while None in batch:  # condense: the last occupied row fills the lowest hole
@@ -222,6 +225,9 @@ def test_row_operations_follow_the_persistent_batch():
             moved.append((a, b, MoveDirectionality.SWAP))
         proc.update_state(BatchUpdate(len(batch), removed, added, moved) if removed or added or moved else None)
 
+        if rng.random() < 0.5:  # vLLM fills in placeholders before sampling, or a step later
+            for _plan, generated in batch:
+                generated[:] = [rng.randrange(VOCAB_SIZE) if t < 0 else t for t in generated]
         logits = torch.randn(len(batch), VOCAB_SIZE)
         got = proc.apply(logits.clone())
         for row, (plan, generated) in enumerate(batch):
@@ -230,4 +236,9 @@ def test_row_operations_follow_the_persistent_batch():
             else:
                 torch.testing.assert_close(got[row], steer_reference(logits[row], plan, generated))
         for _plan, generated in batch:  # each row samples a token; EOS and repeats are likely
-            generated.append(rng.choice([EOS_ID, 5, 47, rng.randrange(VOCAB_SIZE)]))
+            if generated and rng.random() < 0.1:
+                del generated[-rng.randint(1, 2):]  # tokens taken back (e.g. a failed KV load)
+            elif (generated and generated[-1] < 0) or rng.random() < 0.15:
+                generated.append(-1)  # placeholders only ever form the tail
+            else:
+                generated.append(rng.choice([EOS_ID, 5, 47, rng.randrange(VOCAB_SIZE)]))

@@ -1,0 +1,40 @@
+"""The JSON transport of the server's own (non-OpenAI) routes: httpx, the client's base URL and API key, typed
+errors."""
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+from .errors import from_response, from_transport
+
+
+def _json(response: httpx.Response) -> Any:
+    if response.is_error:
+        raise from_response(response)
+    return response.json()
+
+
+class Admin:
+    def __init__(self, http: httpx.Client, root: str, api_key: str):
+        self._http, self._root, self._headers = http, root, {"Authorization": f"Bearer {api_key}"}
+
+    def call(self, method: str, path: str, *, params: dict[str, str] | None = None, json: Any = None) -> Any:
+        try:
+            response = self._http.request(method, self._root + path, params=params, json=json, headers=self._headers)
+        except httpx.HTTPError as exc:
+            raise from_transport(exc) from exc
+        return _json(response)
+
+
+class AsyncAdmin:
+    def __init__(self, http: httpx.AsyncClient, root: str, api_key: str):
+        self._http, self._root, self._headers = http, root, {"Authorization": f"Bearer {api_key}"}
+
+    async def call(self, method: str, path: str, *, params: dict[str, str] | None = None, json: Any = None) -> Any:
+        try:
+            response = await self._http.request(method, self._root + path, params=params, json=json,
+                                                headers=self._headers)
+        except httpx.HTTPError as exc:
+            raise from_transport(exc) from exc
+        return _json(response)

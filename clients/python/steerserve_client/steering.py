@@ -1,0 +1,86 @@
+"""Typed steering specs: the request field `steering` (and profile bodies) as pydantic models with builders.
+
+Only the families the server applies today are modelled (`logits`); the reserved ones (`attention`, `experts`,
+`prompt`) join when the server supports them. Names, types and bounds mirror the server's
+`GET /v1/steering/schema` exactly (tests/clients check it against the live server), so a spec that validates
+here is only ever refused by the server for model-specific reasons (e.g. a bias key that is not one token).
+"""
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Delta = Annotated[float, Field(ge=-100.0, le=100.0)]
+TokenMap = Annotated[dict[str, Delta], Field(max_length=1024)]
+Preset = Literal["hewitt2024"]
+
+
+class _Spec(BaseModel):
+    # As the server: unknown fields and NaN/inf are errors, and a spec is a value (hashable, shareable).
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
+
+    def to_json(self) -> dict[str, Any]:
+        """The wire form: JSON types, unset (None) fields left out."""
+        return self.model_dump(mode="json", exclude_none=True)
+
+
+class EosRamp(_Spec):
+    """An end-of-sequence bias growing linearly from 0 to `max` over `window` generated tokens, then held."""
+
+    max: float = Field(ge=-100.0, le=100.0, description="Bias on the end-of-sequence token(s) once the ramp is full.")
+    window: int = Field(ge=1, le=100_000, description="Generated tokens over which the bias grows from 0 to max; "
+                                                       "it stays at max afterwards.")
+
+
+class _RulesMeta(type(BaseModel)):
+    # `Rules.preset("hewitt2024")` reads best, but `preset` is also a field. Pydantic keeps field values on the
+    # instance and nothing on the class, so a class-level lookup falls through to here and an instance's
+    # `rules.preset` still returns the field's value.
+    def __getattr__(cls, name: str) -> Any:
+        if name == "preset" and cls.__dict__.get("__pydantic_complete__"):
+            def preset(name: Preset, **overrides: Any) -> Rules:
+                """A preset, with any of its rules replaced by `overrides` (eos_ramp, token_deltas, diversity)."""
+                return cls(preset=name, **overrides)
+            return preset
+        return super().__getattr__(name)
+
+
+class Rules(_Spec, metaclass=_RulesMeta):
+    """Rule-based instruction following (Hewitt et al. 2024): a preset, your own rules, or a preset you override.
+
+    `Rules.preset("hewitt2024")`, `Rules(eos_ramp=EosRamp(max=8, window=60))`,
+    `Rules.preset("hewitt2024", diversity=0.5)`.
+    """
+
+    preset: Preset | None = None
+    eos_ramp: EosRamp | None = None
+    token_deltas: TokenMap | None = Field(None, description="Constant bias per token (text or id), every step.")
+    diversity: float | None = Field(None, ge=0.0, le=100.0, description="Subtracted from every distinct token "
+                                                                         "already generated in this response.")
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> Rules:
+        if self.preset is None and self.eos_ramp is None and self.token_deltas is None and self.diversity is None:
+            raise ValueError("give a preset or at least one of eos_ramp, token_deltas, diversity")
+        return self
+
+
+class Logits(_Spec):
+    """Logits-level steering: a plain per-token bias and/or rules. Token keys are one token's text or its id."""
+
+    bias: TokenMap | None = Field(None, description='Additive logit bias per token: {"<token text or id>": float}. '
+                                                    "Keys of decimal digits are token ids; other keys are text that "
+                                                    "must encode to exactly one token.")
+    rules: Rules | None = None
+
+
+class Steering(_Spec):
+    """A request's steering, e.g. `Steering(logits=Logits(bias={" Paris": 2.0}, rules=Rules.preset("hewitt2024")))`.
+
+    Sent as the body field `steering`; also the body of a profile.
+    """
+
+    # Sent on the wire, so a future server that changes the spec's meaning can tell what this client meant.
+    version: Literal[1] = 1
+    logits: Logits | None = None

@@ -1,0 +1,24 @@
+"""The vLLM plugin (`vllm.general_plugins` entry point): runs in every vLLM process before the engine is built.
+
+It acts only in engines that steerserve starts (`STEERSERVE_ENGINE=1`, set by `Engine`), so a plain vLLM server
+in the same environment, such as the benchmarks' baseline, stays untouched. It must be idempotent: vLLM calls it
+once per process, and tests may call it again.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+log = logging.getLogger("steerserve.plugin")
+
+ENGINE_FLAG = "STEERSERVE_ENGINE"
+
+
+def register() -> None:
+    if os.environ.get(ENGINE_FLAG) != "1":
+        return
+    # Our worker hooks are V1-runner logits processors. GPU vLLM defaults to Model Runner V2, which rejects them
+    # (vllm-notes.md §4); CPU always runs V1. Forcing it here covers every process, spawned ones included.
+    if os.environ.get("VLLM_USE_V2_MODEL_RUNNER") != "0":
+        os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+        log.info("steerserve: forcing the V1 model runner (VLLM_USE_V2_MODEL_RUNNER=0) for the steering hooks")
