@@ -67,6 +67,8 @@ class Generation:
                 "prompt_tokens_details": {"cached_tokens": sum(self.cached_tokens.values())}}
 
     async def deltas(self) -> AsyncIterator[Delta]:
+        ttft, itl = self.metrics.ttft.labels(self.route), self.metrics.itl.labels(self.route)
+        generated = self.metrics.generation_tokens.labels(self.route)
         self.metrics.prompt_tokens.labels(self.route).inc(self.prompt_tokens)
         streams = [self.engine.generate(p.ids, self.params, f"{self.id}-{i}", prompt_text=p.text,
                                         cache_salt=self.cache_salt) for i, p in enumerate(self.prompts)]
@@ -74,15 +76,15 @@ class Generation:
         async for job, out in _merge(streams):
             now = time.perf_counter()
             if last is None:
-                self.metrics.ttft.labels(self.route).observe(now - self.arrival)
+                ttft.observe(now - self.arrival)
             else:
-                self.metrics.itl.labels(self.route).observe(now - last)
+                itl.observe(now - last)
             last = now
             if out.num_cached_tokens is not None:
                 self.cached_tokens.setdefault(job, out.num_cached_tokens)
             for o in out.outputs:
                 self.completion_tokens += len(o.token_ids)
-                self.metrics.generation_tokens.labels(self.route).inc(len(o.token_ids))
+                generated.inc(len(o.token_ids))
                 yield Delta(job * self.n + o.index, o.text, list(o.token_ids), o.logprobs, o.finish_reason)
 
     async def collect(self) -> list[Choice]:
