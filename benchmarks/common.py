@@ -155,7 +155,7 @@ async def one_request(client: httpx.AsyncClient, url: str, body: dict) -> dict:
                     rec["itl"].append(now - last)
                 last = now
     except httpx.HTTPError as exc:
-        rec["error"] = type(exc).__name__
+        rec["error"] = f"{type(exc).__name__}: {exc}"[:200]
     rec["e2e"] = time.perf_counter() - start
     rec["tokens"] = rec["tokens"] or chunks
     return rec

@@ -17,9 +17,10 @@ a time) runs the unsteered workloads on the other endpoint too: it does not acce
 and token throughput, TTFT / ITL / end-to-end p50/p90/p99 and errors; writes benchmarks/results/load.json and
 load.png (throughput vs K, latency CDFs) and prints the ratios last.
 
-    python -m benchmarks.load                     # default run (~15 minutes on 2 cores)
+    python -m benchmarks.load                     # default run (~11 minutes on 2 cores)
     python -m benchmarks.load --quick             # smoke run (~3 minutes)
     python -m benchmarks.load --rate 2            # Poisson arrivals at 2 requests/s instead of closed loop
+    python -m benchmarks.load --rounds 2          # every phase twice (ABBA), best kept: for a shared machine
     python -m benchmarks.load --url http://127.0.0.1:8000 --compare none   # a server that is already running
 """
 from __future__ import annotations
@@ -189,30 +190,42 @@ def plan(a: argparse.Namespace) -> list[tuple[str, str, Arrival]]:
     return phases
 
 
+def run_one(name: str, base: str, model: str, group: str, wl: str, arrival: Arrival, a: argparse.Namespace) -> dict:
+    """One measured phase: the seeded requests of its group under workload `wl`."""
+    n = a.k_requests if group == "k-sweep" else a.requests
+    reqs, steering = draw_requests(n, a.seed, a.min_tokens, a.max_tokens), workload(wl)
+    first = next((s for s in map(steering, range(n)) if s is not None), None)
+    applied = check_applied(base, model, first) if first is not None else None
+    load = os.getloadavg()[0]
+    summary, records = asyncio.run(run_phase(base, model, reqs, steering, arrival, a, f"{name} {wl} {arrival}"))
+    print(f"[{name}] {group:<9} {wl:<9} {arrival!s:<12} {summary['output_token_throughput']:7.1f} tok/s "
+          f"{summary['request_throughput']:5.2f} req/s  e2e p50 {fmt(summary['e2e_s'], 1, 2).split('/')[0]} s  "
+          f"errors {summary['errors']}/{summary['issued']}  (load {load:.2f})", flush=True)
+    return {"server": name, "group": group, "workload": wl, "arrival": arrival.__dict__, **summary,
+            "applied_example": applied, "loadavg_1m_before": load,
+            "samples": {k: [round(r[k], 4) for r in records if r["error"] is None and r[k] is not None]
+                        for k in ("ttft", "e2e")}}
+
+
 def bench(name: str, base: str, phases: list[tuple[str, str, Arrival]], a: argparse.Namespace,
           steered_ok: bool) -> list[dict]:
-    """Warm up `base`, then run each phase (steered ones only where `steered_ok`)."""
+    """Warm up `base`, then run each phase (steered ones only where `steered_ok`) --rounds times, in ABBA order,
+    keeping each phase's round with the highest token throughput: other work on a shared machine only ever
+    slows a round down, and ABBA spreads slow drift over all phases alike."""
     model = served_model(base)
     warm = draw_requests(a.warmup, a.seed + 1, a.min_tokens, a.max_tokens)
     asyncio.run(run_phase(base, model, warm, workload("unsteered"), Arrival(concurrency=max(1, a.warmup)), a,
                           f"{name} warm-up"))
+    todo = [p for p in phases if p[1] == "unsteered" or steered_ok]
+    runs: dict[tuple[str, str], list[dict]] = {}
+    for r in range(a.rounds):
+        for group, wl, arrival in todo if r % 2 == 0 else todo[::-1]:
+            runs.setdefault((group, wl), []).append(run_one(name, base, model, group, wl, arrival, a))
     out = []
-    for group, wl, arrival in phases:
-        if wl != "unsteered" and not steered_ok:
-            continue
-        n = a.k_requests if group == "k-sweep" else a.requests
-        reqs, steering = draw_requests(n, a.seed, a.min_tokens, a.max_tokens), workload(wl)
-        first = next((s for s in map(steering, range(n)) if s is not None), None)
-        applied = check_applied(base, model, first) if first is not None else None
-        load = os.getloadavg()[0]
-        summary, records = asyncio.run(run_phase(base, model, reqs, steering, arrival, a, f"{name} {wl} {arrival}"))
-        out.append({"server": name, "group": group, "workload": wl, "arrival": arrival.__dict__, **summary,
-                    "applied_example": applied, "loadavg_1m_before": load,
-                    "samples": {k: [round(r[k], 4) for r in records if r["error"] is None and r[k] is not None]
-                                for k in ("ttft", "e2e")}})
-        print(f"[{name}] {group:<9} {wl:<9} {arrival!s:<12} {summary['output_token_throughput']:7.1f} tok/s "
-              f"{summary['request_throughput']:5.2f} req/s  e2e p50 {fmt(summary['e2e_s'], 1, 2).split('/')[0]} s  "
-              f"errors {summary['errors']}/{summary['issued']}", flush=True)
+    for group, wl, _ in todo:
+        rounds = runs[(group, wl)]
+        best = max(rounds, key=lambda p: p["output_token_throughput"])
+        out.append({**best, "rounds_tok_s": [p["output_token_throughput"] for p in rounds]})
     return out
 
 
@@ -298,7 +311,8 @@ def conditions(a: argparse.Namespace, env_overrides: dict, servers: dict) -> dic
                          "concurrency": None if a.rate else a.concurrency, "rate": a.rate,
                          "k_concurrency": a.k_concurrency, "output_tokens": [a.min_tokens, a.max_tokens],
                          "ignore_eos": True, "temperature": 0, "stream": True, "seed": a.seed,
-                         "duration_bound_s": a.duration, "drain_s": a.drain, "warmup": a.warmup},
+                         "duration_bound_s": a.duration, "drain_s": a.drain, "warmup": a.warmup,
+                         "rounds": a.rounds, "kept": "per phase, the round with the highest token throughput"},
             "client": f"httpx {httpx.__version__}, asyncio, same machine (shares the CPU with the server)"}
 
 
@@ -321,6 +335,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--duration", type=float, default=300, help="stop issuing requests after this many s per phase")
     p.add_argument("--drain", type=float, default=120, help="then wait this long for in-flight ones, then cancel")
     p.add_argument("--warmup", type=int, default=8, help="unmeasured requests per server")
+    p.add_argument("--rounds", type=int, default=1, help="runs of every phase (ABBA order); the best is kept")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", type=Path, default=MODEL_DIR)
     p.add_argument("--dtype", default="float32")
