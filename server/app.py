@@ -270,7 +270,7 @@ def _render_chat(eng: Engine, req: ChatCompletionRequest) -> str:
 
 def _params(eng: Engine, req, prompt: gen.Prompt, logprobs: int | None, steering: steer.Steering, structured=None):
     return sampling_params(req, prompt_len=len(prompt.ids), max_model_len=eng.info.max_model_len,
-                           vocab_size=eng.info.vocab_size, logprobs=logprobs, stream=True, structured=structured,
+                           vocab_size=eng.info.vocab_size, logprobs=logprobs, structured=structured,
                            extra_args=steering.extra_args())
 
 

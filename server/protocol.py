@@ -149,7 +149,7 @@ class ChatCompletionRequest(SamplingRequest):
 
 
 def sampling_params(req: SamplingRequest, *, prompt_len: int, max_model_len: int, vocab_size: int,
-                    logprobs: int | None, stream: bool, structured=None, extra_args: dict | None = None):
+                    logprobs: int | None, structured=None, extra_args: dict | None = None):
     """Translate a validated request into vLLM SamplingParams, checking what only the served model can decide."""
     room = max_model_len - prompt_len
     if room < 1:
@@ -165,12 +165,12 @@ def sampling_params(req: SamplingRequest, *, prompt_len: int, max_model_len: int
     from vllm.exceptions import VLLMClientError
 
     try:
-        return _make_params(req, room, vocab_size, logprobs, stream, structured, extra_args)
+        return _make_params(req, room, vocab_size, logprobs, structured, extra_args)
     except (ValueError, VLLMClientError) as exc:  # vLLM's own checks, e.g. n > 1 with greedy sampling
         raise BadRequest(str(exc), param=getattr(exc, "parameter", None)) from None
 
 
-def _make_params(req: SamplingRequest, room: int, vocab_size: int, logprobs: int | None, stream: bool, structured,
+def _make_params(req: SamplingRequest, room: int, vocab_size: int, logprobs: int | None, structured,
                  extra_args: dict | None):
     from vllm.sampling_params import RequestOutputKind, SamplingParams
 
@@ -191,7 +191,8 @@ def _make_params(req: SamplingRequest, room: int, vocab_size: int, logprobs: int
         ignore_eos=req.ignore_eos,
         structured_outputs=structured,
         extra_args=extra_args,
-        output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY,
+        # deltas even for non-streaming requests: the server times every token (TTFT, ITL) the same way
+        output_kind=RequestOutputKind.DELTA,
     )
 
 
