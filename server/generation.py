@@ -129,27 +129,28 @@ async def _merge(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, Any]]
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def _token_logprob(token_id: int, entry: dict, top: int) -> tuple[Any, list[Any]]:
-    """(the sampled token's Logprob, the `top` best alternatives by rank) from one vLLM logprob dict."""
-    alternatives = sorted((lp for lp in entry.values() if lp.rank is not None and lp.rank <= top),
-                          key=lambda lp: lp.rank)
-    return entry[token_id], alternatives
+def _top(entry: dict, top: int) -> list[tuple[int, Any]]:
+    """The `top` most likely (token id, Logprob) pairs of one vLLM logprob dict, best first."""
+    return sorted(((t, lp) for t, lp in entry.items() if lp.rank is not None and lp.rank <= top),
+                  key=lambda pair: pair[1].rank)
 
 
 def _token_text(lp: Any, token_id: int, tokenizer) -> str:
     return lp.decoded_token if lp.decoded_token is not None else tokenizer.decode([token_id])
 
 
+def _logprob(lp: Any) -> float:
+    return max(lp.logprob, -9999.0)  # JSON has no -inf
+
+
 def chat_logprobs(token_ids: list[int], entries: list[dict], top: int, tokenizer) -> dict:
     content = []
     for token_id, entry in zip(token_ids, entries, strict=False):
-        chosen, alternatives = _token_logprob(token_id, entry, top)
-        alt_ids = [t for lp in alternatives for t, v in entry.items() if v is lp]
-        text = _token_text(chosen, token_id, tokenizer)
+        text = _token_text(entry[token_id], token_id, tokenizer)
+        alternatives = [(_token_text(lp, t, tokenizer), _logprob(lp)) for t, lp in _top(entry, top)]
         content.append({
-            "token": text, "logprob": max(chosen.logprob, -9999.0), "bytes": list(text.encode()),
-            "top_logprobs": [{"token": (s := _token_text(lp, t, tokenizer)), "logprob": max(lp.logprob, -9999.0),
-                              "bytes": list(s.encode())} for lp, t in zip(alternatives, alt_ids, strict=True)],
+            "token": text, "logprob": _logprob(entry[token_id]), "bytes": list(text.encode()),
+            "top_logprobs": [{"token": s, "logprob": v, "bytes": list(s.encode())} for s, v in alternatives],
         })
     return {"content": content}
 
@@ -157,12 +158,10 @@ def chat_logprobs(token_ids: list[int], entries: list[dict], top: int, tokenizer
 def completion_logprobs(token_ids: list[int], entries: list[dict], top: int, tokenizer, offset: int = 0) -> dict:
     tokens, token_logprobs, tops, offsets = [], [], [], []
     for token_id, entry in zip(token_ids, entries, strict=False):
-        chosen, alternatives = _token_logprob(token_id, entry, top)
-        text = _token_text(chosen, token_id, tokenizer)
+        text = _token_text(entry[token_id], token_id, tokenizer)
         tokens.append(text)
-        token_logprobs.append(max(chosen.logprob, -9999.0))
-        tops.append({_token_text(lp, t, tokenizer): max(lp.logprob, -9999.0)
-                     for t, lp in entry.items() if lp in alternatives} if top else None)
+        token_logprobs.append(_logprob(entry[token_id]))
+        tops.append({_token_text(lp, t, tokenizer): _logprob(lp) for t, lp in _top(entry, top)} if top else None)
         offsets.append(offset)
         offset += len(text)
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": tops, "text_offset": offsets}

@@ -163,37 +163,31 @@ def sampling_params(req: SamplingRequest, *, prompt_len: int, max_model_len: int
             f"max_tokens is {req.max_tokens}, {prompt_len + req.max_tokens} in total. Reduce the prompt or max_tokens.",
             param="max_tokens", code="context_length_exceeded")
     from vllm.exceptions import VLLMClientError
-
-    try:
-        return _make_params(req, room, vocab_size, logprobs, structured, extra_args)
-    except (ValueError, VLLMClientError) as exc:  # vLLM's own checks, e.g. n > 1 with greedy sampling
-        raise BadRequest(str(exc), param=getattr(exc, "parameter", None)) from None
-
-
-def _make_params(req: SamplingRequest, room: int, vocab_size: int, logprobs: int | None, structured,
-                 extra_args: dict | None):
     from vllm.sampling_params import RequestOutputKind, SamplingParams
 
-    return SamplingParams(
-        n=req.n,
-        temperature=req.temperature,
-        top_p=req.top_p,
-        top_k=req.top_k,
-        min_p=req.min_p,
-        seed=req.seed,
-        stop=req.stop,
-        presence_penalty=req.presence_penalty,
-        frequency_penalty=req.frequency_penalty,
-        repetition_penalty=req.repetition_penalty,
-        max_tokens=req.max_tokens or room,
-        logprobs=logprobs,
-        logit_bias=_token_bias(req.logit_bias, vocab_size),
-        ignore_eos=req.ignore_eos,
-        structured_outputs=structured,
-        extra_args=extra_args,
-        # deltas even for non-streaming requests: the server times every token (TTFT, ITL) the same way
-        output_kind=RequestOutputKind.DELTA,
-    )
+    try:
+        return SamplingParams(
+            n=req.n,
+            temperature=req.temperature,
+            top_p=req.top_p,
+            top_k=req.top_k,
+            min_p=req.min_p,
+            seed=req.seed,
+            stop=req.stop,
+            presence_penalty=req.presence_penalty,
+            frequency_penalty=req.frequency_penalty,
+            repetition_penalty=req.repetition_penalty,
+            max_tokens=req.max_tokens or room,
+            logprobs=logprobs,
+            logit_bias=_token_bias(req.logit_bias, vocab_size),
+            ignore_eos=req.ignore_eos,
+            structured_outputs=structured,
+            extra_args=extra_args,
+            # deltas even for non-streaming requests: the server times every token (TTFT, ITL) the same way
+            output_kind=RequestOutputKind.DELTA,
+        )
+    except (ValueError, VLLMClientError) as exc:  # vLLM's own checks, e.g. n > 1 with greedy sampling
+        raise BadRequest(str(exc), param=getattr(exc, "parameter", None)) from None
 
 
 def _token_bias(bias: dict[str, float] | None, vocab_size: int) -> dict[int, float] | None:
