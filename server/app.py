@@ -18,6 +18,7 @@ from steerserve.steering import spec as steering_spec
 from . import generation as gen
 from . import steer
 from .auth import KeyStore, Principal
+from .chat import render as render_chat
 from .engine import Engine
 from .errors import APIError, BadRequest, Forbidden, NotFound, Unavailable, pydantic_to_api_error
 from .metrics import Metrics, MetricsMiddleware
@@ -131,8 +132,9 @@ def create_app(engine_factory: Callable[[], Engine], keys: KeyStore, profiles: P
             if isinstance(p, list) and not all(0 <= t < eng.info.vocab_size for t in p):
                 raise BadRequest(f"prompt token ids must be in [0, {eng.info.vocab_size})", param="prompt")
             prompts.append(gen.Prompt(ids, p if isinstance(p, str) else None))
+        steering = steering.bind([len(p.ids) for p in prompts], None)
         params = _params(eng, req, max(prompts, key=lambda p: len(p.ids)), req.logprobs, steering)
-        g = gen.Generation(eng, metrics, "/v1/completions", prompts, params, "cmpl", steering.cache_salt)
+        g = gen.Generation(eng, metrics, "/v1/completions", prompts, params, "cmpl", steering.salt_for)
         top = req.logprobs or 0
 
         def choice_json(c: gen.Choice | gen.Delta, offset: int = 0) -> dict:
@@ -157,12 +159,14 @@ def create_app(engine_factory: Callable[[], Engine], keys: KeyStore, profiles: P
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         req, eng, steering = await admit(request, ChatCompletionRequest)
-        text = _render_chat(eng, req)
-        prompt = gen.Prompt(eng.tokenizer.encode(text, add_special_tokens=False), text)
+        chat = render_chat(eng.tokenizer, [{"role": m.role, "content": m.text()} for m in req.messages],
+                           req.add_generation_prompt)
+        prompt = gen.Prompt(chat.ids, chat.text)
+        steering = steering.bind([len(prompt.ids)], chat.role_spans)
         top = req.top_logprobs or 0
         params = _params(eng, req, prompt, top if req.logprobs else None, steering,
                          structured_output(req.response_format))
-        g = gen.Generation(eng, metrics, "/v1/chat/completions", [prompt], params, "chatcmpl", steering.cache_salt)
+        g = gen.Generation(eng, metrics, "/v1/chat/completions", [prompt], params, "chatcmpl", steering.salt_for)
         head = {"id": g.id, "object": "chat.completion", "created": g.created, "model": eng.info.name}
 
         def logprobs_json(c: gen.Choice | gen.Delta) -> dict | None:
@@ -257,15 +261,6 @@ def _check_model(eng: Engine, name: str) -> Engine:
         raise NotFound(f"The model '{name}' does not exist; this server serves '{eng.info.name}'.",
                        param="model", code="model_not_found")
     return eng
-
-
-def _render_chat(eng: Engine, req: ChatCompletionRequest) -> str:
-    messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-    try:
-        return eng.tokenizer.apply_chat_template(messages, tokenize=False,
-                                                 add_generation_prompt=req.add_generation_prompt)
-    except Exception as exc:  # jinja raises template-defined errors (e.g. "roles must alternate")
-        raise BadRequest(f"the chat template rejected these messages: {exc}", param="messages") from None
 
 
 def _params(eng: Engine, req, prompt: gen.Prompt, logprobs: int | None, steering: steer.Steering, structured=None):

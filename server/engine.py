@@ -6,11 +6,11 @@ import logging
 import os
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from steerserve.steering.model import ModelFacts
-from steerserve.steering.plan import LogitsPlan, Plan
+from steerserve.steering.plan import AttentionPlan, LogitsPlan, Plan
 
 from .settings import Settings
 
@@ -65,7 +65,12 @@ class Engine:
         self.info = ModelInfo(
             name=name, path=model_path, max_model_len=config.max_model_len, vocab_size=config.get_vocab_size()
         )
-        self.facts = ModelFacts(self.tokenizer, self.info.vocab_size, _eos_token_ids(self.tokenizer, model_path))
+        hf = config.hf_text_config
+        self.facts = ModelFacts(
+            self.tokenizer, self.info.vocab_size, _eos_token_ids(self.tokenizer, model_path),
+            num_layers=hf.num_hidden_layers, num_heads=hf.num_attention_heads,
+            num_kv_heads=getattr(hf, "num_key_value_heads", hf.num_attention_heads),
+            attention_unsupported="MLA attention is not steerable yet" if config.use_mla else None)
 
     def generate(self, prompt_ids: list[int], params, request_id: str, *, prompt_text: str | None = None,
                  cache_salt: str | None = None) -> AsyncIterator:
@@ -76,21 +81,35 @@ class Engine:
         return self.llm.generate(prompt, params, request_id)
 
     async def verify_steering(self) -> None:
-        """Fail closed: prove on a real request that the worker-side hooks fire, or refuse to serve."""
+        """Fail closed: prove on real requests that the worker-side hooks fire. Without the logits hook the server
+        refuses to serve; without the attention hook, attention steering is switched off (requests that ask for
+        it get a 400) and everything else is served."""
         from vllm.sampling_params import SamplingParams
 
-        async def first_token(extra_args=None) -> int:
-            params = SamplingParams(max_tokens=1, temperature=0, extra_args=extra_args)
-            async for out in self.generate([self.facts.eos_token_ids[0] if self.facts.eos_token_ids else 0],
-                                           params, f"steerserve-selftest-{uuid.uuid4().hex}"):
-                token = out.outputs[0].token_ids[0]
-            return token
+        async def first_token(prompt: list[int], plan: Plan | None = None) -> tuple[int, float]:
+            params = SamplingParams(max_tokens=1, temperature=0, logprobs=0,
+                                    extra_args=plan.to_extra_args() if plan else None)
+            async for out in self.generate(prompt, params, f"steerserve-selftest-{uuid.uuid4().hex}"):
+                c = out.outputs[0]
+            return c.token_ids[0], c.logprobs[0][c.token_ids[0]].logprob
 
-        plain = await first_token()
+        probe = [self.facts.eos_token_ids[0] if self.facts.eos_token_ids else 0]
+        plain = (await first_token(probe))[0]
         target = (plain + 1) % self.info.vocab_size
         plan = Plan("selftest", LogitsPlan(bias_ids=(target,), bias_values=(100.0,)))
-        if await first_token(plan.to_extra_args()) != target:
+        if (await first_token(probe, plan))[0] != target:
             raise RuntimeError("steering hooks are not active in this vLLM model runner; refusing to serve")
+        if self.facts.attention_unsupported is None:
+            probe = list(range(1, 9))
+            cut = (-20.0,) * (self.facts.num_layers * self.facts.num_heads)  # gamma = e^-20 on every head
+            try:
+                moved = await first_token(probe) != await first_token(probe, Plan("selftest", attention=AttentionPlan(cut)))
+            except Exception as exc:  # noqa: BLE001 - any failure means: not available
+                log.warning("attention steering self-test failed: %s", exc)
+                moved = False
+            if not moved:
+                self.facts = replace(self.facts, attention_unsupported="its start-up self-test was not steered")
+                log.warning("attention steering is OFF: its self-test request was not steered")
         log.info("steering self-test passed: worker hooks are active")
 
     def num_unfinished_requests(self) -> int:

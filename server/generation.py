@@ -4,7 +4,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,7 +48,7 @@ class Generation:
     """Runs prompts x n choices through the engine; `deltas()` yields them merged as they come."""
 
     def __init__(self, engine: Engine, metrics: Metrics, route: str, prompts: list[Prompt], params,
-                 kind: str, cache_salt: str | None = None):
+                 kind: str, cache_salt: Callable[[int], str | None] = lambda prompt_len: None):
         self.engine, self.metrics, self.route = engine, metrics, route
         self.prompts, self.params, self.n, self.cache_salt = prompts, params, params.n, cache_salt
         self.id = f"{kind}-{uuid.uuid4().hex}"
@@ -71,7 +71,7 @@ class Generation:
         generated = self.metrics.generation_tokens.labels(self.route)
         self.metrics.prompt_tokens.labels(self.route).inc(self.prompt_tokens)
         streams = [self.engine.generate(p.ids, self.params, f"{self.id}-{i}", prompt_text=p.text,
-                                        cache_salt=self.cache_salt) for i, p in enumerate(self.prompts)]
+                                        cache_salt=self.cache_salt(len(p.ids))) for i, p in enumerate(self.prompts)]
         last = None
         async for job, out in _merge(streams):
             now = time.perf_counter()

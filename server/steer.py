@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
+from steerserve.steering import attention as attention_steering
 from steerserve.steering import spec as steering
 from steerserve.steering.model import ModelFacts, SpecError
 from steerserve.steering.plan import Plan
@@ -30,6 +32,26 @@ class Steering:
 
     def extra_args(self) -> dict[str, Any] | None:
         return self.plan.to_extra_args() if self.plan else None
+
+    def bind(self, prompt_lens: Sequence[int], role_spans: dict[str, list[tuple[int, int]]] | None) -> Steering:
+        """The steering for these prompts: span targets resolved (chat roles through `role_spans`, the token
+        ranges of each role's message contents; None outside chat). A target that matches nothing is a 400."""
+        if self.plan is None or self.spec.attention is None or not self.spec.attention.spans:
+            return self
+        try:
+            attention = attention_steering.bind_spans(self.spec.attention, self.plan.attention, prompt_lens,
+                                                      role_spans)
+        except SpecError as exc:
+            raise spec_error(exc) from None
+        return replace(self, plan=replace(self.plan, attention=attention))
+
+    def salt_for(self, prompt_len: int) -> str:
+        """The prefix-cache salt of one prompt. Span steering biases prompt keys but not generated ones, so the
+        same token at the same position may be biased in one request (a longer prompt) and not in another:
+        with spans, the prompt length and the resolved targets enter the salt too."""
+        if self.plan is None or not self.plan.attention.spans:
+            return self.cache_salt
+        return steering.digest([self.cache_salt, prompt_len, [sp.targets for sp in self.plan.attention.spans]])
 
 
 def spec_error(exc: SpecError) -> BadRequest:

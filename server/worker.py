@@ -21,6 +21,8 @@ from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDi
 
 from steerserve.steering.plan import EosRamp, Plan
 
+from .attention import AttentionRows, layer_biases
+
 if TYPE_CHECKING:
     from vllm import SamplingParams
     from vllm.config import VllmConfig
@@ -72,17 +74,18 @@ class RowBuffers:
         self.records[a], self.records[b] = self.records[b], self.records[a]
         return True
 
-    def replay(self, batch_update: BatchUpdate, install: Callable[[int, Any, list[int]], bool]) -> bool:
+    def replay(self, batch_update: BatchUpdate, install: Callable[[int, Any, int, list[int]], bool]) -> bool:
         """Replay one step's row operations in vLLM's required order: removed, added, moved. `install(i, params,
-        output_tok_ids)` sets up an added row and says whether it holds anything; the row is cleared first, since
+        prompt_len, output_tok_ids)` sets up an added row and says whether it holds anything; the row is cleared
+        first, since
         an added row may reuse an index whose previous occupant never appears in `removed` (vLLM refills freed
         rows and drops them from `removed`). Returns True if any non-empty row was touched."""
         changed = False
         for i in batch_update.removed:
             changed |= self.clear(i)
-        for i, params, _prompt_ids, output_ids in batch_update.added:
+        for i, params, prompt_ids, output_ids in batch_update.added:
             changed |= self.clear(i)
-            changed |= install(i, params, output_ids)
+            changed |= install(i, params, len(prompt_ids or ()), output_ids)
         for src, dst, how in batch_update.moved:
             changed |= self.swap(src, dst) if how == MoveDirectionality.SWAP else self.move(src, dst)
         return changed
@@ -94,6 +97,7 @@ class _Row:
 
     plan: Plan
     output_ids: list[int]  # vLLM's live list of this request's generated tokens (appended after each step)
+    attention: list[torch.Tensor | None] | None = None  # per-layer key biases (server/attention.py)
     eos_ids: tuple[int, ...] = ()
     eos_ramp: EosRamp | None = None
     diversity: float = 0.0  # also in the `diversity` buffer; here so the per-step loop can skip rows cheaply
@@ -117,6 +121,10 @@ class SteeringLogitsProcessor(LogitsProcessor):
         self.seen = self.rows.new(self.vocab, dtype=torch.bool)  # tokens already folded into `bias`
         self.diversity = self.rows.new(dtype=torch.float32)
         self.logits_active = self.rows.new(dtype=torch.bool)
+        self.attention_active = self.rows.new(dtype=torch.bool)
+        hf = vllm_config.model_config.hf_text_config
+        self.num_layers, self.num_heads = hf.num_hidden_layers, hf.num_attention_heads
+        self.attention = AttentionRows.for_engine(vllm_config)  # read by the attention backend
         # Derived from the buffers above whenever the batch changes; read every step.
         self._active: list[int] = []
         self._active_idx = torch.zeros(0, dtype=torch.long, device=self.device)
@@ -139,7 +147,10 @@ class SteeringLogitsProcessor(LogitsProcessor):
         if batch_update is None or not self.rows.replay(batch_update, self._admit):
             return
         # Only when a steered row was added, removed or moved: O(rows), not per step.
-        self._active_idx = torch.nonzero(self.logits_active[: batch_update.batch_size]).flatten()
+        size = batch_update.batch_size
+        self.attention.rows = [(r, self.rows.records[r].attention)
+                               for r in torch.nonzero(self.attention_active[:size]).flatten().tolist()]
+        self._active_idx = torch.nonzero(self.logits_active[:size]).flatten()
         self._active = self._active_idx.tolist()
         contiguous = bool(self._active) and self._active[-1] - self._active[0] + 1 == len(self._active)
         self._active_span = (self._active[0], self._active[-1] + 1) if contiguous else None
@@ -151,15 +162,20 @@ class SteeringLogitsProcessor(LogitsProcessor):
         self._eos_rows = torch.tensor(rows, dtype=torch.long, device=self.device)
         self._eos_cols = torch.tensor(cols, dtype=torch.long, device=self.device)
 
-    def _admit(self, i: int, params: SamplingParams | None, output_ids: list[int]) -> bool:
+    def _admit(self, i: int, params: SamplingParams | None, prompt_len: int, output_ids: list[int]) -> bool:
         plan = Plan.from_extra_args(params.extra_args if params is not None else None)
-        if plan is None or plan.logits.is_noop():
-            return False  # future per-row hooks (attention, MoE) would install their own state here
-        self._install(i, plan, output_ids)
+        if plan is None or (plan.logits.is_noop() and plan.attention.is_noop()):
+            return False
+        rec = self.rows.records[i] = _Row(plan, output_ids)
+        if not plan.attention.is_noop():
+            rec.attention = layer_biases(plan.attention, prompt_len, self.num_layers, self.num_heads)
+            self.attention_active[i] = True
+        if not plan.logits.is_noop():
+            self._install_logits(i, rec)
         return True
 
-    def _install(self, i: int, plan: Plan, output_ids: list[int]) -> None:
-        lg = plan.logits
+    def _install_logits(self, i: int, rec: _Row) -> None:
+        lg = rec.plan.logits
         in_vocab = [(t, v) for t, v in zip(lg.bias_ids, lg.bias_values, strict=True) if 0 <= t < self.vocab]
         if in_vocab:
             ids, values = zip(*in_vocab, strict=True)
@@ -168,8 +184,8 @@ class SteeringLogitsProcessor(LogitsProcessor):
         self.diversity[i] = lg.diversity
         self.logits_active[i] = True
         ramp = lg.eos_ramp
-        eos_ids = tuple(dict.fromkeys(t for t in ramp.token_ids if 0 <= t < self.vocab)) if ramp else ()
-        self.rows.records[i] = _Row(plan, output_ids, eos_ids, ramp if eos_ids else None, lg.diversity)
+        rec.eos_ids = tuple(dict.fromkeys(t for t in ramp.token_ids if 0 <= t < self.vocab)) if ramp else ()
+        rec.eos_ramp, rec.diversity, rec.consumed = ramp if rec.eos_ids else None, lg.diversity, 0
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         if not self._active:
@@ -200,10 +216,9 @@ class SteeringLogitsProcessor(LogitsProcessor):
             rec: _Row = self.rows.records[r]
             out = rec.output_ids
             n = len(out)
-            if n < rec.consumed:  # vLLM took tokens back (e.g. a failed KV load): redo this row from scratch
-                self.rows.clear(r)
-                self._install(r, rec.plan, out)
-                rec = self.rows.records[r]
+            if n < rec.consumed:  # vLLM took tokens back (e.g. a failed KV load): redo its logits from scratch
+                self.bias[r], self.seen[r] = 0, False
+                self._install_logits(r, rec)
             if n > rec.consumed:
                 fresh = out[rec.consumed:n]
                 if min(fresh) < 0:  # stop at the first placeholder; it is folded once vLLM fills it in

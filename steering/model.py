@@ -19,6 +19,10 @@ class ModelFacts:
     tokenizer: Any
     vocab_size: int
     eos_token_ids: tuple[int, ...] = ()
+    num_layers: int = 0  # decoder layers
+    num_heads: int = 0  # query heads per layer
+    num_kv_heads: int = 0
+    attention_unsupported: str | None = None  # why attention steering cannot run on this model, if it cannot
     extra: dict[str, Any] = field(default_factory=dict)
 
     def single_token(self, text: str) -> int | None:

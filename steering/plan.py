@@ -42,9 +42,34 @@ class LogitsPlan:
 
 
 @dataclass(frozen=True)
+class SpanBias:
+    """`log_alpha` added to the scores of every prompt key outside `targets` (half-open key index ranges), for
+    the query heads `heads` of the decoder layers `layers`. The worker takes the complement with the row's own
+    prompt length; generated keys are never biased."""
+
+    targets: tuple[tuple[int, int], ...]
+    log_alpha: float
+    layers: tuple[int, ...]
+    heads: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class AttentionPlan:
+    """Attention steering of one request: additive log-biases on chosen keys, per (layer, query head).
+    `sink_log_gains` is empty or a dense row-major [layers x heads] table added to key 0's score (ln gamma)."""
+
+    sink_log_gains: tuple[float, ...] = ()
+    spans: tuple[SpanBias, ...] = ()
+
+    def is_noop(self) -> bool:
+        return not any(self.sink_log_gains) and not self.spans
+
+
+@dataclass(frozen=True)
 class Plan:
     fingerprint: str
     logits: LogitsPlan = field(default_factory=LogitsPlan)
+    attention: AttentionPlan = field(default_factory=AttentionPlan)
 
     def to_extra_args(self) -> dict[str, Any]:
         return {EXTRA_ARGS_KEY: {"v": PLAN_VERSION, **asdict(self)}}
@@ -66,8 +91,24 @@ class Plan:
             if ramp else None,
             diversity=float(lg.get("diversity", 0.0)),
         )
+        at = raw.get("attention") or {}
+        attention = AttentionPlan(
+            sink_log_gains=tuple(float(g) for g in at.get("sink_log_gains", ())),
+            spans=tuple(SpanBias(tuple((int(a), int(b)) for a, b in sp["targets"]), float(sp["log_alpha"]),
+                                 tuple(int(x) for x in sp["layers"]), tuple(int(x) for x in sp["heads"]))
+                        for sp in at.get("spans", ())),
+        )
         _check(logits)
-        return Plan(fingerprint=str(raw.get("fingerprint", "")), logits=logits)
+        _check_attention(attention)
+        return Plan(fingerprint=str(raw.get("fingerprint", "")), logits=logits, attention=attention)
+
+
+def _check_attention(at: AttentionPlan) -> None:
+    numbers = [*at.sink_log_gains, *(sp.log_alpha for sp in at.spans)]
+    if not all(math.isfinite(x) for x in numbers):
+        raise ValueError("plan: non-finite attention bias")
+    if any(a < 0 or b <= a for sp in at.spans for a, b in sp.targets):
+        raise ValueError("plan: span targets must be non-empty ranges of non-negative key indices")
 
 
 def _check(lg: LogitsPlan) -> None:

@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator
 
+from .attention import AttentionSpec, compile_attention
 from .logits import LogitsSpec, compile_logits
 from .model import ModelFacts, SpecError
 from .plan import Plan
@@ -19,7 +20,7 @@ from .schema import Strict
 # Families whose methods change hidden states: they enter the prefix-cache salt. Logits-only and prompt-only
 # methods do not change the KV of a given token sequence.
 HIDDEN_STATE_FAMILIES = ("attention", "experts")
-RESERVED_FAMILIES = ("attention", "experts", "prompt")
+RESERVED_FAMILIES = ("experts", "prompt")
 
 
 class SteeringSpec(Strict):
@@ -27,7 +28,7 @@ class SteeringSpec(Strict):
 
     version: Literal[1] = 1
     logits: LogitsSpec | None = None
-    attention: dict[str, Any] | None = Field(None, description="Reserved: attention steering (not supported yet).")
+    attention: AttentionSpec | None = None
     experts: dict[str, Any] | None = Field(None, description="Reserved: MoE expert steering (not supported yet).")
     prompt: dict[str, Any] | None = Field(None, description="Reserved: prompt-level methods (not supported yet).")
 
@@ -69,20 +70,20 @@ def merge(sources: list[dict[str, Any]]) -> SteeringSpec:
     return SteeringSpec.model_validate(merged)
 
 
-def _digest(obj: Any) -> str:
+def digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
 
 
 def fingerprint(spec: SteeringSpec) -> str:
     """A short stable hash of everything a spec asks for; "" for an empty spec."""
     body = spec.model_dump(exclude_none=True, exclude={"version"}, mode="json")
-    return _digest(body) if body else ""
+    return digest(body) if body else ""
 
 
 def cache_salt(spec: SteeringSpec, tenant: str) -> str:
     """vLLM's prefix-cache salt: tenants never share KV blocks, nor do requests whose hidden states differ."""
     hidden = spec.model_dump(include=set(HIDDEN_STATE_FAMILIES), exclude_none=True, mode="json")
-    return _digest({"tenant": tenant, "hidden": hidden})
+    return digest({"tenant": tenant, "hidden": hidden})
 
 
 def compile_spec(spec: SteeringSpec, model: ModelFacts, field: str = "steering") -> Plan | None:
@@ -90,6 +91,9 @@ def compile_spec(spec: SteeringSpec, model: ModelFacts, field: str = "steering")
     fp = fingerprint(spec)
     if not fp:
         return None
-    logits = compile_logits(spec.logits, model, f"{field}.logits") if spec.logits else None
-    plan = Plan(fingerprint=fp, **({"logits": logits} if logits else {}))
-    return plan
+    parts: dict[str, Any] = {}
+    if spec.logits:
+        parts["logits"] = compile_logits(spec.logits, model, f"{field}.logits")
+    if spec.attention:
+        parts["attention"] = compile_attention(spec.attention, model, f"{field}.attention")
+    return Plan(fingerprint=fp, **parts)

