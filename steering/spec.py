@@ -55,10 +55,18 @@ def parse(raw: Any, where: str) -> dict[str, Any]:
     try:
         spec = SteeringSpec.model_validate(raw)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        path = ".".join(str(p) for p in err["loc"])
+        # A value that fits no member of a union gets one error per member, each with the member's tag in its
+        # path; the deepest one says most (e.g. `end` inside a range), and tags are not fields a user wrote.
+        errors = exc.errors()
+        err = max(errors, key=lambda e: len(e["loc"]) if e["loc"][: len(errors[0]["loc"]) - 1] ==
+                  errors[0]["loc"][:-1] else 0)
+        path = ".".join(str(p) for p in err["loc"] if not _union_tag(p))
         raise SpecError(f"{where}.{path}" if path else where, err["msg"].removeprefix("Value error, ")) from None
     return spec.model_dump(exclude_none=True, exclude={"version"}, mode="json")
+
+
+def _union_tag(part: Any) -> bool:
+    return isinstance(part, str) and ("[" in part or part in {"KeyRange"})
 
 
 def merge(sources: list[dict[str, Any]]) -> SteeringSpec:

@@ -94,7 +94,7 @@ def test_completions_take_steering_too(http, model_name):
     ({"logits": {"bias": {" a": 1000.0}}}, "steering.logits.bias. a"),
     ({"logits": {"rules": {}}}, "steering.logits.rules"),
     ({"logits": {"rules": {"preset": "nope"}}}, "steering.logits.rules.preset"),
-    ({"attention": {"sink": {"gamma": 2.0}}}, "steering.attention"),
+    ({"attention": {"sink": {"gamma": 0}}}, "steering.attention.sink.gamma"),
     ({"experts": {"off": ["1.0"]}}, "steering.experts"),
     ({"unknown": 1}, "steering.unknown"),
     ({"version": 2}, "steering.version"),

@@ -16,6 +16,7 @@ import pytest
 
 from steerserve.steering import spec as S
 from steerserve.steering.model import ModelFacts
+from tests import attention_reference as reference
 from tests.tiny_models import build_tiny_llama
 
 vllm = pytest.importorskip("vllm")
@@ -60,49 +61,6 @@ def compile_for(spec: dict | None, tok, prompt_len: int):
     return replace(plan, attention=bind_spans(steering.attention, plan.attention, [prompt_len], None))
 
 
-def reference_bias(spec: dict | None, prompt_len: int) -> torch.Tensor:
-    """[layers, heads, prompt_len] additive score bias, straight from the spec's definition."""
-    bias = torch.zeros(LAYERS, HEADS, prompt_len, dtype=torch.float64)
-    if spec is None:
-        return bias
-
-    def chosen(value, n):
-        return range(n) if value in (None, "all") else value
-
-    if sink := spec.get("sink"):
-        for layer in chosen(sink.get("layers"), LAYERS):
-            for head in chosen(sink.get("heads"), HEADS):
-                bias[layer, head, 0] = math.log(sink["gamma"])
-        for key, gamma in sink.get("per_head", {}).items():
-            layer, head = map(int, key.split("."))
-            bias[layer, head, 0] = math.log(gamma)
-    for span in spec.get("spans", []):
-        outside = torch.ones(prompt_len, dtype=torch.bool)
-        outside[span["target"]["start"]: span["target"]["end"]] = False
-        for layer in chosen(span.get("layers"), LAYERS):
-            for head in chosen(span.get("heads"), HEADS):
-                bias[layer, head, outside] += math.log(span["alpha"])
-    return bias
-
-
-_BIAS: dict[str, torch.Tensor] = {}  # the bias of the sequence the reference model is running now
-
-
-def steered_eager(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
-    """Eager causal attention of one unpadded sequence (HF passes no mask to a custom function), plus `_BIAS` on
-    the prompt keys of this layer."""
-    groups = query.shape[1] // key.shape[1]
-    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
-    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
-    n_q, n_k = scores.shape[-2:]
-    future = torch.arange(n_k)[None, :] > torch.arange(n_k - n_q, n_k)[:, None]
-    scores = scores.masked_fill(future, float("-inf"))
-    bias = _BIAS["bias"][module.layer_idx]
-    scores[..., : bias.shape[-1]] += bias[:, None, :].to(scores.dtype)
-    weights = torch.softmax(scores.float(), dim=-1).to(query.dtype)
-    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
-
-
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     return build_tiny_llama(tmp_path_factory.mktemp("tiny") / "llama", seed=0)
@@ -110,35 +68,36 @@ def tiny_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def llm(tiny_dir):
+    from vllm.v1.attention.backends.registry import _ATTN_OVERRIDES, AttentionBackendEnum
+
     from steerserve.server import plugin
     from steerserve.server.worker import SteeringLogitsProcessor
 
     os.environ[plugin.ENGINE_FLAG] = "1"  # our attention backend, as the server's engine gets it
-    plugin.register()
-    engine = vllm.LLM(model=str(tiny_dir), dtype="float32", enforce_eager=True, max_model_len=1024, max_num_seqs=4,
-                      max_num_batched_tokens=64, enable_prefix_caching=True, kv_cache_memory_bytes=128 * 2**20,
-                      logits_processors=[SteeringLogitsProcessor], logprobs_mode="processed_logprobs", seed=0)
+    try:
+        plugin.register()
+        engine = vllm.LLM(model=str(tiny_dir), dtype="float32", enforce_eager=True, max_model_len=1024,
+                          max_num_seqs=4, max_num_batched_tokens=64, enable_prefix_caching=True,
+                          kv_cache_memory_bytes=128 * 2**20, logits_processors=[SteeringLogitsProcessor],
+                          logprobs_mode="processed_logprobs", seed=0)
+    finally:
+        del os.environ[plugin.ENGINE_FLAG]
     yield engine
     del engine
     gc.collect()
+    _ATTN_OVERRIDES.pop(AttentionBackendEnum.CPU_ATTN, None)  # later engines in this process get plain vLLM
 
 
 @pytest.fixture(scope="module")
 def hf(tiny_dir):
-    from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    AttentionInterface.register("steered_eager", steered_eager)
-    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32,
-                                                 attn_implementation="steered_eager").eval()
-    return model, AutoTokenizer.from_pretrained(tiny_dir)
+    return reference.load(tiny_dir), AutoTokenizer.from_pretrained(tiny_dir)
 
 
 def reference_logprobs(model, prompt_ids: list[int], generated: list[int], spec) -> torch.Tensor:
-    """Teacher-forced next-token logprobs after the prompt and after each generated token, steered."""
-    _BIAS["bias"] = reference_bias(spec, len(prompt_ids))
-    with torch.no_grad():
-        logits = model(torch.tensor([prompt_ids + generated])).logits[0, len(prompt_ids) - 1:]
-    return logits.double().log_softmax(-1)
+    return reference.logprobs(model, prompt_ids, generated, reference.reference_bias(spec, len(prompt_ids), LAYERS,
+                                                                                     HEADS))
 
 
 def request(tok, prompt_ids: list[int], spec, max_tokens: int):

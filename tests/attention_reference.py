@@ -1,0 +1,68 @@
+"""The independent reference for attention steering: HF transformers eager attention with the steering written out
+plainly from its definition (methods.md §1, §8b), on the same weights as the engine under test."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+_BIAS: dict[str, torch.Tensor] = {}  # [layers, heads, prompt keys] bias of the sequence being run now
+
+
+def reference_bias(spec: dict | None, prompt_len: int, layers: int, heads: int,
+                   role_spans: dict[str, list[tuple[int, int]]] | None = None) -> torch.Tensor:
+    """ln(gamma) on key 0 and ln(alpha) on each prompt key outside a span's target, per (layer, query head)."""
+    bias = torch.zeros(layers, heads, prompt_len, dtype=torch.float64)
+    if spec is None:
+        return bias
+
+    def chosen(value, n):
+        return range(n) if value in (None, "all") else value
+
+    if sink := spec.get("sink"):
+        for layer in chosen(sink.get("layers"), layers):
+            for head in chosen(sink.get("heads"), heads):
+                bias[layer, head, 0] = math.log(sink.get("gamma", 1.0))
+        for key, gamma in sink.get("per_head", {}).items():
+            layer, head = map(int, key.split("."))
+            bias[layer, head, 0] = math.log(gamma)
+    for span in spec.get("spans", []):
+        target = span["target"]
+        ranges = role_spans[target] if isinstance(target, str) else [(target["start"], target["end"])]
+        outside = torch.ones(prompt_len, dtype=torch.bool)
+        for start, end in ranges:
+            outside[start:end] = False
+        for layer in chosen(span.get("layers"), layers):
+            for head in chosen(span.get("heads"), heads):
+                bias[layer, head, outside] += math.log(span["alpha"])
+    return bias
+
+
+def steered_eager(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """Eager causal attention of one unpadded sequence (HF passes no mask to a custom function), plus the current
+    bias on the prompt keys of this layer."""
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    n_q, n_k = scores.shape[-2:]
+    future = torch.arange(n_k)[None, :] > torch.arange(n_k - n_q, n_k)[:, None]
+    scores = scores.masked_fill(future, float("-inf"))
+    bias = _BIAS["bias"][module.layer_idx]
+    scores[..., : bias.shape[-1]] += bias[:, None, :].to(scores.dtype)
+    weights = torch.softmax(scores.float(), dim=-1).to(query.dtype)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
+
+
+def load(path):
+    from transformers import AttentionInterface, AutoModelForCausalLM
+
+    AttentionInterface.register("steered_eager", steered_eager)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="steered_eager").eval()
+
+
+def logprobs(model, prompt_ids: list[int], generated: list[int], bias: torch.Tensor) -> torch.Tensor:
+    """Teacher-forced next-token logprobs after the prompt and after each generated token, steered by `bias`."""
+    _BIAS["bias"] = bias
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt_ids + generated])).logits[0, len(prompt_ids) - 1:]
+    return logits.double().log_softmax(-1)
