@@ -38,25 +38,33 @@ def block_layout(write_block, block_size: int, head_size: int, dtype: torch.dtyp
     return tuple(layouts)
 
 
-def gather_keys_t(key_cache: torch.Tensor, blocks: torch.Tensor, layout: str) -> torch.Tensor:
-    """K transposed for a batch of rows: [rows, kv_heads, head_size, blocks * block_size] from a
-    [num_blocks, kv_heads, block_size, head_size] cache view and a [rows, blocks] block table."""
+def gather_keys_t(key_cache: torch.Tensor, blocks: torch.Tensor, layout: str, n_max: int) -> torch.Tensor:
+    """K transposed for a batch of rows: [rows, kv_heads, head_size, keys] with keys >= n_max (the most keys any
+    row has), from a [num_blocks, kv_heads, block_size, head_size] cache view and a [rows, blocks] block table."""
     R, nb = blocks.shape
     _, Hkv, bs, D = key_cache.shape
-    k = key_cache[blocks.flatten()].view(R, nb, Hkv, bs * D)
     if layout == "transposed":
-        return k.view(R, nb, Hkv, D, bs).permute(0, 2, 3, 1, 4).reshape(R, Hkv, D, nb * bs)
-    return k.view(R, nb, Hkv, bs, D).permute(0, 2, 4, 1, 3).reshape(R, Hkv, D, nb * bs)
+        cache = key_cache.view(-1, Hkv, D, bs)  # a view: never copy the whole cache
+        if nb == 1:  # copy only the used slots of the one block (the common decode case)
+            return cache[..., :n_max].index_select(0, blocks[:, 0])
+        return cache[blocks.flatten()].view(R, nb, Hkv, D, bs).permute(0, 2, 3, 1, 4).reshape(R, Hkv, D, nb * bs)
+    if nb == 1:
+        return key_cache[:, :, :n_max].index_select(0, blocks[:, 0]).transpose(2, 3)
+    return key_cache[blocks.flatten()].view(R, nb, Hkv, bs, D).permute(0, 2, 4, 1, 3).reshape(R, Hkv, D, nb * bs)
 
 
-def gather_values(value_cache: torch.Tensor, blocks: torch.Tensor, layout: str) -> torch.Tensor:
-    """V for a batch of rows: [rows, kv_heads, blocks * block_size, head_size]."""
+def gather_values(value_cache: torch.Tensor, blocks: torch.Tensor, layout: str, n_max: int) -> torch.Tensor:
+    """V for a batch of rows: [rows, kv_heads, keys, head_size] with keys >= n_max."""
     R, nb = blocks.shape
     _, Hkv, bs, D = value_cache.shape
-    v = value_cache[blocks.flatten()].view(R, nb, Hkv, bs * D)
     if layout == "transposed":
-        return v.view(R, nb, Hkv, D, bs).permute(0, 2, 1, 4, 3).reshape(R, Hkv, nb * bs, D)
-    return v.view(R, nb, Hkv, bs, D).permute(0, 2, 1, 3, 4).reshape(R, Hkv, nb * bs, D)
+        cache = value_cache.view(-1, Hkv, D, bs)
+        if nb == 1:
+            return cache[..., :n_max].index_select(0, blocks[:, 0]).transpose(2, 3)
+        return cache[blocks.flatten()].view(R, nb, Hkv, D, bs).permute(0, 2, 1, 4, 3).reshape(R, Hkv, nb * bs, D)
+    if nb == 1:
+        return value_cache[:, :, :n_max].index_select(0, blocks[:, 0])
+    return value_cache[blocks.flatten()].view(R, nb, Hkv, bs, D).permute(0, 2, 1, 3, 4).reshape(R, Hkv, nb * bs, D)
 
 
 def biased_attention(q: torch.Tensor, k_t: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor,
@@ -64,32 +72,31 @@ def biased_attention(q: torch.Tensor, k_t: torch.Tensor, v: torch.Tensor, q_pos:
                      softcap: float = 0.0) -> torch.Tensor:
     """Causal attention of R rows with additive key biases, in fp32.
 
-    q [R, Tq, Hq, D]; k_t [R, Hkv, D, K]; v [R, Hkv, K, D]; q_pos [R, Tq] absolute query positions (padding
-    queries may hold any position); n_keys [R] valid keys per row; bias [R, Hq, Kb] added to keys 0..Kb-1.
-    A query at position p sees keys j <= p (and j > p - sliding_window when a window is set). Returns [R, Tq, Hq, D].
+    q [R, Tq, Hq, D]; k_t [R, Hkv, D, K]; v [R, Hkv, K, D]; q_pos [R, Tq] absolute query positions, each below
+    its row's n_keys [R] (keys beyond n_keys are never seen); bias [R, Hq, Kb] added to keys 0..Kb-1. A query at
+    position p sees keys j <= p (and j > p - sliding_window when a window is set). Returns [R, Tq, Hq, D].
     """
     R, Tq, Hq, D = q.shape
-    Hkv, K = k_t.shape[1], k_t.shape[3]
+    Hkv = k_t.shape[1]
+    K = min(k_t.shape[3], int(n_keys.max()))
+    k_t, v = k_t[..., :K], v[:, :, :K]
     G = Hq // Hkv
-    k_t, v = k_t.float(), v.float()
+    W = min(bias.shape[2], K)
     keys = torch.arange(K)
-    full_bias = torch.zeros(R, Hq, 1, K)
-    full_bias[:, :, 0, : bias.shape[2]] = bias[:, :, :K]
-    out = torch.empty(R, Tq, Hq, D)
+    chunks = []
     for lo in range(0, Tq, QUERY_CHUNK):
-        hi = min(Tq, lo + QUERY_CHUNK)
-        T = hi - lo
-        qc = q[:, lo:hi].float().view(R, T, Hkv, G, D).permute(0, 2, 3, 1, 4).reshape(R, Hkv, G * T, D)
-        s = torch.matmul(qc, k_t).mul_(scale).view(R, Hq, T, K)
+        T = min(Tq, lo + QUERY_CHUNK) - lo
+        qc = q[:, lo:lo + T].float().view(R, T, Hkv, G, D).permute(0, 2, 3, 1, 4).reshape(R, Hkv, G * T, D)
+        s = torch.matmul(qc, k_t.float()).mul_(scale).view(R, Hq, T, K)
         if softcap > 0:
             s = torch.tanh(s / softcap).mul_(softcap)
-        s += full_bias
-        pos = q_pos[:, lo:hi, None]
-        masked = (keys > pos) | (keys >= n_keys[:, None, None])
+        s[..., :W] += bias[:, :, None, :W]
+        pos = q_pos[:, lo:lo + T, None]
+        masked = keys > pos
         if sliding_window > 0:
             masked |= keys <= pos - sliding_window
         s.masked_fill_(masked[:, None], float("-inf"))
         p = torch.softmax(s, dim=-1).view(R, Hkv, G * T, K)
-        o = torch.matmul(p, v).view(R, Hkv, G, T, D)
-        out[:, lo:hi] = o.permute(0, 3, 1, 2, 4).reshape(R, T, Hq, D)
-    return out
+        o = torch.matmul(p, v.float()).view(R, Hkv, G, T, D)
+        chunks.append(o.permute(0, 3, 1, 2, 4).reshape(R, T, Hq, D))
+    return chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=1)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -38,22 +39,76 @@ def layer_biases(plan: AttentionPlan, prompt_len: int, num_layers: int, num_head
     return [b if b.any() else None for b in biases]
 
 
+@dataclass
+class RowGroup:
+    """Steered rows attended together in one step: all decode rows, or one prefill chunk."""
+
+    rows: list[int]
+    tokens: torch.Tensor  # [rows, q_len] indices into the step's query tokens (padding repeats the last one)
+    q_lens: list[int]
+    n_keys: torch.Tensor  # [rows] keys of each row, this step's tokens included
+    q_pos: torch.Tensor  # [rows, q_len] absolute query positions
+    biases: list[torch.Tensor | None]  # per layer: [rows, heads, keys] bias, None if no row steers that layer
+
+
 class AttentionRows:
-    """The attention-steered rows of one engine's persistent batch, as of the current step."""
+    """The attention-steered rows of one engine's persistent batch, as of the current step. The processor sets
+    `rows` whenever the batch changes; the backend reads `groups(md)`, built once per step for all layers."""
 
     def __init__(self) -> None:
-        self.rows: list[tuple[int, list[torch.Tensor | None]]] = []  # (batch row, per-layer biases)
-        self._geometry: tuple[object, list[int], list[int]] | None = None
+        self._rows: list[tuple[int, list[torch.Tensor | None]]] = []  # (batch row, per-layer [heads, keys] bias)
+        self._step: tuple[object, list[RowGroup]] | None = None
+        self._biases: dict[tuple[int, ...], list[torch.Tensor | None]] = {}  # stacked per row set, until rows change
 
     @staticmethod
     def for_engine(vllm_config) -> AttentionRows:
         return _ENGINES.setdefault(id(vllm_config), AttentionRows())
 
-    def geometry(self, md) -> tuple[list[int], list[int]]:
-        """query_start_loc and seq_lens of this step as lists, converted once per step (all layers share `md`)."""
-        if self._geometry is None or self._geometry[0] is not md:
-            self._geometry = (md, md.query_start_loc.tolist(), md.seq_lens.tolist())
-        return self._geometry[1], self._geometry[2]
+    @property
+    def rows(self) -> list[tuple[int, list[torch.Tensor | None]]]:
+        return self._rows
+
+    @rows.setter
+    def rows(self, rows: list[tuple[int, list[torch.Tensor | None]]]) -> None:
+        self._rows, self._step, self._biases = rows, None, {}
+
+    def groups(self, md) -> list[RowGroup]:
+        if self._step is None or self._step[0] is not md:
+            self._step = (md, self._build(md.query_start_loc.tolist(), md.seq_lens.tolist()))
+        return self._step[1]
+
+    def _build(self, qsl: list[int], seq_lens: list[int]) -> list[RowGroup]:
+        live = {r: b for r, b in self._rows if r < len(seq_lens) and qsl[r + 1] > qsl[r]}
+        decode = [r for r in live if qsl[r + 1] - qsl[r] == 1]
+        sets = ([decode] if decode else []) + [[r] for r in live if qsl[r + 1] - qsl[r] > 1]
+        groups = []
+        for rows in sets:
+            q_lens = [qsl[r + 1] - qsl[r] for r in rows]
+            q_len = max(q_lens)
+            steps = torch.arange(q_len)
+            tokens = torch.tensor([qsl[r] for r in rows])[:, None] + torch.minimum(
+                steps[None, :], torch.tensor(q_lens)[:, None] - 1)
+            n_keys = torch.tensor([seq_lens[r] for r in rows])
+            groups.append(RowGroup(rows, tokens, q_lens, n_keys, n_keys[:, None] - q_len + steps[None, :],
+                                   self._stacked(tuple(rows), [live[r] for r in rows])))
+        return groups
+
+    def _stacked(self, key: tuple[int, ...], per_row: list[list[torch.Tensor | None]]) -> list[torch.Tensor | None]:
+        if key not in self._biases:
+            stacked: list[torch.Tensor | None] = []
+            for layer in range(len(per_row[0])):
+                mine = [b[layer] for b in per_row]
+                if all(b is None for b in mine):
+                    stacked.append(None)
+                    continue
+                heads = next(b for b in mine if b is not None).shape[0]
+                out = torch.zeros(len(mine), heads, max(b.shape[1] for b in mine if b is not None))
+                for i, b in enumerate(mine):
+                    if b is not None:
+                        out[i, :, : b.shape[1]] = b
+                stacked.append(out)
+            self._biases[key] = stacked
+        return self._biases[key]
 
 
 def _import_cpu_backend():
@@ -84,9 +139,9 @@ class SteeringCPUImpl(_CPUImpl):
             from vllm.model_executor.models.utils import extract_layer_index
 
             self._layer = extract_layer_index(layer.layer_name)
-        steered = [(r, b[self._layer]) for r, b in self._rows.rows if b[self._layer] is not None]
-        if steered:
-            self._steer(layer, query, kv_cache, attn_metadata, output, steered)
+        for group in self._rows.groups(attn_metadata):
+            if group.biases[self._layer] is not None:
+                self._steer(layer, query, kv_cache, attn_metadata, output, group)
         return output
 
     def _cache_layouts(self, layer, kv_cache: torch.Tensor) -> tuple[str | None, ...]:
@@ -103,37 +158,27 @@ class SteeringCPUImpl(_CPUImpl):
                                    f"{self._layouts}, kv dtype {self.kv_cache_dtype})")
         return self._layouts
 
-    def _steer(self, layer, query, kv_cache, md, output, steered) -> None:
-        qsl, seq_lens = self._rows.geometry(md)
-        steered = [(r, b) for r, b in steered if r < len(seq_lens) and qsl[r + 1] > qsl[r]]
-        if not steered:
-            return
+    def _steer(self, layer, query, kv_cache, md, output, group: RowGroup) -> None:
+        """Recompute the group's rows with their biases and overwrite their output rows."""
         k_layout, v_layout = self._cache_layouts(layer, kv_cache)
         nb, Hkv, bs, _ = kv_cache.shape
-        caches = kv_cache.view(nb, Hkv, 2 * bs, -1).chunk(2, dim=2)
+        key_cache, value_cache = kv_cache.view(nb, Hkv, 2 * bs, -1).chunk(2, dim=2)
+        n_max = int(group.n_keys.max())
+        blocks = md.block_table[group.rows, : math.ceil(n_max / bs)]
+        R, q_len = group.tokens.shape
+        q = query.view(-1, self.num_heads, self.head_size)[group.tokens.flatten()]
+        o = cpu_attention.biased_attention(
+            q.view(R, q_len, self.num_heads, self.head_size),
+            cpu_attention.gather_keys_t(key_cache, blocks, k_layout, n_max),
+            cpu_attention.gather_values(value_cache, blocks, v_layout, n_max),
+            group.q_pos, group.n_keys, group.biases[self._layer], self.scale, self.sliding_window,
+            self.logits_soft_cap)
         out = output.view(-1, self.num_heads, self.head_size)
-        decode = [(r, b) for r, b in steered if qsl[r + 1] - qsl[r] == 1]
-        groups = [decode] if decode else []
-        groups += [[(r, b)] for r, b in steered if qsl[r + 1] - qsl[r] > 1]  # each prefill chunk on its own
-        for group in groups:
-            rows = [r for r, _ in group]
-            q_len = max(qsl[r + 1] - qsl[r] for r in rows)
-            n_keys = torch.tensor([seq_lens[r] for r in rows])
-            blocks = md.block_table[rows, : math.ceil(int(n_keys.max()) / bs)]
-            q = torch.stack([query[qsl[r]: qsl[r] + q_len] for r in rows]) if q_len == 1 else \
-                query[qsl[rows[0]]: qsl[rows[0] + 1]][None]
-            q_pos = n_keys[:, None] - q_len + torch.arange(q_len)[None, :]
-            width = max(b.shape[1] for _, b in group)
-            bias = torch.zeros(len(rows), self.num_heads, width)
-            for i, (_, b) in enumerate(group):
-                bias[i, :, : b.shape[1]] = b
-            o = cpu_attention.biased_attention(
-                q.view(len(rows), q_len, self.num_heads, self.head_size),
-                cpu_attention.gather_keys_t(caches[0], blocks, k_layout),
-                cpu_attention.gather_values(caches[1], blocks, v_layout),
-                q_pos, n_keys, bias, self.scale, self.sliding_window, self.logits_soft_cap)
-            for i, r in enumerate(rows):
-                out[qsl[r]: qsl[r + 1]] = o[i, : qsl[r + 1] - qsl[r]].to(out.dtype)
+        if q_len == 1:
+            out[group.tokens[:, 0]] = o[:, 0].to(out.dtype)
+        else:
+            for i, n in enumerate(group.q_lens):
+                out[group.tokens[i, :n]] = o[i, :n].to(out.dtype)
 
 
 class SteeringCPUBackend(_CPUBackend):
