@@ -13,7 +13,7 @@ import httpx
 import pytest
 import steerserve_client as sc
 from pydantic import ValidationError
-from steerserve_client import EosRamp, Logits, Rules, Steering
+from steerserve_client import Attention, EosRamp, KeyRange, Logits, Rules, Sink, Span, Steering
 
 from .schemas import differences, family, resolve
 
@@ -84,9 +84,10 @@ def client(wire: Wire) -> sc.SteerClient:
 
 def test_public_api_is_pinned():
     assert sc.__all__ == [
-        "APIConnectionError", "Applied", "AsyncProfiles", "AsyncSteerClient", "AsyncSteeredStream",
-        "AuthenticationError", "EosRamp", "InvalidRequest", "Logits", "NotFound", "PermissionDenied", "Profile",
-        "ProfileNotFound", "Profiles", "Rules", "ServerError", "SteerClient", "SteerServeError",
+        "APIConnectionError", "Applied", "AsyncProfiles", "AsyncSteerClient", "AsyncSteeredStream", "Attention",
+        "AuthenticationError", "EosRamp", "InvalidRequest", "KeyRange", "Logits", "NotFound", "PermissionDenied",
+        "Profile", "ProfileNotFound", "Profiles", "Rules", "ServerError", "Sink", "Span", "SteerClient",
+        "SteerServeError",
         "SteeredResponse", "SteeredStream", "Steering", "SteeringError", "__version__",
     ]
     assert sc.__all__ == sorted(sc.__all__)
@@ -124,7 +125,12 @@ def test_builders_read_naturally_and_serialise_without_unset_fields():
     lambda: Rules(diversity=-1),
     lambda: EosRamp(max=8, window=0),
     lambda: Steering(version=2),
-    lambda: Steering(attention={"sink": {"gamma": 2.0}}),  # reserved families are not modelled
+    lambda: Steering(experts={"off": ["1.0"]}),  # reserved families are not modelled
+    lambda: Sink(gamma=0),
+    lambda: Sink(per_head={"1-2": 2.0}),
+    lambda: Span(target="tool", alpha=0.5),
+    lambda: Span(target=KeyRange(start=4, end=4), alpha=0.5),
+    lambda: Attention(spans=[]),
 ])
 def test_invalid_specs_are_refused_locally(build):
     with pytest.raises(ValidationError):

@@ -14,7 +14,7 @@ from .errors import (
 )
 from .profiles import AsyncProfiles, Profile, Profiles
 from .results import Applied, AsyncSteeredStream, SteeredResponse, SteeredStream
-from .steering import EosRamp, Logits, Rules, Steering
+from .steering import Attention, EosRamp, KeyRange, Logits, Rules, Sink, Span, Steering
 
 # The public API, pinned by tests/clients/test_sdk_offline.py: adding or removing a name is a deliberate change.
 __all__ = [
@@ -23,9 +23,11 @@ __all__ = [
     "AsyncProfiles",
     "AsyncSteerClient",
     "AsyncSteeredStream",
+    "Attention",
     "AuthenticationError",
     "EosRamp",
     "InvalidRequest",
+    "KeyRange",
     "Logits",
     "NotFound",
     "PermissionDenied",
@@ -34,6 +36,8 @@ __all__ = [
     "Profiles",
     "Rules",
     "ServerError",
+    "Sink",
+    "Span",
     "SteerClient",
     "SteerServeError",
     "SteeredResponse",

@@ -1,6 +1,6 @@
 """Typed steering specs: the request field `steering` (and profile bodies) as pydantic models with builders.
 
-Only the families the server applies today are modelled (`logits`); the reserved ones (`attention`, `experts`,
+Only the families the server applies today are modelled (`logits`, `attention`); the reserved ones (`experts`,
 `prompt`) join when the server supports them. Names, types and bounds mirror the server's
 `GET /v1/steering/schema` exactly (tests/clients check it against the live server), so a spec that validates
 here is only ever refused by the server for model-specific reasons (e.g. a bias key that is not one token).
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Delta = Annotated[float, Field(ge=-100.0, le=100.0)]
 TokenMap = Annotated[dict[str, Delta], Field(max_length=1024)]
@@ -75,6 +75,67 @@ class Logits(_Spec):
     rules: Rules | None = None
 
 
+Gain = Annotated[float, Field(gt=0.0, le=1e6)]
+Indices = Literal["all"] | Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1, max_length=4096)]
+
+
+class Sink(_Spec):
+    """ZeroTuning: multiply the attention weight of key 0 (the first prompt token) by gamma in the chosen decoder
+    layers and query heads, renormalising each row. `per_head={"<layer>.<head>": gamma}` overrides gamma per pair.
+    `Sink(gamma=2.0, layers=[0, 1, 2])`."""
+
+    gamma: Gain = Field(1.0, description="Multiplies the attention weight of key 0 (the first prompt token) in the "
+                                         "selected layers and query heads; each row is renormalised.")
+    layers: Indices = Field("all", description="Decoder layer indices, or 'all'.")
+    heads: Indices = Field("all", description="Query head indices (not KV heads), or 'all'.")
+    per_head: dict[str, Gain] = Field(default_factory=dict, max_length=65536,
+                                      description='Gamma per "<layer>.<head>"; overrides gamma for that pair, '
+                                                  "whether or not the pair is in layers x heads.")
+
+    @field_validator("per_head")
+    @classmethod
+    def _pair_keys(cls, value: dict[str, float]) -> dict[str, float]:
+        for key in value:
+            layer, _, head = key.partition(".")
+            if not (layer.isdigit() and head.isdigit()):
+                raise ValueError(f'per_head key {key!r} is not "<layer>.<head>"')
+        return value
+
+
+class KeyRange(_Spec):
+    """Prompt token indices [start, end)."""
+
+    start: int = Field(ge=0, description="First prompt token index of the span.")
+    end: int = Field(gt=0, description="One past the last prompt token index of the span.")
+
+    @model_validator(mode="after")
+    def _after_start(self) -> KeyRange:
+        if self.end <= self.start:
+            raise ValueError("end must be greater than start")
+        return self
+
+
+class Span(_Spec):
+    """Context steering: prompt keys outside `target` get their attention weight multiplied by alpha.
+    `Span(target="user", alpha=0.8)`, `Span(target=KeyRange(start=3, end=40), alpha=0.5, layers=[10, 11])`."""
+
+    target: Literal["system", "user", "assistant"] | KeyRange = Field(
+        description="The highlighted span: every message of a chat role (its content tokens), or a range of "
+                    "prompt token indices. Prompt keys outside it are down-weighted.")
+    alpha: float = Field(gt=0.0, le=1.0, description="Multiplies the attention weight of prompt keys outside the "
+                                                      "target, in the selected layers and query heads.")
+    layers: Indices = "all"
+    heads: Indices = "all"
+
+
+class Attention(_Spec):
+    """Attention steering: `Attention(sink=Sink(gamma=2.0))`, `Attention(spans=[Span(target="user", alpha=0.8)])`."""
+
+    sink: Sink | None = None
+    spans: list[Span] | None = Field(None, min_length=1, max_length=16,
+                                     description="Each entry biases the prompt keys outside its own target.")
+
+
 class Steering(_Spec):
     """A request's steering, e.g. `Steering(logits=Logits(bias={" Paris": 2.0}, rules=Rules.preset("hewitt2024")))`.
 
@@ -84,3 +145,4 @@ class Steering(_Spec):
     # Sent on the wire, so a future server that changes the spec's meaning can tell what this client meant.
     version: Literal[1] = 1
     logits: Logits | None = None
+    attention: Attention | None = None
