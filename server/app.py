@@ -93,7 +93,7 @@ def create_app(engine_factory: Callable[[], Engine], keys: KeyStore, profiles: P
         who = principal(request)
         req = await _parse(request, schema)
         eng = _check_model(engine(), req.model)
-        return req, eng, steer.resolve(request.headers, req.steering, who, profiles, eng.facts)
+        return req, eng, steer.resolve(request.headers, req.steering, who, profiles, eng.facts, eng.model_steering)
 
     @app.get("/health")
     async def health() -> dict:

@@ -22,6 +22,21 @@ BACKEND_PATH = "steerserve.server.attention.SteeringCPUBackend"
 _ENGINES: dict[int, AttentionRows] = {}  # id(VllmConfig) -> that engine's rows; one engine per config object
 
 
+@dataclass(frozen=True)
+class RowSteer:
+    """One request's attention steering, as the backend applies it: per-layer biases and the attention mode."""
+
+    biases: list[torch.Tensor | None]  # per layer: [heads, keys] additive score bias, None if none
+    mode: str = "softmax"
+    power: float = 15.0
+    mode_layers: frozenset[int] = frozenset()
+
+
+def row_steer(plan: AttentionPlan, prompt_len: int, num_layers: int, num_heads: int) -> RowSteer:
+    mode_layers = frozenset(plan.mode_layers) if plan.mode != "softmax" else frozenset()
+    return RowSteer(layer_biases(plan, prompt_len, num_layers, num_heads), plan.mode, plan.power, mode_layers)
+
+
 def layer_biases(plan: AttentionPlan, prompt_len: int, num_layers: int, num_heads: int) -> list[torch.Tensor | None]:
     """Per decoder layer, the [heads, keys] additive score bias of one request (None: layer not steered).
     Keys run from 0 to the last biased prompt key; later keys (and generated ones) get no bias."""
@@ -49,6 +64,12 @@ class RowGroup:
     n_keys: torch.Tensor  # [rows] keys of each row, this step's tokens included
     q_pos: torch.Tensor  # [rows, q_len] absolute query positions
     biases: list[torch.Tensor | None]  # per layer: [rows, heads, keys] bias, None if no row steers that layer
+    mode: str = "softmax"  # the group's rows share their attention mode
+    power: float = 15.0
+    mode_layers: frozenset[int] = frozenset()
+
+    def steers(self, layer: int) -> bool:
+        return self.biases[layer] is not None or layer in self.mode_layers
 
 
 class AttentionRows:
@@ -56,7 +77,7 @@ class AttentionRows:
     `rows` whenever the batch changes; the backend reads `groups(md)`, built once per step for all layers."""
 
     def __init__(self) -> None:
-        self._rows: list[tuple[int, list[torch.Tensor | None]]] = []  # (batch row, per-layer [heads, keys] bias)
+        self._rows: list[tuple[int, RowSteer]] = []  # (batch row, its steering)
         self._step: tuple[object, list[RowGroup]] | None = None
         self._biases: dict[tuple[int, ...], list[torch.Tensor | None]] = {}  # stacked per row set, until rows change
 
@@ -65,11 +86,11 @@ class AttentionRows:
         return _ENGINES.setdefault(id(vllm_config), AttentionRows())
 
     @property
-    def rows(self) -> list[tuple[int, list[torch.Tensor | None]]]:
+    def rows(self) -> list[tuple[int, RowSteer]]:
         return self._rows
 
     @rows.setter
-    def rows(self, rows: list[tuple[int, list[torch.Tensor | None]]]) -> None:
+    def rows(self, rows: list[tuple[int, RowSteer]]) -> None:
         self._rows, self._step, self._biases = rows, None, {}
 
     def groups(self, md) -> list[RowGroup]:
@@ -78,11 +99,15 @@ class AttentionRows:
         return self._step[1]
 
     def _build(self, qsl: list[int], seq_lens: list[int]) -> list[RowGroup]:
-        live = {r: b for r, b in self._rows if r < len(seq_lens) and qsl[r + 1] > qsl[r]}
-        decode = [r for r in live if qsl[r + 1] - qsl[r] == 1]
-        sets = ([decode] if decode else []) + [[r] for r in live if qsl[r + 1] - qsl[r] > 1]
+        live = {r: st for r, st in self._rows if r < len(seq_lens) and qsl[r + 1] > qsl[r]}
+        decode: dict[tuple, list[int]] = {}  # decode rows, by attention mode
+        for r, st in live.items():
+            if qsl[r + 1] - qsl[r] == 1:
+                decode.setdefault((st.mode, st.power, st.mode_layers), []).append(r)
+        sets = list(decode.values()) + [[r] for r in live if qsl[r + 1] - qsl[r] > 1]
         groups = []
         for rows in sets:
+            first = live[rows[0]]
             q_lens = [qsl[r + 1] - qsl[r] for r in rows]
             q_len = max(q_lens)
             steps = torch.arange(q_len)
@@ -90,7 +115,8 @@ class AttentionRows:
                 steps[None, :], torch.tensor(q_lens)[:, None] - 1)
             n_keys = torch.tensor([seq_lens[r] for r in rows])
             groups.append(RowGroup(rows, tokens, q_lens, n_keys, n_keys[:, None] - q_len + steps[None, :],
-                                   self._stacked(tuple(rows), [live[r] for r in rows])))
+                                   self._stacked(tuple(rows), [live[r].biases for r in rows]), first.mode,
+                                   first.power, first.mode_layers))
         return groups
 
     def _stacked(self, key: tuple[int, ...], per_row: list[list[torch.Tensor | None]]) -> list[torch.Tensor | None]:
@@ -140,7 +166,7 @@ class SteeringCPUImpl(_CPUImpl):
 
             self._layer = extract_layer_index(layer.layer_name)
         for group in self._rows.groups(attn_metadata):
-            if group.biases[self._layer] is not None:
+            if group.steers(self._layer):
                 self._steer(layer, query, kv_cache, attn_metadata, output, group)
         return output
 
@@ -167,12 +193,14 @@ class SteeringCPUImpl(_CPUImpl):
         blocks = md.block_table[group.rows, : math.ceil(n_max / bs)]
         R, q_len = group.tokens.shape
         q = query.view(-1, self.num_heads, self.head_size)[group.tokens.flatten()]
+        bias = group.biases[self._layer]
+        mode = group.mode if self._layer in group.mode_layers else "softmax"
         o = cpu_attention.biased_attention(
             q.view(R, q_len, self.num_heads, self.head_size),
             cpu_attention.gather_keys_t(key_cache, blocks, k_layout, n_max),
             cpu_attention.gather_values(value_cache, blocks, v_layout, n_max),
-            group.q_pos, group.n_keys, group.biases[self._layer], self.scale, self.sliding_window,
-            self.logits_soft_cap)
+            group.q_pos, group.n_keys, bias if bias is not None else torch.zeros(R, self.num_heads, 1), self.scale,
+            self.sliding_window, self.logits_soft_cap, mode, group.power)
         out = output.view(-1, self.num_heads, self.head_size)
         if q_len == 1:
             out[group.tokens[:, 0]] = o[:, 0].to(out.dtype)

@@ -66,6 +66,12 @@ class Engine:
             name=name, path=model_path, max_model_len=config.max_model_len, vocab_size=config.get_vocab_size()
         )
         hf = config.hf_text_config
+        # A model trained with another attention function (methods.md §3) gets it on every request, as the
+        # first steering source; a request can still override it (that, like any per-request mode, is
+        # reported as experimental).
+        self.model_steering = ({"attention": {"mode": {"kind": settings.attention_mode,
+                                                       "power": settings.attention_mode_power}}}
+                               if settings.attention_mode != "softmax" else None)
         self.facts = ModelFacts(
             self.tokenizer, self.info.vocab_size, _eos_token_ids(self.tokenizer, model_path),
             num_layers=hf.num_hidden_layers, num_heads=hf.num_attention_heads,

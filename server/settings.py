@@ -34,6 +34,11 @@ class Settings(BaseSettings):
     api_keys: Path | None = Field(None, description="YAML/JSON file of API key hashes -> tenant and role "
                                                     "(`steerserve keys add`); none: open mode, loopback only.")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    attention_mode: Literal["softmax", "lssa", "lssar", "reweight"] = Field(
+        "softmax", description="The attention function the served model was trained with (methods.md §3); "
+                               "applies to every request. Default: softmax.")
+    attention_mode_power: float = Field(15.0, ge=1.0, le=64.0, description="Re-weighting exponent p of the "
+                                                                            "model's attention mode (lssar).")
 
     @model_validator(mode="after")
     def _check_batch_budget(self) -> Settings:

@@ -23,12 +23,14 @@ class Steering:
     spec: steering.SteeringSpec
     plan: Plan | None
     cache_salt: str
+    experimental: tuple[str, ...] = ()  # methods applied that the served model was not made for
 
     @property
     def applied(self) -> str:
-        """The X-Steering-Applied header: the fingerprint and the methods applied."""
+        """The X-Steering-Applied header: the fingerprint and the methods applied (and which are experimental)."""
         fingerprint = self.plan.fingerprint if self.plan else ""  # no plan: the spec steers nothing
-        return f"{fingerprint}; methods={','.join(self.spec.methods())}"
+        header = f"{fingerprint}; methods={','.join(self.spec.methods())}"
+        return header + (f"; experimental={','.join(self.experimental)}" if self.experimental else "")
 
     def extra_args(self) -> dict[str, Any] | None:
         return self.plan.to_extra_args() if self.plan else None
@@ -58,10 +60,12 @@ def spec_error(exc: SpecError) -> BadRequest:
     return BadRequest(f"{exc.field}: {exc.reason}", param=exc.field, code="invalid_steering")
 
 
-def resolve(headers, body_spec: Any, principal: Principal, profiles: ProfileStore, model: ModelFacts) -> Steering:
+def resolve(headers, body_spec: Any, principal: Principal, profiles: ProfileStore, model: ModelFacts,
+            model_steering: dict[str, Any] | None = None) -> Steering:
     """The merged, compiled steering of a request. Anything that cannot be applied is a 400 (or 404 for an
-    unknown profile): a request is never served silently unsteered."""
-    sources: list[dict[str, Any]] = []
+    unknown profile): a request is never served silently unsteered. `model_steering` is what the served model
+    always gets (its trained attention mode), merged first."""
+    sources: list[dict[str, Any]] = [steering.parse(model_steering, "model")] if model_steering else []
     try:
         for name in _profile_names(headers.get("x-steering-profile")):
             stored = profiles.resolve(principal.tenant, name)
@@ -77,7 +81,14 @@ def resolve(headers, body_spec: Any, principal: Principal, profiles: ProfileStor
         plan = steering.compile_spec(spec, model)
     except SpecError as exc:
         raise spec_error(exc) from None
-    return Steering(spec, plan, steering.cache_salt(spec, principal.tenant))
+    trained = (model_steering or {}).get("attention", {}).get("mode")
+    mode = spec.attention.mode.model_dump(mode="json") if spec.attention and spec.attention.mode else None
+    experimental = ("attention.mode",) if mode and mode["kind"] != "softmax" and mode != _full_mode(trained) else ()
+    return Steering(spec, plan, steering.cache_salt(spec, principal.tenant), experimental)
+
+
+def _full_mode(mode: dict[str, Any] | None) -> dict[str, Any] | None:
+    return attention_steering.ModeSpec.model_validate(mode).model_dump(mode="json") if mode else None
 
 
 def validate_profile(raw: Any, model: ModelFacts) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDi
 
 from steerserve.steering.plan import EosRamp, Plan
 
-from .attention import AttentionRows, layer_biases
+from .attention import AttentionRows, RowSteer, row_steer
 
 if TYPE_CHECKING:
     from vllm import SamplingParams
@@ -97,7 +97,7 @@ class _Row:
 
     plan: Plan
     output_ids: list[int]  # vLLM's live list of this request's generated tokens (appended after each step)
-    attention: list[torch.Tensor | None] | None = None  # per-layer key biases (server/attention.py)
+    attention: RowSteer | None = None  # per-layer key biases and attention mode (server/attention.py)
     eos_ids: tuple[int, ...] = ()
     eos_ramp: EosRamp | None = None
     diversity: float = 0.0  # also in the `diversity` buffer; here so the per-step loop can skip rows cheaply
@@ -168,7 +168,7 @@ class SteeringLogitsProcessor(LogitsProcessor):
             return False
         rec = self.rows.records[i] = _Row(plan, output_ids)
         if not plan.attention.is_noop():
-            rec.attention = layer_biases(plan.attention, prompt_len, self.num_layers, self.num_heads)
+            rec.attention = row_steer(plan.attention, prompt_len, self.num_layers, self.num_heads)
             self.attention_active[i] = True
         if not plan.logits.is_noop():
             self._install_logits(i, rec)

@@ -5,11 +5,16 @@ Both are additive log-biases on chosen keys, per (decoder layer, query head):
     spans: s[l, h, i, j] += ln alpha  for prompt keys j outside the target span, in the selected layers/heads
 equivalently, those keys' softmax weights are multiplied by gamma (alpha) and each row renormalised. Query heads,
 not KV heads: under GQA several query heads share a KV head, and each is steered on its own.
+
+`mode` swaps the attention function itself (LSSA / LSSAR / re-weighting, methods.md §3). With a mode, sink and
+span gains multiply the unnormalised weights (softplus(s) for lssa/lssar, exp(s) for softmax/reweight) before
+the L1 normalisation and before any re-weighting; for softmax that is exactly the additive log-bias above.
 """
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
@@ -63,7 +68,18 @@ class SpanSpec(Strict):
     heads: Indices = "all"
 
 
+class ModeSpec(Strict):
+    kind: Literal["softmax", "lssa", "lssar", "reweight"] = Field(
+        description="The attention function (methods.md §3): softmax; lssa (L2-normalised q, k, scores scaled by "
+                    "ln d * ln N_i, softplus, L1 normalisation); lssar (lssa, then re-weighting); reweight (the "
+                    "re-weighting ReLU(N_i a_ij - o_i)^p on softmax weights). Experimental on models not trained "
+                    "with it.")
+    power: float = Field(15.0, ge=1.0, le=64.0, description="The re-weighting exponent p.")
+    layers: Indices = "all"
+
+
 class AttentionSpec(Strict):
+    mode: ModeSpec | None = None
     sink: SinkSpec | None = None
     spans: list[SpanSpec] | None = Field(None, min_length=1, max_length=16,
                                          description="Each entry biases the prompt keys outside its own target.")
@@ -110,7 +126,11 @@ def compile_attention(spec: AttentionSpec, model: ModelFacts, field: str = "atte
         layers = _select(sp.layers, model.num_layers, f"{where}.layers", "layer")
         heads = _select(sp.heads, model.num_heads, f"{where}.heads", "head")
         spans.append(SpanBias((), math.log(sp.alpha), tuple(layers), tuple(heads)))
-    return AttentionPlan(tuple(gains) if any(gains) else (), tuple(spans))
+    mode, power, mode_layers = "softmax", 15.0, ()
+    if spec.mode is not None and spec.mode.kind != "softmax":
+        mode, power = spec.mode.kind, spec.mode.power
+        mode_layers = tuple(_select(spec.mode.layers, model.num_layers, f"{field}.mode.layers", "layer"))
+    return AttentionPlan(tuple(gains) if any(gains) else (), tuple(spans), mode, power, mode_layers)
 
 
 def bind_spans(spec: AttentionSpec, plan: AttentionPlan, prompt_lens: Sequence[int],
@@ -137,4 +157,4 @@ def bind_spans(spec: AttentionSpec, plan: AttentionPlan, prompt_lens: Sequence[i
                                        f"{shortest}-token prompt")
             targets = ((sp.target.start, sp.target.end),)
         bound.append(SpanBias(targets, bias.log_alpha, bias.layers, bias.heads))
-    return AttentionPlan(plan.sink_log_gains, tuple(bound))
+    return replace(plan, spans=tuple(bound))

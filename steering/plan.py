@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 EXTRA_ARGS_KEY = "steerserve"
+ATTENTION_MODES = ("softmax", "lssa", "lssar", "reweight")
 PLAN_VERSION = 1
 
 
@@ -60,9 +61,12 @@ class AttentionPlan:
 
     sink_log_gains: tuple[float, ...] = ()
     spans: tuple[SpanBias, ...] = ()
+    mode: str = "softmax"  # the attention function in `mode_layers`: softmax, lssa, lssar or reweight
+    power: float = 15.0  # the re-weighting exponent p (lssar, reweight)
+    mode_layers: tuple[int, ...] = ()
 
     def is_noop(self) -> bool:
-        return not any(self.sink_log_gains) and not self.spans
+        return not any(self.sink_log_gains) and not self.spans and (self.mode == "softmax" or not self.mode_layers)
 
 
 @dataclass(frozen=True)
@@ -97,6 +101,8 @@ class Plan:
             spans=tuple(SpanBias(tuple((int(a), int(b)) for a, b in sp["targets"]), float(sp["log_alpha"]),
                                  tuple(int(x) for x in sp["layers"]), tuple(int(x) for x in sp["heads"]))
                         for sp in at.get("spans", ())),
+            mode=str(at.get("mode", "softmax")), power=float(at.get("power", 15.0)),
+            mode_layers=tuple(int(x) for x in at.get("mode_layers", ())),
         )
         _check(logits)
         _check_attention(attention)
@@ -104,6 +110,8 @@ class Plan:
 
 
 def _check_attention(at: AttentionPlan) -> None:
+    if at.mode not in ATTENTION_MODES or not 1.0 <= at.power <= 64.0:
+        raise ValueError(f"plan: unknown attention mode {at.mode!r} or power {at.power} out of [1, 64]")
     numbers = [*at.sink_log_gains, *(sp.log_alpha for sp in at.spans)]
     if not all(math.isfinite(x) for x in numbers):
         raise ValueError("plan: non-finite attention bias")

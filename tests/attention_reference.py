@@ -7,6 +7,7 @@ import math
 import torch
 
 _BIAS: dict[str, torch.Tensor] = {}  # [layers, heads, prompt keys] bias of the sequence being run now
+_MODE: dict[str, dict | None] = {"mode": None}  # the spec's attention mode for the sequence being run now
 
 
 def reference_bias(spec: dict | None, prompt_len: int, layers: int, heads: int,
@@ -40,17 +41,35 @@ def reference_bias(spec: dict | None, prompt_len: int, layers: int, heads: int,
 
 def steered_eager(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
     """Eager causal attention of one unpadded sequence (HF passes no mask to a custom function), plus the current
-    bias on the prompt keys of this layer."""
+    bias on the prompt keys of this layer, and the current attention mode (methods.md §3) if it covers the layer."""
     groups = query.shape[1] // key.shape[1]
     key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
-    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
-    n_q, n_k = scores.shape[-2:]
-    future = torch.arange(n_k)[None, :] > torch.arange(n_k - n_q, n_k)[:, None]
-    scores = scores.masked_fill(future, float("-inf"))
-    bias = _BIAS["bias"][module.layer_idx]
-    scores[..., : bias.shape[-1]] += bias[:, None, :].to(scores.dtype)
-    weights = torch.softmax(scores.float(), dim=-1).to(query.dtype)
-    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
+    q, k = query.double(), key.double()
+    n_q, n_k = q.shape[-2], k.shape[-2]
+    position = torch.arange(n_k - n_q, n_k, dtype=torch.float64)[:, None]  # absolute query positions
+    future = torch.arange(n_k)[None, :] > position
+    bias = torch.zeros(q.shape[1], n_k, dtype=torch.float64)
+    prompt_bias = _BIAS["bias"][module.layer_idx]
+    bias[:, : prompt_bias.shape[-1]] = prompt_bias[:, : n_k]
+    mode = _MODE["mode"]
+    applies = mode is not None and (mode.get("layers", "all") == "all" or module.layer_idx in mode["layers"])
+    kind = mode["kind"] if applies else "softmax"
+    if kind in ("lssa", "lssar"):
+        d = q.shape[-1]
+        cos = (q / q.norm(dim=-1, keepdim=True)) @ (k / k.norm(dim=-1, keepdim=True)).transpose(2, 3)
+        phi = torch.nn.functional.softplus(math.log(d) * torch.log(position + 1) * cos) * bias[:, None, :].exp()
+        phi = phi.masked_fill(future, 0.0)
+        weights = phi / phi.sum(-1, keepdim=True)
+    else:
+        scores = (q @ k.transpose(2, 3)) * scaling + bias[:, None, :]
+        weights = torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1)
+    if kind in ("lssar", "reweight"):
+        n = position + 1
+        offset = (n > 3).double()  # o_i = 0 for the first 3 query rows, 1 after
+        r = torch.relu(n * weights - offset) ** mode.get("power", 15.0)
+        weights = r / (r.sum(-1, keepdim=True) + 1e-8)
+    out = torch.matmul(weights, value.double()).to(query.dtype)
+    return out.transpose(1, 2).contiguous(), weights
 
 
 def load(path):
@@ -60,9 +79,11 @@ def load(path):
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="steered_eager").eval()
 
 
-def logprobs(model, prompt_ids: list[int], generated: list[int], bias: torch.Tensor) -> torch.Tensor:
-    """Teacher-forced next-token logprobs after the prompt and after each generated token, steered by `bias`."""
-    _BIAS["bias"] = bias
+def logprobs(model, prompt_ids: list[int], generated: list[int], bias: torch.Tensor,
+             mode: dict | None = None) -> torch.Tensor:
+    """Teacher-forced next-token logprobs after the prompt and after each generated token, steered by `bias` and
+    the attention `mode` (a spec's `mode` dict)."""
+    _BIAS["bias"], _MODE["mode"] = bias, mode
     with torch.no_grad():
         logits = model(torch.tensor([prompt_ids + generated])).logits[0, len(prompt_ids) - 1:]
     return logits.double().log_softmax(-1)

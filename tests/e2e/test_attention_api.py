@@ -14,6 +14,7 @@ SPECS = {
     "user_span": {"spans": [{"target": "user", "alpha": 0.3}]},
     "both": {"sink": {"gamma": 3.0, "heads": [0, 4, 8]}, "spans": [{"target": "system", "alpha": 0.5,
                                                                      "layers": [3, 4, 5]}]},
+    "lssar": {"mode": {"kind": "lssar", "power": 3.0, "layers": [20, 21]}, "sink": {"gamma": 2.0}},
 }
 TOLERANCE = 2e-3  # 30 fp32 layers; the unsteered engine vs HF differs by the same order
 
@@ -53,7 +54,9 @@ def test_served_logprobs_match_hf_reference(http, model_name, hf, name):
     model, tok = hf
     spec = SPECS[name]
     r = served(http, model_name, spec)
-    assert r.headers["x-steering-applied"].endswith("methods=" + ",".join(f"attention.{m}" for m in sorted(spec)))
+    methods, *experimental = r.headers["x-steering-applied"].split("; ")[1:]
+    assert methods == "methods=" + ",".join(f"attention.{m}" for m in sorted(spec))
+    assert experimental == (["experimental=attention.mode"] if "mode" in spec else [])
     content = r.json()["choices"][0]["logprobs"]["content"]
     ids, spans = role_spans(tok, MESSAGES)
     bias = reference.reference_bias(spec, len(ids), LAYERS, HEADS, spans)
@@ -62,7 +65,7 @@ def test_served_logprobs_match_hf_reference(http, model_name, hf, name):
     generated: list[int] = []
     worst = 0.0
     for step, c in enumerate(content):
-        lp = reference.logprobs(model, ids, generated, bias)[-1]
+        lp = reference.logprobs(model, ids, generated, bias, spec.get("mode"))[-1]
         if step == 0:
             assert (lp - plain[0]).abs().max() > 0.05, "this steering barely moves the model; the test would be weak"
         token = int(lp.argmax())

@@ -41,6 +41,10 @@ SPECS = {
                         {"target": {"start": 0, "end": 2}, "alpha": 0.6, "layers": [0]}]},
     "sink_and_span": {"sink": {"gamma": 3.0, "layers": [0]},
                       "spans": [{"target": {"start": 1, "end": 5}, "alpha": 0.05}]},
+    # attention modes (methods.md §3), alone and with a sink gain on the unnormalised weights
+    "lssa": {"mode": {"kind": "lssa"}},
+    "lssar": {"mode": {"kind": "lssar", "power": 3.0, "layers": [1]}, "sink": {"gamma": 0.5}},
+    "reweight": {"mode": {"kind": "reweight"}},
 }
 
 
@@ -96,8 +100,8 @@ def hf(tiny_dir):
 
 
 def reference_logprobs(model, prompt_ids: list[int], generated: list[int], spec) -> torch.Tensor:
-    return reference.logprobs(model, prompt_ids, generated, reference.reference_bias(spec, len(prompt_ids), LAYERS,
-                                                                                     HEADS))
+    bias = reference.reference_bias(spec, len(prompt_ids), LAYERS, HEADS)
+    return reference.logprobs(model, prompt_ids, generated, bias, (spec or {}).get("mode"))
 
 
 def request(tok, prompt_ids: list[int], spec, max_tokens: int):

@@ -116,3 +116,39 @@ def test_salts_separate_attention_steering_and_span_prompt_lengths():
     b = Steering(spans, S.compile_spec(spans, MODEL), S.cache_salt(spans, "alice")).bind([10], None)
     # A key that is a prompt key of one request can be a generated key of another: never share across lengths
     assert b.salt_for(10) != b.salt_for(20)
+
+
+@pytest.mark.parametrize("raw, field", [
+    ({"mode": {"kind": "relu"}}, "steering.attention.mode.kind"),
+    ({"mode": {"kind": "lssar", "power": 0.5}}, "steering.attention.mode.power"),
+    ({"mode": {"kind": "lssar", "layers": []}}, "steering.attention.mode.layers"),
+])
+def test_malformed_modes_name_the_field(raw, field):
+    with pytest.raises(SpecError) as err:
+        S.parse({"attention": raw}, "steering")
+    assert err.value.field == field
+
+
+def test_mode_compiles_to_its_layers():
+    plan = compiled({"mode": {"kind": "lssar", "power": 3.0, "layers": [2, 0]}}).attention
+    assert (plan.mode, plan.power, plan.mode_layers) == ("lssar", 3.0, (0, 2))
+    assert Plan.from_extra_args(Plan("x", attention=plan).to_extra_args()).attention == plan
+    assert compiled({"mode": {"kind": "softmax"}}).attention.is_noop()
+    with pytest.raises(SpecError, match="30 layers"):
+        compiled({"mode": {"kind": "lssa", "layers": [30]}})
+
+
+def test_a_trained_mode_applies_to_every_request_and_only_overrides_are_experimental():
+    from steerserve.server.auth import Principal
+    from steerserve.server.steer import resolve
+
+    who = Principal(tenant="alice", role="user")
+    trained = {"attention": {"mode": {"kind": "lssar", "power": 15.0}}}
+    plain = resolve({}, None, who, None, MODEL, trained)
+    assert plain.plan.attention.mode == "lssar" and plain.plan.attention.mode_layers == tuple(range(30))
+    assert plain.applied.endswith("methods=attention.mode")  # the model's own mode: not experimental
+    override = resolve({}, {"attention": {"mode": {"kind": "lssar", "power": 3.0}}}, who, None, MODEL, trained)
+    assert override.plan.attention.power == 3.0 and override.applied.endswith("; experimental=attention.mode")
+    per_request = resolve({}, {"attention": {"mode": {"kind": "reweight"}}}, who, None, MODEL)
+    assert per_request.applied.endswith("; experimental=attention.mode")
+    assert resolve({}, {"attention": {"sink": {"gamma": 2.0}}}, who, None, MODEL).experimental == ()
