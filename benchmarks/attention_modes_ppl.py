@@ -44,7 +44,10 @@ def main() -> None:
     plugin.register()
     path = fetch_smollm2()
     longest = max(args.lengths)
-    llm = LLM(model=str(path), dtype="float32", enforce_eager=True, max_model_len=longest + 1, max_num_seqs=1,
+    # The prompt plus one generated token must fit the model's window (8192 for SmolLM2): an L = 8192 run scores
+    # the first 8191 tokens.
+    max_len = min(longest + 1, 8192)
+    llm = LLM(model=str(path), dtype="float32", enforce_eager=True, max_model_len=max_len, max_num_seqs=1,
               kv_cache_memory_bytes=1 << 30, logits_processors=[SteeringLogitsProcessor], seed=0,
               enable_prefix_caching=False)
     tok = llm.get_tokenizer()
@@ -57,6 +60,7 @@ def main() -> None:
              *[("lssar", p) for p in args.powers]]
 
     def nll(mode: str, power: float | None, length: int) -> tuple[float, float]:
+        length = min(length, max_len - 1)
         plan = None if mode == "softmax" else Plan(f"{mode}{power}", attention=AttentionPlan(
             mode=mode, power=power or 15.0, mode_layers=tuple(range(layers))))
         sp = SamplingParams(max_tokens=1, prompt_logprobs=0, extra_args=plan.to_extra_args() if plan else None)

@@ -7,7 +7,6 @@ kernel's output untouched. Registered by the plugin for `CPU_ATTN`, the backend 
 """
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass
 
@@ -15,8 +14,6 @@ import torch
 
 from steerserve.kernels import cpu_attention
 from steerserve.steering.plan import AttentionPlan
-
-log = logging.getLogger("steerserve.attention")
 
 BACKEND_PATH = "steerserve.server.attention.SteeringCPUBackend"
 _ENGINES: dict[int, AttentionRows] = {}  # id(VllmConfig) -> that engine's rows; one engine per config object

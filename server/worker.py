@@ -125,6 +125,7 @@ class SteeringLogitsProcessor(LogitsProcessor):
         hf = vllm_config.model_config.hf_text_config
         self.num_layers, self.num_heads = hf.num_hidden_layers, hf.num_attention_heads
         self.attention = AttentionRows.for_engine(vllm_config)  # read by the attention backend
+        self.attention.rows = []  # a new engine whose config reuses a dead one's id starts clean
         # Derived from the buffers above whenever the batch changes; read every step.
         self._active: list[int] = []
         self._active_idx = torch.zeros(0, dtype=torch.long, device=self.device)
