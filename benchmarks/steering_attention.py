@@ -17,13 +17,11 @@ import platform
 import time
 from pathlib import Path
 
+from .common import PROMPTS, RESULTS
+
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-RESULTS = Path(__file__).parent / "results"
-PROMPTS = ["Explain how rainbows form.", "Write a short poem about the sea.", "What is a prime number?",
-           "Give three tips for learning to cook.", "Describe the water cycle.", "Why is the sky blue?",
-           "Summarise the plot of a fairy tale.", "How do bees make honey?"]
 CASES = [(0.0, 0), (0.5, 1), (1.0, 1), (1.0, 8), (1.0, 32)]  # (fraction steered, distinct configs)
 FILLER = "The quick brown fox jumps over the lazy dog while the farmer counts his sheep in the meadow. "
 
