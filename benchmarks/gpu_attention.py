@@ -7,11 +7,15 @@
 (b) Timing (triton.testing.do_bench medians, CUDA events, L2 flushed): unsteered vs sink on every head vs
     key_bias vs both, and the `sink_correction` epilogue, for decode (1 and 32 rows) and prefill at several
     context lengths, with ratios to the unsteered kernel and torch SDPA as a yardstick.
+(c) Attention modes (`paged_attention(mode=...)`: lssa, lssar, reweight; methods.md §3), run first:
+    correctness against a torch reference (fp32 scores, fp64 re-weighting) on steered decode, prefill and mixed
+    batches (contexts up to 8k, so N a reaches thousands and x^15 would overflow fp32 unscaled), and timing of
+    each mode vs the softmax kernel (same biases) for decode and prefill at a couple of context lengths.
 
 Needs only torch + triton (no vLLM, no install): run from the repo root on a CUDA machine as
     python -m benchmarks.gpu_attention --out DIR      or      python benchmarks/gpu_attention.py --out DIR
 Writes DIR/gpu_attention.json (rewritten after every case, so a cut-off run keeps what it measured) and
-DIR/gpu_attention.png. Every case catches its own failure into the JSON. `--dry-run` runs tiny sizes under
+DIR/gpu_attention.png. Cases start only within the time budget (`budget_s`), in the order (c), (a), (b). Every case catches its own failure into the JSON. `--dry-run` runs tiny sizes under
 TRITON_INTERPRET on the CPU, to smoke-test this script without a GPU.
 """
 from __future__ import annotations
@@ -43,17 +47,30 @@ class Sizes:
     decode_contexts: tuple[int, ...]
     prefills: tuple[tuple[int, int], ...]         # timed prefills: (rows, prompt length)
     budget_s: float                               # stop starting new cases after this
+    mode_checks: tuple[tuple[str, str, int], ...] = ()   # (case kind, dtype, context) for the attention modes
+    mode_timings: tuple[tuple[str, int, int], ...] = ()  # (decode | prefill, rows, context)
     atol: dict[str, float] = field(default_factory=dict)
 
 
+# Each (mode, dtype, tile shape, bias set) compiles its own kernel (~10-30 s each), so the mode cases share a
+# few variants: steered everywhere, fp16 for decode (BLOCK_M 16) and prefill/mixed (BLOCK_M 64), bf16 decode only.
+# The 512-key cases of (a)/(b) were dropped to make room for (c) within ~5 minutes.
 REAL = Sizes(heads=32, kv_heads=8, head_dim=128, block_size=16, dtypes=("float16", "bfloat16"), decode_rows=32,
-             check_contexts=(512, 2048, 8192), decode_batches=(1, 32), decode_contexts=(512, 2048, 8192, 32768),
-             prefills=((1, 512), (1, 2048), (1, 8192), (4, 2048)), budget_s=260.0,
+             check_contexts=(2048, 8192), decode_batches=(1, 32), decode_contexts=(2048, 8192, 32768),
+             prefills=((1, 2048), (1, 8192), (4, 2048)), budget_s=260.0,
+             mode_checks=(("decode", "float16", 2048), ("decode", "float16", 8192), ("prefill", "float16", 4096),
+                          ("mixed", "float16", 2048), ("decode", "bfloat16", 8192)),
+             mode_timings=(("decode", 32, 2048), ("decode", 32, 8192), ("decode", 1, 8192), ("prefill", 1, 2048),
+                           ("prefill", 1, 8192)),
              atol={"float16": 1e-2, "bfloat16": 5e-2, "float32": 1e-4})
 # The interpreter is exact for fp32/fp16 but computes bf16 tl.dot wrongly, so the dry run skips bf16.
 DRY = Sizes(heads=4, kv_heads=2, head_dim=32, block_size=16, dtypes=("float16", "float32"), decode_rows=6,
             check_contexts=(40,), decode_batches=(2,), decode_contexts=(40,), prefills=((1, 24),), budget_s=120.0,
+            mode_checks=(("decode", "float32", 40), ("mixed", "float16", 40)),
+            mode_timings=(("decode", 2, 40), ("prefill", 1, 24)),
             atol={"float16": 3e-3, "float32": 1e-4})
+MODES = ("lssa", "lssar", "reweight")
+POWER = 15.0
 LSE_ATOL = 1e-3  # lse comes from fp32 scores of exact low-precision inputs, so it stays tight in every dtype
 
 
@@ -271,6 +288,119 @@ def sdpa_yardstick(sz: Sizes, mode: str, num_rows: int, ctx: int, dtype, device:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# (c) attention modes
+
+
+def reference_modes(q, k_cache, v_cache, block_table, query_start_loc, seq_lens, scale, *, mode, power=POWER,
+                    sink_log_gain=None, key_bias=None):
+    """torch per row: scores and a in fp32 (no TF32), the re-weighting in fp64 (x^15 overflows fp32), as in
+    paged_attention's docstring: lssa a = phi / sum phi, phi = softplus(ln(D) ln(p+1) q^.k^) e^b; reweight /
+    lssar: a' = r / (sum r + 1e-8), r = relu((p+1) a - [p >= 3])^power. lse: ln sum phi (lssa, lssar) or the
+    softmax log-sum-exp (reweight)."""
+    num_tokens, num_heads, head_dim = q.shape
+    block_size, group = k_cache.shape[1], num_heads // k_cache.shape[2]
+    out = torch.zeros(num_tokens, num_heads, head_dim, device=q.device)
+    lse = torch.zeros(num_tokens, num_heads, device=q.device)
+    qsl, lens = query_start_loc.tolist(), seq_lens.tolist()
+    for r, seq_len in enumerate(lens):
+        start, end = qsl[r], qsl[r + 1]
+        keys = torch.arange(seq_len, device=q.device)
+        phys = block_table[r, keys // block_size].long()
+        k = k_cache[phys, keys % block_size].float().repeat_interleave(group, 1).transpose(0, 1)  # [H, n, D]
+        v = v_cache[phys, keys % block_size].float().repeat_interleave(group, 1).transpose(0, 1)
+        qr = q[start:end].float().transpose(0, 1)  # [H, q_len, D]
+        pos = seq_len - (end - start) + torch.arange(end - start, device=q.device)
+        bias = torch.zeros(num_heads, 1, seq_len, device=q.device)
+        if sink_log_gain is not None:
+            bias[:, 0, 0] += sink_log_gain[r]
+        if key_bias is not None:
+            width = min(key_bias.shape[2], seq_len)
+            bias[:, 0, :width] += key_bias[r, :, :width]
+        bias = bias * (pos > 0)[None, :, None]  # the query at position 0 is never biased
+        hidden = keys[None, None, :] > pos[None, :, None]
+        if mode in ("lssa", "lssar"):
+            cos = (torch.nn.functional.normalize(qr, dim=-1)
+                   @ torch.nn.functional.normalize(k, dim=-1).transpose(1, 2))
+            phi = torch.nn.functional.softplus(math.log(head_dim) * torch.log(pos + 1.0)[None, :, None] * cos)
+            phi = (phi * bias.exp()).masked_fill(hidden, 0.0)
+            z = phi.sum(-1, keepdim=True)
+            lse[start:end] = z[..., 0].log().T
+            a = phi / z
+            del cos, phi
+        else:
+            scores = (qr @ k.transpose(1, 2) * scale + bias).masked_fill(hidden, float("-inf"))
+            lse[start:end] = torch.logsumexp(scores, -1).T
+            a = torch.softmax(scores, -1)
+            del scores
+        if mode in ("lssar", "reweight"):
+            n = (pos + 1.0).double()[None, :, None]
+            rw = torch.relu(n * a.double() - (pos >= 3).double()[None, :, None]).pow_(power)
+            a = (rw / (rw.sum(-1, keepdim=True) + 1e-8)).float()
+            del rw
+        out[start:end] = (a @ v).transpose(0, 1)
+    return out, lse
+
+
+def mode_rows(sz: Sizes, kind: str, ctx: int) -> list[tuple[int, int]]:
+    gen = torch.Generator().manual_seed(4)
+    if kind == "decode":
+        return [(1, n) for n in torch.randint(ctx // 2, ctx + 1, (sz.decode_rows,), generator=gen).tolist()]
+    if kind == "prefill":  # the last chunk of a long prompt: absolute positions ctx - q_len .. ctx - 1
+        return [(min(ctx, 1024), ctx)]
+    # mixed: prefill chunks (one starting mid-prompt), a 1-token prompt, a whole short prompt, decode rows
+    chunks = [(min(ctx // 8, 256), ctx // 2), (min(ctx // 4, 128), ctx), (1, 1), (min(ctx // 16 + 1, 64),) * 2]
+    return chunks + [(1, n) for n in torch.randint(2, ctx, (sz.decode_rows - 4,), generator=gen).tolist()]
+
+
+def mode_check_case(attn, sz: Sizes, kind: str, dtype_name: str, ctx: int, device: str) -> dict:
+    dtype = getattr(torch, dtype_name)
+    rows = mode_rows(sz, kind, ctx)
+    batch = make_batch(sz, rows, dtype, device, seed=3)
+    scale = sz.head_dim ** -0.5
+    sink, key_bias, _ = make_biases(sz, rows, device, steered_every=2)
+    atol = sz.atol[dtype_name]
+    res: dict = {"case": f"{kind}-{ctx}", "dtype": dtype_name, "rows": len(rows), "tokens": batch["q"].shape[0],
+                 "max_seq_len": max(s for _, s in rows), "power": POWER, "atol_out": atol, "atol_lse": LSE_ATOL,
+                 "modes": {}}
+    soft_ref = reference_modes(**batch, scale=scale, mode="softmax", sink_log_gain=sink, key_bias=key_bias)[0]
+    for mode in MODES:
+        out, lse = attn.paged_attention(**batch, scale=scale, sink_log_gain=sink, key_bias=key_bias, mode=mode,
+                                        power=POWER)
+        ref_out, ref_lse = reference_modes(**batch, scale=scale, mode=mode, sink_log_gain=sink, key_bias=key_bias)
+        finite = bool(torch.isfinite(out).all() and torch.isfinite(lse).all())
+        res["modes"][mode] = {
+            "out": (out.float() - ref_out).abs().max().item(), "lse": (lse - ref_lse).abs().max().item(),
+            "finite": finite, "vs_softmax": (ref_out - soft_ref).abs().max().item(),  # shows the check can fail
+        }
+        del out, lse, ref_out, ref_lse
+    res["ok"] = all(m["finite"] and m["out"] <= atol and m["lse"] <= LSE_ATOL for m in res["modes"].values())
+    return res
+
+
+def mode_time_case(attn, sz: Sizes, kind: str, num_rows: int, ctx: int, device: str) -> dict:
+    """Every mode vs softmax with the same biases (sink + key_bias on every row), fp16. softmax may split the keys
+    of a small decode batch (flash-decoding); the other modes never do, so softmax_1split is shown too."""
+    rows = [(1, ctx)] * num_rows if kind == "decode" else [(ctx, ctx)] * num_rows
+    batch = make_batch(sz, rows, torch.float16, device)
+    scale = sz.head_dim ** -0.5
+    sink, key_bias, _ = make_biases(sz, rows, device)
+    out, lse = attn.paged_attention(**batch, scale=scale)
+
+    def call(mode, **kw):
+        return lambda: attn.paged_attention(**batch, scale=scale, sink_log_gain=sink, key_bias=key_bias, out=out,
+                                            lse=lse, mode=mode, power=POWER, **kw)
+
+    ms = {"softmax": bench(call("softmax"), device)}
+    splits = attn._auto_kv_splits(batch["q"], batch["q"].shape[0], num_rows, sz.kv_heads, ctx)
+    if splits > 1:
+        ms["softmax_1split"] = bench(call("softmax", num_kv_splits=1), device)
+    for mode in MODES:
+        ms[mode] = bench(call(mode), device)
+    return {"kind": kind, "dtype": "float16", "rows": num_rows, "context": ctx, "tokens": batch["q"].shape[0],
+            "softmax_kv_splits": splits, "ms": ms, "ratio_to_softmax": {k: v / ms["softmax"] for k, v in ms.items()}}
+
+
+# ----------------------------------------------------------------------------------------------------------------
 
 
 def plot(report: dict, path: Path) -> str | None:
@@ -333,7 +463,8 @@ def main(argv: list[str] | None = None) -> int:
     report = {"device": torch.cuda.get_device_name() if device == "cuda" else f"CPU interpreter ({platform.node()})",
               "capability": list(torch.cuda.get_device_capability()) if device == "cuda" else None,
               "torch": torch.__version__, "triton": triton.__version__, "dry_run": args.dry_run,
-              "sizes": asdict(sz), "correctness": [], "timing": [], "skipped": []}
+              "sizes": asdict(sz), "mode_correctness": [], "mode_timing": [], "correctness": [], "timing": [],
+              "skipped": []}
     started = time.monotonic()
 
     def save():
@@ -351,13 +482,26 @@ def main(argv: list[str] | None = None) -> int:
             res = {"case": label, "error": repr(exc), "traceback": traceback.format_exc(limit=4)}
         res["wall_s"] = round(time.monotonic() - t0, 2)
         report[kind].append(res)
-        brief = res.get("error") or (f"ok={res['ok']} out_err={res['steered']['out']:.2e}" if kind == "correctness"
-                                     else " ".join(f"{k}={v:.3f}" for k, v in res["ratio_to_unsteered"].items()))
+        if "error" in res:
+            brief = res["error"]
+        elif kind == "correctness":
+            brief = f"ok={res['ok']} out_err={res['steered']['out']:.2e}"
+        elif kind == "mode_correctness":
+            brief = f"ok={res['ok']} " + " ".join(f"{m}_err={e['out']:.2e}" for m, e in res["modes"].items())
+        else:
+            ratios = res["ratio_to_unsteered" if kind == "timing" else "ratio_to_softmax"]
+            brief = " ".join(f"{k}={v:.3f}" for k, v in ratios.items())
         print(f"[{time.monotonic() - started:6.1f}s] {kind} {label}: {brief}", flush=True)
         if device == "cuda":
             torch.cuda.empty_cache()
         save()
 
+    for kind, dtype_name, ctx in sz.mode_checks:
+        run("mode_correctness", f"{kind}-{ctx} {dtype_name}",
+            lambda k=kind, d=dtype_name, c=ctx: mode_check_case(attn, sz, k, d, c, device))
+    for kind, num_rows, ctx in sz.mode_timings:
+        run("mode_timing", f"{kind} rows={num_rows} ctx={ctx} float16",
+            lambda k=kind, n=num_rows, c=ctx: mode_time_case(attn, sz, k, n, c, device))
     for dtype_name in sz.dtypes:
         for name, rows in check_cases(sz):
             run("correctness", f"{name} {dtype_name}",
@@ -370,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
         for num_rows, ctx in sz.prefills:
             run("timing", f"prefill rows={num_rows} ctx={ctx} {dtype_name}",
                 lambda n=num_rows, c=ctx, d=dtype_name: time_case(attn, sz, "prefill", n, c, d, device))
-    report["all_correct"] = all(c.get("ok", False) for c in report["correctness"])
+    report["all_correct"] = all(c.get("ok", False) for c in report["correctness"] + report["mode_correctness"])
     report["plot_error"] = plot(report, png_path)
     save()
     print(f"wrote {json_path}" + ("" if report["plot_error"] else f" and {png_path}"))

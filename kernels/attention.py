@@ -17,6 +17,11 @@ Shared conventions (vLLM V1 metadata, GPU flash layout):
 - Biases never apply to the query at absolute position 0: it sees only key 0, so its output is v0 whatever the
   bias, and skipping it keeps gamma = 0 (ln gamma = -inf) from turning into 0/0.
 
+`paged_attention(..., mode=)` also computes the softplus / re-weighted attention functions of methods.md §3
+(LSSA, LSSAR, and softmax + re-weighting), with the same biases, in one or two passes over the keys (a
+compile-time switch: the softmax kernel is unchanged). They never split the keys (below), so small decode
+batches at long contexts leave SMs idle in those modes.
+
 Decode batches too small to fill the GPU split their keys over several programs (flash-decoding) and merge the
 partial results by log-sum-exp in a second small kernel.
 
@@ -26,6 +31,8 @@ soft-capping, ALiBi or fp8 KV cache. Tiles are fixed by shape heuristics (no aut
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -33,12 +40,169 @@ import triton.language as tl
 __all__ = ["paged_attention", "sink_correction"]
 
 
+# Attention modes (the `mode` argument of paged_attention; a constexpr, so each mode compiles its own kernel).
+_MODES = {"softmax": 0, "lssa": 1, "lssar": 2, "reweight": 3}
+
+
+@triton.jit
+def _softplus(x):
+    # max(x, 0) + log1p(exp(-|x|)), with log1p(e) = log(u) * e / (u - 1), u = 1 + e (accurate to a few ulps
+    # without libdevice; u == 1 means e is below half an ulp of 1, where log1p(e) = e).
+    e = tl.exp(-tl.abs(x))
+    u = 1.0 + e
+    log1p = tl.where(u == 1.0, e, tl.log(u) * (e / tl.where(u == 1.0, 1.0, u - 1.0)))
+    return tl.maximum(x, 0.0) + log1p
+
+
+@triton.jit
+def _mode_tile(q, q_gain, start_n, kv_end, q_pos, row, head, kv_head, m_valid, steerable, sink, offs_d, d_valid,
+               k_cache_ptr, block_table_ptr, key_bias_ptr, scale, key_bias_len, block_size,
+               stride_kb, stride_kt, stride_kh, stride_kd, stride_btr, stride_btb, stride_br, stride_bh, stride_bk,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_SINK: tl.constexpr, HAS_KEY_BIAS: tl.constexpr,
+               DOT_PRECISION: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """One key tile of a non-softmax mode: (w, phys, slot, n_valid, visible) with w [BLOCK_M, BLOCK_N] the biased
+    softplus weights phi * exp(bias) (0 on invisible keys) if SOFTPLUS, else the biased scaled scores
+    scale q.k + bias (-inf on invisible keys). Gathers K as the softmax loop does."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    n_valid = offs_n < kv_end
+    phys = tl.load(block_table_ptr + row * stride_btr + (offs_n // block_size) * stride_btb,
+                   mask=n_valid, other=0).to(tl.int64)
+    slot = offs_n % block_size
+    k = tl.load(k_cache_ptr + phys[None, :] * stride_kb + slot[None, :] * stride_kt + kv_head * stride_kh
+                + offs_d[:, None] * stride_kd, mask=n_valid[None, :] & d_valid[:, None], other=0.0)
+    s = tl.dot(q, k, input_precision=DOT_PRECISION)
+    bias = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    if HAS_SINK:
+        if start_n == 0:
+            bias += tl.where(offs_n[None, :] == 0, sink[:, None], 0.0)
+    if HAS_KEY_BIAS:
+        if start_n < key_bias_len:
+            bias += tl.load(key_bias_ptr + row * stride_br + head[:, None] * stride_bh
+                            + offs_n[None, :] * stride_bk,
+                            mask=(m_valid & steerable)[:, None] & (offs_n < key_bias_len)[None, :], other=0.0)
+    visible = (offs_n[None, :] <= q_pos[:, None]) & n_valid[None, :]
+    if SOFTPLUS:
+        # q^.k^ = q.k / (|q| |k|) (torch's normalize: x / max(|x|, 1e-12)); q_gain = ln(D) ln(p+1) / |q|.
+        k32 = k.to(tl.float32)
+        k_norm = tl.maximum(tl.sqrt(tl.sum(k32 * k32, 0)), 1e-12)
+        w = _softplus(s * q_gain[:, None] / k_norm[None, :])
+        if HAS_SINK or HAS_KEY_BIAS:
+            w = w * tl.exp(bias)
+        w = tl.where(visible, w, 0.0)
+    else:
+        s = s * scale
+        if HAS_SINK or HAS_KEY_BIAS:
+            s = s + bias
+        w = tl.where(visible, s, float("-inf"))
+    return w, phys, slot, n_valid, visible
+
+
+@triton.jit
+def _mode_attention(
+    q, q_pos, tok, row, head, kv_head, m_valid, steerable, sink, offs_d, d_valid, seq_len, context_len,
+    local_block, q_len, k_cache_ptr, v_cache_ptr, block_table_ptr, key_bias_ptr, out_ptr, lse_ptr,
+    scale, key_bias_len, block_size, log_head_dim, power,
+    stride_kb, stride_kt, stride_kh, stride_kd, stride_vb, stride_vt, stride_vh, stride_vd,
+    stride_btr, stride_btb, stride_br, stride_bh, stride_bk, stride_ot, stride_oh, stride_od,
+    stride_lt, stride_lh,
+    HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_SINK: tl.constexpr, HAS_KEY_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, MODE: tl.constexpr,
+):
+    # The non-softmax modes of _paged_attention_kernel (MODE 1 lssa, 2 lssar, 3 reweight), for one program's
+    # query tile. Pass 1 gets each query's normaliser: for lssa(r) Z = sum phi (phi = softplus weights, no max
+    # needed: phi <= ln(D) ln(p+1) + ln 2) and max phi; for reweight the softmax max m and sum l. lssa is then
+    # done in the same pass (out = sum phi v / Z). The re-weighting modes need a = phi / Z (or exp(s - m) / l)
+    # before the ReLU threshold, so a second pass recomputes the weights and accumulates r v and sum r.
+    SOFTPLUS: tl.constexpr = MODE == 1 or MODE == 2
+    kv_end = tl.minimum(seq_len, context_len + tl.minimum((local_block + 1) * BLOCK_Q, q_len))
+    pos_f = q_pos.to(tl.float32)
+    q_gain = tl.zeros([BLOCK_M], tl.float32)
+    if SOFTPLUS:
+        q32 = q.to(tl.float32)
+        q_gain = log_head_dim * tl.log(pos_f + 1.0) / tl.maximum(tl.sqrt(tl.sum(q32 * q32, 1)), 1e-12)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # softplus: max phi (0 once a key is seen)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
+    for start_n in range(0, kv_end, BLOCK_N):
+        w, phys, slot, n_valid, visible = _mode_tile(
+            q, q_gain, start_n, kv_end, q_pos, row, head, kv_head, m_valid, steerable, sink, offs_d, d_valid,
+            k_cache_ptr, block_table_ptr, key_bias_ptr, scale, key_bias_len, block_size,
+            stride_kb, stride_kt, stride_kh, stride_kd, stride_btr, stride_btb, stride_br, stride_bh, stride_bk,
+            BLOCK_M, BLOCK_N, HAS_SINK, HAS_KEY_BIAS, DOT_PRECISION, SOFTPLUS)
+        if SOFTPLUS:
+            m_i = tl.maximum(m_i, tl.max(w, 1))
+            l_i += tl.sum(w, 1)
+            if MODE == 1:
+                v = tl.load(v_cache_ptr + phys[:, None] * stride_vb + slot[:, None] * stride_vt
+                            + kv_head * stride_vh + offs_d[None, :] * stride_vd,
+                            mask=n_valid[:, None] & d_valid[None, :], other=0.0)
+                acc += tl.dot(w.to(v.dtype), v, input_precision=DOT_PRECISION)
+        else:  # online softmax statistics only (same -inf guard as the softmax loop)
+            m_new = tl.maximum(m_i, tl.max(w, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            l_i = l_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(w - m_safe[:, None]), 1)
+            m_i = m_new
+
+    has_mass = l_i > 0.0
+    l_safe = tl.where(has_mass, l_i, 1.0)
+    if SOFTPLUS:
+        lse = tl.where(has_mass, tl.log(l_safe), float("-inf"))  # ln Z
+    else:
+        lse = tl.where(has_mass, m_i + tl.log(l_safe), float("-inf"))  # the softmax's log-sum-exp
+    if MODE == 1:
+        out = acc / l_safe[:, None]
+    else:
+        # r_j = ReLU(N a_j - o)^power with N = p + 1 (absolute position), o = 0 for p < 3 else 1. N a_j reaches
+        # N ~ 8k, and 8192^15 overflows fp32, so pass 2 accumulates r_j / bound^power with bound = max_j (N a_j - o)
+        # = N max(a) - o (max a = max phi / Z, or exp(0) / l): every term is <= 1 (up to rounding) and the
+        # ratio is exact, the 1e-8 of a' = r / (sum r + 1e-8) becoming 1e-8 / bound^power (computed in log2).
+        # bound <= 0 (all a_j = 1/N): r = 0, out = 0.
+        n_keys = pos_f + 1.0
+        offset = tl.where(q_pos < 3, 0.0, 1.0)
+        if SOFTPLUS:
+            a_max = m_i / l_safe
+            a_norm = 1.0 / l_safe  # a = phi / Z
+        else:
+            a_max = 1.0 / l_safe
+            a_norm = 1.0 / l_safe  # a = exp(s - m) / l
+        m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
+        bound = n_keys * a_max - offset
+        active = has_mass & (bound > 0.0)
+        inv_bound = 1.0 / tl.where(active, bound, 1.0)
+        r_sum = tl.zeros([BLOCK_M], tl.float32)
+        for start_n in range(0, kv_end, BLOCK_N):
+            w, phys, slot, n_valid, visible = _mode_tile(
+                q, q_gain, start_n, kv_end, q_pos, row, head, kv_head, m_valid, steerable, sink, offs_d, d_valid,
+                k_cache_ptr, block_table_ptr, key_bias_ptr, scale, key_bias_len, block_size,
+                stride_kb, stride_kt, stride_kh, stride_kd, stride_btr, stride_btb, stride_br, stride_bh,
+                stride_bk, BLOCK_M, BLOCK_N, HAS_SINK, HAS_KEY_BIAS, DOT_PRECISION, SOFTPLUS)
+            if SOFTPLUS:
+                a = w * a_norm[:, None]
+            else:
+                a = tl.exp(w - m_safe[:, None]) * a_norm[:, None]
+            x = (n_keys[:, None] * a - offset[:, None]) * inv_bound[:, None]
+            r = tl.where(visible & active[:, None] & (x > 0.0), tl.exp2(power * tl.log2(tl.maximum(x, 1e-30))), 0.0)
+            r_sum += tl.sum(r, 1)
+            v = tl.load(v_cache_ptr + phys[:, None] * stride_vb + slot[:, None] * stride_vt + kv_head * stride_vh
+                        + offs_d[None, :] * stride_vd,
+                        mask=n_valid[:, None] & d_valid[None, :], other=0.0)
+            acc += tl.dot(r.to(v.dtype), v, input_precision=DOT_PRECISION)
+        # 1e-8 / bound^power, capped at 2^100 (out <= N max|v| / 2^100 is 0 then, as it is without the cap).
+        eps = tl.exp2(tl.minimum(-26.575424759098897 - power * tl.log2(tl.where(active, bound, 1.0)), 100.0))
+        out = tl.where(active[:, None], acc / (r_sum + eps)[:, None], 0.0)
+    tile = m_valid[:, None] & d_valid[None, :]
+    tl.store(out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :] * stride_od,
+             out.to(out_ptr.dtype.element_ty), mask=tile)
+    tl.store(lse_ptr + tok * stride_lt + head * stride_lh, lse, mask=m_valid)
+
+
 # Batch-dependent ints are not specialised (== 1, % 16): one compiled variant serves every batch shape.
 @triton.jit(do_not_specialize=["num_rows", "key_bias_len", "stride_br", "stride_bh"])
 def _paged_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_table_ptr, query_start_loc_ptr, seq_lens_ptr,
     sink_log_gain_ptr, key_bias_ptr, out_ptr, lse_ptr, part_out_ptr, part_lse_ptr,
-    scale, num_rows, key_bias_len, block_size, kv_chunk,
+    scale, num_rows, key_bias_len, block_size, kv_chunk, log_head_dim, power,
     stride_qt, stride_qh, stride_qd,
     stride_kb, stride_kt, stride_kh, stride_kd,
     stride_vb, stride_vt, stride_vh, stride_vd,
@@ -51,6 +215,7 @@ def _paged_attention_kernel(
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_SINK: tl.constexpr, HAS_KEY_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    MODE: tl.constexpr,
 ):
     # Program (q block, KV head): BLOCK_Q query tokens x the GROUP query heads sharing this KV head, packed into
     # the BLOCK_M rows of one tile, so each K/V tile is loaded once for the whole group (decode is memory-bound).
@@ -91,69 +256,82 @@ def _paged_attention_kernel(
     if HAS_SINK:
         sink = tl.load(sink_log_gain_ptr + row * stride_sr + head * stride_sh, mask=m_valid, other=0.0)
         sink = tl.where(q_pos > 0, sink, 0.0)
+    else:
+        sink = tl.zeros([BLOCK_M], tl.float32)  # never read: only names an argument of _mode_attention
     steerable = q_pos > 0
 
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
+    if MODE == 0:  # softmax: one online pass (flash attention)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
 
-    # Keys this block needs: up to the causal limit of its last valid query.
-    kv_end = tl.minimum(seq_len, context_len + tl.minimum((local_block + 1) * BLOCK_Q, q_len))
-    kv_start = 0
-    if NUM_SPLITS > 1:
-        kv_start = split * kv_chunk  # kv_chunk is a multiple of BLOCK_N, so key 0 stays first in its tile
-        kv_end = tl.minimum(kv_end, kv_start + kv_chunk)
-    for start_n in range(kv_start, kv_end, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_valid = offs_n < kv_end
-        # Gather per key through the block table, so BLOCK_N is independent of the cache's block_size.
-        # int64: block offsets of a large cache overflow int32 (150k blocks x 16 x 8 x 128 > 2**31).
-        phys = tl.load(block_table_ptr + row * stride_btr + (offs_n // block_size) * stride_btb,
-                       mask=n_valid, other=0).to(tl.int64)
-        slot = offs_n % block_size
-        k = tl.load(k_cache_ptr + phys[None, :] * stride_kb + slot[None, :] * stride_kt + kv_head * stride_kh
-                    + offs_d[:, None] * stride_kd, mask=n_valid[None, :] & d_valid[:, None], other=0.0)
-        v = tl.load(v_cache_ptr + phys[:, None] * stride_vb + slot[:, None] * stride_vt + kv_head * stride_vh
-                    + offs_d[None, :] * stride_vd, mask=n_valid[:, None] & d_valid[None, :], other=0.0)
+        # Keys this block needs: up to the causal limit of its last valid query.
+        kv_end = tl.minimum(seq_len, context_len + tl.minimum((local_block + 1) * BLOCK_Q, q_len))
+        kv_start = 0
+        if NUM_SPLITS > 1:
+            kv_start = split * kv_chunk  # kv_chunk is a multiple of BLOCK_N, so key 0 stays first in its tile
+            kv_end = tl.minimum(kv_end, kv_start + kv_chunk)
+        for start_n in range(kv_start, kv_end, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            n_valid = offs_n < kv_end
+            # Gather per key through the block table, so BLOCK_N is independent of the cache's block_size.
+            # int64: block offsets of a large cache overflow int32 (150k blocks x 16 x 8 x 128 > 2**31).
+            phys = tl.load(block_table_ptr + row * stride_btr + (offs_n // block_size) * stride_btb,
+                           mask=n_valid, other=0).to(tl.int64)
+            slot = offs_n % block_size
+            k = tl.load(k_cache_ptr + phys[None, :] * stride_kb + slot[None, :] * stride_kt + kv_head * stride_kh
+                        + offs_d[:, None] * stride_kd, mask=n_valid[None, :] & d_valid[:, None], other=0.0)
+            v = tl.load(v_cache_ptr + phys[:, None] * stride_vb + slot[:, None] * stride_vt + kv_head * stride_vh
+                        + offs_d[None, :] * stride_vd, mask=n_valid[:, None] & d_valid[None, :], other=0.0)
 
-        s = tl.dot(q, k, input_precision=DOT_PRECISION) * scale
-        # Biases are plain additions: a zero bias leaves every score bit-identical to the unbiased kernel.
-        if HAS_SINK:
-            if start_n == 0:
-                s = s + tl.where(offs_n[None, :] == 0, sink[:, None], 0.0)
-        if HAS_KEY_BIAS:
-            if start_n < key_bias_len:
-                bias = tl.load(key_bias_ptr + row * stride_br + head[:, None] * stride_bh
-                               + offs_n[None, :] * stride_bk,
-                               mask=(m_valid & steerable)[:, None] & (offs_n < key_bias_len)[None, :],
-                               other=0.0)
-                s = s + bias
-        s = tl.where((offs_n[None, :] <= q_pos[:, None]) & n_valid[None, :], s, float("-inf"))
+            s = tl.dot(q, k, input_precision=DOT_PRECISION) * scale
+            # Biases are plain additions: a zero bias leaves every score bit-identical to the unbiased kernel.
+            if HAS_SINK:
+                if start_n == 0:
+                    s = s + tl.where(offs_n[None, :] == 0, sink[:, None], 0.0)
+            if HAS_KEY_BIAS:
+                if start_n < key_bias_len:
+                    bias = tl.load(key_bias_ptr + row * stride_br + head[:, None] * stride_bh
+                                   + offs_n[None, :] * stride_bk,
+                                   mask=(m_valid & steerable)[:, None] & (offs_n < key_bias_len)[None, :],
+                                   other=0.0)
+                    s = s + bias
+            s = tl.where((offs_n[None, :] <= q_pos[:, None]) & n_valid[None, :], s, float("-inf"))
 
-        # Online softmax. A row may have seen only -inf so far (masked keys, or ln 0 biases): subtract 0 then,
-        # so exp gives 0 instead of exp(-inf - -inf) = NaN.
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m_i - m_safe)
-        p = tl.exp(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+            # Online softmax. A row may have seen only -inf so far (masked keys, or ln 0 biases): subtract 0 then,
+            # so exp gives 0 instead of exp(-inf - -inf) = NaN.
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m_i - m_safe)
+            p = tl.exp(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+            m_i = m_new
 
-    # A row with no finite score (only possible with -inf key biases) gets out = 0 and lse = -inf, not NaN.
-    has_mass = l_i > 0.0
-    out = acc / tl.where(has_mass, l_i, 1.0)[:, None]
-    lse = tl.where(has_mass, m_i + tl.log(tl.where(has_mass, l_i, 1.0)), float("-inf"))
-    tile = m_valid[:, None] & d_valid[None, :]
-    if NUM_SPLITS == 1:
-        tl.store(out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :] * stride_od,
-                 out.to(out_ptr.dtype.element_ty), mask=tile)
-        tl.store(lse_ptr + tok * stride_lt + head * stride_lh, lse, mask=m_valid)
-    else:
-        # Every split writes, empty ones too (out 0, lse -inf): the fp32 scratch is not initialised.
-        tl.store(part_out_ptr + split * stride_pos + tok[:, None] * stride_pot + head[:, None] * stride_poh
-                 + offs_d[None, :], out, mask=tile)
-        tl.store(part_lse_ptr + split * stride_pls + tok * stride_plt + head, lse, mask=m_valid)
+        # A row with no finite score (only possible with -inf key biases) gets out = 0 and lse = -inf, not NaN.
+        has_mass = l_i > 0.0
+        out = acc / tl.where(has_mass, l_i, 1.0)[:, None]
+        lse = tl.where(has_mass, m_i + tl.log(tl.where(has_mass, l_i, 1.0)), float("-inf"))
+        tile = m_valid[:, None] & d_valid[None, :]
+        if NUM_SPLITS == 1:
+            tl.store(out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :] * stride_od,
+                     out.to(out_ptr.dtype.element_ty), mask=tile)
+            tl.store(lse_ptr + tok * stride_lt + head * stride_lh, lse, mask=m_valid)
+        else:
+            # Every split writes, empty ones too (out 0, lse -inf): the fp32 scratch is not initialised.
+            tl.store(part_out_ptr + split * stride_pos + tok[:, None] * stride_pot + head[:, None] * stride_poh
+                     + offs_d[None, :], out, mask=tile)
+            tl.store(part_lse_ptr + split * stride_pls + tok * stride_plt + head, lse, mask=m_valid)
+    else:  # lssa / lssar / reweight (module docstring): one or two passes in _mode_attention
+        _mode_attention(
+            q, q_pos, tok, row, head, kv_head, m_valid, steerable, sink, offs_d, d_valid, seq_len, context_len,
+            local_block, q_len, k_cache_ptr, v_cache_ptr, block_table_ptr, key_bias_ptr, out_ptr, lse_ptr,
+            scale, key_bias_len, block_size, log_head_dim, power,
+            stride_kb, stride_kt, stride_kh, stride_kd, stride_vb, stride_vt, stride_vh, stride_vd,
+            stride_btr, stride_btb, stride_br, stride_bh, stride_bk, stride_ot, stride_oh, stride_od,
+            stride_lt, stride_lh,
+            HEAD_DIM_PAD, BLOCK_M, BLOCK_Q, BLOCK_N, HAS_SINK, HAS_KEY_BIAS, DOT_PRECISION, MODE,
+        )
 
 
 @triton.jit
@@ -240,6 +418,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                     sink_log_gain: torch.Tensor | None = None, key_bias: torch.Tensor | None = None,
                     out: torch.Tensor | None = None, lse: torch.Tensor | None = None,
                     max_seq_len: int | None = None, num_kv_splits: int | None = None,
+                    mode: str = "softmax", power: float = 15.0,
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal attention of a mixed batch over the paged cache, with optional per-request score biases.
 
@@ -254,11 +433,37 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     num_kv_splits: split every row's keys over this many programs and merge by log-sum-exp (flash-decoding);
       None picks > 1 only for pure decode batches too small to fill the GPU. Depends on shapes only, so
       steered and unsteered calls on the same batch split alike (bit-identity of zero-bias rows holds).
-    Returns out [T, Hq, D] in q's dtype and lse fp32 [T, Hq], the natural-log log-sum-exp of the scaled, biased
-    scores over the visible keys (-inf, with out = 0, for a query whose every visible key has a -inf bias).
+      Softmax only: other modes always run unsplit (None gives 1; > 1 raises ValueError).
+    mode: the attention function (methods.md §3), a compile-time switch (softmax compiles as before). With p the
+      query's absolute position, N = p + 1 its visible keys and b_j the biases above (sink + key_bias):
+        "softmax"   a = softmax(scale q.k + b)
+        "lssa"      a = phi / sum_j phi,  phi_j = softplus(ln(D) ln(N) q^.k^_j) exp(b_j)   (q^, k^ L2-normalised
+                    over the head dim, 1e-12 floor on the norm as torch's normalize; `scale` is not used)
+        "lssar"     lssa, then re-weighting;   "reweight": softmax, then re-weighting
+        re-weighting  a'_j = r_j / (sum_j r_j + 1e-8),  r_j = ReLU(N a_j - o)^power,  o = 0 for p < 3 else 1
+      lssa takes one pass over the keys; the re-weighting modes two (the row normaliser is needed before the
+      threshold), so they read K twice. Norms, weights and sums are fp32 (the weights are rounded to the KV dtype
+      for the weights x V dot, as in softmax); r is computed relative to the row's largest N a_j - o, so N ~ 8k
+      with power 15 does not overflow. In the softplus modes a bias multiplies a key's weight by e^b (-inf removes
+      the key; b above ~80 overflows fp32).
+    power: the re-weighting exponent (> 0; lssar/reweight only).
+    Returns out [T, Hq, D] in q's dtype and lse fp32 [T, Hq]. softmax: the natural-log log-sum-exp of the scaled,
+    biased scores over the visible keys (-inf, with out = 0, for a query whose every visible key has a -inf
+    bias). Other modes: the log of the pass-1 normaliser, i.e. ln sum_j phi_j for lssa/lssar and the softmax
+    log-sum-exp for reweight (-inf, with out = 0, when it is 0); it does not normalise a re-weighted output (so
+    sink_correction does not apply to them). A re-weighted row whose a_j are all equal (N a_j - o <= 0 for every j)
+    gets out = 0, as the formula gives.
     """
     num_tokens, num_heads, head_dim, num_kv_heads, num_rows = _check_metadata(
         q, k_cache, v_cache, block_table, query_start_loc, seq_lens)
+    if mode not in _MODES:
+        raise ValueError(f"mode must be one of {sorted(_MODES)}, got {mode!r}")
+    if mode != "softmax":
+        if num_kv_splits is not None and num_kv_splits > 1:
+            raise ValueError(f"num_kv_splits > 1 (split keys) is implemented for mode='softmax' only, not {mode!r}")
+        num_kv_splits = 1
+    if not (power > 0 and math.isfinite(power)):
+        raise ValueError(f"power must be finite and > 0, got {power}")
     group = num_heads // num_kv_heads
     if out is None:
         out = torch.empty_like(q)
@@ -295,13 +500,14 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     _paged_attention_kernel[grid](
         q, k_cache, v_cache, block_table, query_start_loc, seq_lens, sink, bias, out, lse, part_out, part_lse,
         scale, num_rows, bias.shape[2] if key_bias is not None else 0, k_cache.shape[1], kv_chunk,
+        math.log(head_dim), float(power),
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *block_table.stride(),
         *sink.stride()[:2], *bias.stride(), *out.stride(), *lse.stride(),
         *part_out.stride()[:3], *part_lse.stride()[:2],
         HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, GROUP=group,
         BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=block_n,
         HAS_SINK=sink_log_gain is not None, HAS_KEY_BIAS=key_bias is not None,
-        DOT_PRECISION=_dot_precision(q.dtype), NUM_SPLITS=num_kv_splits, num_warps=4,
+        DOT_PRECISION=_dot_precision(q.dtype), NUM_SPLITS=num_kv_splits, MODE=_MODES[mode], num_warps=4,
     )
     if num_kv_splits > 1:
         _merge_splits_kernel[(num_tokens,)](

@@ -8,6 +8,8 @@ Unsteered rows never come here.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 QUERY_CHUNK = 256  # prefill queries per score matrix, to bound memory at [heads, 256, keys]
@@ -69,34 +71,55 @@ def gather_values(value_cache: torch.Tensor, blocks: torch.Tensor, layout: str, 
 
 def biased_attention(q: torch.Tensor, k_t: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor,
                      n_keys: torch.Tensor, bias: torch.Tensor, scale: float, sliding_window: int = -1,
-                     softcap: float = 0.0) -> torch.Tensor:
+                     softcap: float = 0.0, mode: str = "softmax", power: float = 15.0) -> torch.Tensor:
     """Causal attention of R rows with additive key biases, in fp32.
 
     q [R, Tq, Hq, D]; k_t [R, Hkv, D, K]; v [R, Hkv, K, D]; q_pos [R, Tq] absolute query positions, each below
-    its row's n_keys [R] (keys beyond n_keys are never seen); bias [R, Hq, Kb] added to keys 0..Kb-1. A query at
-    position p sees keys j <= p (and j > p - sliding_window when a window is set). Returns [R, Tq, Hq, D].
+    its row's n_keys [R] (keys beyond n_keys are never seen); bias [R, Hq, Kb] added to the scores of keys
+    0..Kb-1 (for lssa/lssar: exp(bias) multiplies their softplus weights). A query at position p sees keys
+    j <= p (and j > p - sliding_window when a window is set). `mode` is the attention function (methods.md §3):
+      softmax   a = softmax(scale q.k + bias)
+      lssa      a = L1-normalised softplus(ln(D) ln(p+1) q^.k^) * exp(bias)    (q^, k^: L2-normalised)
+      lssar     lssa, then re-weighting;  reweight: softmax, then re-weighting
+      re-weighting  a' = r / (sum r + 1e-8),  r = ReLU((p+1) a - o)^power,  o = 0 for p < 3 else 1
+    Returns [R, Tq, Hq, D].
     """
     R, Tq, Hq, D = q.shape
     Hkv = k_t.shape[1]
     K = min(k_t.shape[3], int(n_keys.max()))
-    k_t, v = k_t[..., :K], v[:, :, :K]
+    k_t, v = k_t[..., :K].float(), v[:, :, :K].float()
     G = Hq // Hkv
     W = min(bias.shape[2], K)
     keys = torch.arange(K)
+    softplus = mode in ("lssa", "lssar")
+    if softplus:
+        k_t = torch.nn.functional.normalize(k_t, dim=2)
     chunks = []
     for lo in range(0, Tq, QUERY_CHUNK):
         T = min(Tq, lo + QUERY_CHUNK) - lo
         qc = q[:, lo:lo + T].float().view(R, T, Hkv, G, D).permute(0, 2, 3, 1, 4).reshape(R, Hkv, G * T, D)
-        s = torch.matmul(qc, k_t.float()).mul_(scale).view(R, Hq, T, K)
-        if softcap > 0:
-            s = torch.tanh(s / softcap).mul_(softcap)
-        s[..., :W] += bias[:, :, None, :W]
         pos = q_pos[:, lo:lo + T, None]
         masked = keys > pos
         if sliding_window > 0:
             masked |= keys <= pos - sliding_window
-        s.masked_fill_(masked[:, None], float("-inf"))
-        p = torch.softmax(s, dim=-1).view(R, Hkv, G * T, K)
-        o = torch.matmul(p, v.float()).view(R, Hkv, G, T, D)
+        if softplus:
+            s = torch.matmul(torch.nn.functional.normalize(qc, dim=-1), k_t).view(R, Hq, T, K)
+            s *= (math.log(D) * torch.log(pos[:, None].float() + 1))
+            a = torch.nn.functional.softplus(s)
+            a[..., :W] *= bias[:, :, None, :W].exp()
+            a.masked_fill_(masked[:, None], 0.0)
+            a /= a.sum(-1, keepdim=True)
+        else:
+            s = torch.matmul(qc, k_t).mul_(scale).view(R, Hq, T, K)
+            if softcap > 0:
+                s = torch.tanh(s / softcap).mul_(softcap)
+            s[..., :W] += bias[:, :, None, :W]
+            s.masked_fill_(masked[:, None], float("-inf"))
+            a = torch.softmax(s, dim=-1)
+        if mode in ("lssar", "reweight"):  # in fp64: (N a)^15 overflows fp32 beyond N ~ 370
+            n = pos[:, None].double() + 1
+            r = torch.relu(n * a.double() - (n > 3).double()).pow_(power)
+            a = (r / (r.sum(-1, keepdim=True) + 1e-8)).float()
+        o = torch.matmul(a.view(R, Hkv, G * T, K), v).view(R, Hkv, G, T, D)
         chunks.append(o.permute(0, 3, 1, 2, 4).reshape(R, T, Hq, D))
     return chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=1)
