@@ -214,5 +214,16 @@ class SteeringCPUBackend(_CPUBackend):
 
 def register() -> None:
     from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+    from vllm.v1.attention.selector import _cached_get_attn_backend
 
     register_backend(AttentionBackendEnum.CPU_ATTN, BACKEND_PATH)
+    _cached_get_attn_backend.cache_clear()  # an engine built earlier in this process cached the plain backend
+
+
+def unregister() -> None:
+    """Back to vLLM's own backend for engines built later in this process (tests)."""
+    from vllm.v1.attention.backends.registry import _ATTN_OVERRIDES, AttentionBackendEnum
+    from vllm.v1.attention.selector import _cached_get_attn_backend
+
+    _ATTN_OVERRIDES.pop(AttentionBackendEnum.CPU_ATTN, None)
+    _cached_get_attn_backend.cache_clear()

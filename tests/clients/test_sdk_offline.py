@@ -85,7 +85,7 @@ def client(wire: Wire) -> sc.SteerClient:
 def test_public_api_is_pinned():
     assert sc.__all__ == [
         "APIConnectionError", "Applied", "AsyncProfiles", "AsyncSteerClient", "AsyncSteeredStream", "Attention",
-        "AuthenticationError", "EosRamp", "InvalidRequest", "KeyRange", "Logits", "NotFound", "PermissionDenied",
+        "AttentionMode", "AuthenticationError", "EosRamp", "InvalidRequest", "KeyRange", "Logits", "NotFound", "PermissionDenied",
         "Profile", "ProfileNotFound", "Profiles", "Rules", "ServerError", "Sink", "Span", "SteerClient",
         "SteerServeError",
         "SteeredResponse", "SteeredStream", "Steering", "SteeringError", "__version__",

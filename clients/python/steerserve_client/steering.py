@@ -128,9 +128,23 @@ class Span(_Spec):
     heads: Indices = "all"
 
 
+class AttentionMode(_Spec):
+    """The attention function (methods.md §3), experimental on models not trained with it:
+    `AttentionMode(kind="lssar", power=15)`."""
+
+    kind: Literal["softmax", "lssa", "lssar", "reweight"] = Field(
+        description="The attention function (methods.md §3): softmax; lssa (L2-normalised q, k, scores scaled by "
+                    "ln d * ln N_i, softplus, L1 normalisation); lssar (lssa, then re-weighting); reweight (the "
+                    "re-weighting ReLU(N_i a_ij - o_i)^p on softmax weights). Experimental on models not trained "
+                    "with it.")
+    power: float = Field(15.0, ge=1.0, le=64.0, description="The re-weighting exponent p.")
+    layers: Indices = "all"
+
+
 class Attention(_Spec):
     """Attention steering: `Attention(sink=Sink(gamma=2.0))`, `Attention(spans=[Span(target="user", alpha=0.8)])`."""
 
+    mode: AttentionMode | None = None
     sink: Sink | None = None
     spans: list[Span] | None = Field(None, min_length=1, max_length=16,
                                      description="Each entry biases the prompt keys outside its own target.")
