@@ -165,13 +165,13 @@ def calibrate_sink(args: argparse.Namespace) -> int:
         with tqdm(total=configs, desc=f"calibrate {name} ({args.mode})", unit="config") as bar:
             result = C.calibrate(scorer, task, args.mode, progress=lambda _: bar.update())
         profile = result.profile()
-        S.parse(profile, "profile")  # a valid steering spec, or this raises
+        S.compile_spec(S.merge([S.parse(profile, "profile")]), facts)  # valid for this model, or this raises
         report = result.to_json()
         if args.evaluate:
             report["heldout"] = {"baseline": C.evaluate(scorer, task, None).__dict__,
                                  "steered": C.evaluate(scorer, task, profile).__dict__}
         stem = args.out_dir / f"{name}.{args.mode}"
-        stem.with_suffix(".json").write_text(json.dumps(profile, indent=1) + "\n")
+        Path(f"{stem}.json").write_text(json.dumps(profile, indent=1) + "\n")
         Path(f"{stem}.report.json").write_text(json.dumps(report, indent=1) + "\n")
         line = (f"{name}: gamma={result.gamma} on {result.head_type} heads {result.heads}; calibration "
                 f"accuracy {result.baseline.accuracy:.3f} -> {result.best.accuracy:.3f}")
