@@ -3,4 +3,5 @@ import sys
 
 from .cli import main
 
-sys.exit(main())
+if __name__ == "__main__":  # vLLM's engine processes re-import the main module
+    sys.exit(main())

@@ -46,7 +46,42 @@ def main(argv: list[str] | None = None) -> int:
     add.add_argument("--role", choices=["user", "admin"], required=True)
     add.add_argument("--name", help="label for the key (who or what uses it)")
 
+    profile = commands.add_parser("profile", help="attention statistics of the served model")
+    profile_cmd = profile.add_subparsers(dest="profile_command", required=True)
+    sinks = profile_cmd.add_parser("sinks", help="per (layer, head) key-0 mass, row and column entropy; flags "
+                                                 "sink and dormant heads (methods.md §8a); writes JSON + PNG")
+    sinks.add_argument("--model", default=None, help="HF checkpoint dir, or smollm2 (default)")
+    sinks.add_argument("--texts", type=Path, help="a task file (.jsonl: its rendered prompts) or a text file (one "
+                                                  "text per line); default: the shipped classification tasks")
+    sinks.add_argument("--limit", type=int, help="profile at most this many texts")
+    sinks.add_argument("--out", type=Path, default=Path("sinks.json"), help="JSON output (the PNG goes beside it)")
+    sinks.add_argument("--row-threshold", type=float, help="sink head: row entropy R below this (default 0.3)")
+    sinks.add_argument("--col-threshold", type=float, help="sink head: column entropy C above this (default 0.9)")
+    sinks.add_argument("--mass-threshold", type=float, help="dormant head: key-0 mass above this (default 0.8)")
+
+    calibrate = commands.add_parser("calibrate", help="calibrate steering on a labelled task file")
+    calibrate_cmd = calibrate.add_subparsers(dest="calibrate_command", required=True)
+    sink = calibrate_cmd.add_parser("sink", help="ZeroTuning: head profiling and gamma search (methods.md §1); "
+                                                 "writes one steering profile per task")
+    sink.add_argument("--model", default=None, help="HF checkpoint dir, or smollm2 (default)")
+    sink.add_argument("--tasks", type=Path, help="task file (JSONL, see steering/tasks.py); default: the shipped one")
+    sink.add_argument("--task", action="append", help="calibrate only this task (repeatable); default: all")
+    sink.add_argument("--mode", choices=["supervised", "unsupervised"], default="supervised",
+                      help="supervised: best accuracy; unsupervised: lowest answer entropy (labels unused)")
+    sink.add_argument("--out-dir", type=Path, default=Path("."),
+                      help="where <task>.<mode>.json (the profile) and <task>.<mode>.report.json go")
+    sink.add_argument("--evaluate", action="store_true",
+                      help="also score the held-out half with and without the profile (in the report)")
+    sink.add_argument("--profile-name", help="store each profile in the server's profile store under this name "
+                                             "(with -<task> appended when several tasks are calibrated)")
+    sink.add_argument("--tenant", default="*", help="profile store scope: a tenant name, or * for global")
+    sink.add_argument("--data-dir", type=Path, help="the server's --data-dir (default: its setting)")
+
     args = parser.parse_args(argv)
+    if args.command == "profile":
+        return profile_sinks(args)
+    if args.command == "calibrate":
+        return calibrate_sink(args)
     if args.command == "serve":
         overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields}
         return serve_forever(Settings.load(args.config, **overrides))
@@ -68,6 +103,92 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 1
     return 0
+
+
+def profile_sinks(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from steerserve.steering import profile as P
+
+    from .models import ModelFetchError, resolve_model
+
+    try:
+        model_path = resolve_model(args.model, Settings.load().cache)
+        model, tokenizer = P.load_model(model_path)
+        sequences = P.read_texts(args.texts, tokenizer)[: args.limit]
+    except (ModelFetchError, ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    thresholds = {k: v for k, v in (("row_threshold", args.row_threshold), ("col_threshold", args.col_threshold),
+                                    ("mass_threshold", args.mass_threshold)) if v is not None}
+    result = P.profile_sinks(model, sequences, model_path.name, lambda xs: tqdm(xs, desc="profiling", unit="text"),
+                             **thresholds)
+    P.write(result, args.out, args.out.with_suffix(".png"))
+    print(f"{len(result.sink_heads())} sink heads, {len(result.dormant_heads())} dormant heads of "
+          f"{result.num_layers * result.num_heads}; wrote {args.out} and {args.out.with_suffix('.png')}")
+    return 0
+
+
+def calibrate_sink(args: argparse.Namespace) -> int:
+    import json
+
+    from tqdm import tqdm
+
+    from steerserve.steering import calibrate as C
+    from steerserve.steering import spec as S
+    from steerserve.steering.tasks import SHIPPED, load_tasks
+
+    from .models import resolve_model
+    from .profiles import GLOBAL, ProfileStore, validate_name
+
+    try:
+        settings = Settings.load()
+        tasks = load_tasks(args.tasks or SHIPPED)
+        names = args.task or list(tasks)
+        unknown = [n for n in names if n not in tasks]
+        if unknown:
+            raise ValueError(f"no task {unknown[0]!r} in the task file (it has {list(tasks)})")
+        if args.profile_name:
+            for name in names:
+                validate_name(_stored_name(args.profile_name, name, len(names)))
+        model_path = resolve_model(args.model, settings.cache)
+    except Exception as exc:  # noqa: BLE001 - any of these is a usage error: report it, no traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    llm, facts = C.open_engine(str(model_path))
+    scorer = C.Scorer(llm, facts)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    store = ProfileStore((args.data_dir or settings.data_dir) / "profiles.sqlite3") if args.profile_name else None
+    for name in names:
+        task = tasks[name]
+        configs = 1 + 2 * facts.num_heads + max(len(C.GRID_UP), len(C.GRID_DOWN))
+        with tqdm(total=configs, desc=f"calibrate {name} ({args.mode})", unit="config") as bar:
+            result = C.calibrate(scorer, task, args.mode, progress=lambda _: bar.update())
+        profile = result.profile()
+        S.compile_spec(S.merge([S.parse(profile, "profile")]), facts)  # valid for this model, or this raises
+        report = result.to_json()
+        if args.evaluate:
+            report["heldout"] = {"baseline": C.evaluate(scorer, task, None).__dict__,
+                                 "steered": C.evaluate(scorer, task, profile).__dict__}
+        stem = args.out_dir / f"{name}.{args.mode}"
+        Path(f"{stem}.json").write_text(json.dumps(profile, indent=1) + "\n")
+        Path(f"{stem}.report.json").write_text(json.dumps(report, indent=1) + "\n")
+        line = (f"{name}: gamma={result.gamma} on {result.head_type} heads {result.heads}; calibration "
+                f"accuracy {result.baseline.accuracy:.3f} -> {result.best.accuracy:.3f}")
+        if args.evaluate:
+            line += (f"; held-out {report['heldout']['baseline']['accuracy']:.3f} -> "
+                     f"{report['heldout']['steered']['accuracy']:.3f}")
+        print(line + f"; wrote {stem}.json")
+        if store is not None:
+            stored = _stored_name(args.profile_name, name, len(names))
+            store.put(GLOBAL if args.tenant == "*" else args.tenant, stored, profile)
+            print(f"stored profile {stored!r} ({'global' if args.tenant == '*' else 'tenant ' + args.tenant}) "
+                  f"in {store.path}")
+    return 0
+
+
+def _stored_name(base: str, task: str, count: int) -> str:
+    return base if count == 1 else f"{base}-{task}"
 
 
 def serve_forever(settings: Settings) -> int:
