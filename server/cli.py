@@ -19,7 +19,7 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None,
                                 help=field.description)
         elif typing.get_origin(field.annotation) is typing.Literal:
-            parser.add_argument(flag, dest=name, choices=kind, default=None, help=field.description)
+            parser.add_argument(flag, dest=name, choices=kind, type=type(kind[0]), default=None, help=field.description)
         else:
             convert = next((t for t in (int, float, Path) if t in kind), str)
             parser.add_argument(flag, dest=name, type=convert, default=None, help=field.description)
@@ -73,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
 def serve_forever(settings: Settings) -> int:
     import uvicorn
 
+    from .adapters import AdapterStore
     from .app import create_app
     from .auth import KeyStore, check_bind
     from .engine import Engine
@@ -92,13 +93,15 @@ def serve_forever(settings: Settings) -> int:
         log.warning("no API keys configured (--api-keys): open mode, every request is the 'default' tenant "
                     "with admin rights; listening on loopback only")
     profiles = ProfileStore(settings.data_dir / "profiles.sqlite3")
+    adapters = AdapterStore(settings.data_dir / "adapters.sqlite3", settings.data_dir / "adapters")
     failed = []
 
     def stop_serving() -> None:
         failed.append(True)
         server.should_exit = True
 
-    app = create_app(lambda: Engine(settings, model_path), keys, profiles, on_engine_failure=stop_serving)
+    app = create_app(lambda: Engine(settings, model_path), keys, profiles, on_engine_failure=stop_serving,
+                     adapters=adapters, adapter_root=settings.adapter_root)
     server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level))
     server.run()
     return 1 if failed else 0

@@ -57,6 +57,7 @@ class Engine:
             logits_processors=[logits_processor or SteeringLogitsProcessor],
             # logprobs of the distribution actually sampled from, i.e. with logits steering applied
             logprobs_mode="processed_logprobs",
+            **lora_args(settings),
         )
         log.info("starting vLLM on %s (dtype=%s, max_model_len=%d)", model_path, settings.dtype, settings.max_model_len)
         self.llm = AsyncLLM.from_engine_args(args)
@@ -65,15 +66,17 @@ class Engine:
         self.info = ModelInfo(
             name=name, path=model_path, max_model_len=config.max_model_len, vocab_size=config.get_vocab_size()
         )
+        # Adapters: the engine's LoRA limits, or None when this engine serves the base model only.
+        self.lora = lora_args(settings) or None
         self.facts = ModelFacts(self.tokenizer, self.info.vocab_size, _eos_token_ids(self.tokenizer, model_path))
 
     def generate(self, prompt_ids: list[int], params, request_id: str, *, prompt_text: str | None = None,
-                 cache_salt: str | None = None) -> AsyncIterator:
+                 cache_salt: str | None = None, lora_request=None) -> AsyncIterator:
         """RequestOutputs for one request. Closing or cancelling the iterator aborts it in the engine."""
         from vllm.inputs.engine import tokens_input
 
         prompt = tokens_input(prompt_ids, prompt=prompt_text, cache_salt=cache_salt)
-        return self.llm.generate(prompt, params, request_id)
+        return self.llm.generate(prompt, params, request_id, lora_request=lora_request)
 
     async def verify_steering(self) -> None:
         """Fail closed: prove on a real request that the worker-side hooks fire, or refuse to serve."""
@@ -101,6 +104,14 @@ class Engine:
 
     def shutdown(self) -> None:
         self.llm.shutdown()
+
+
+def lora_args(settings: Settings) -> dict:
+    """vLLM's LoRA engine arguments from our settings (none when adapters are off)."""
+    if not settings.enable_lora:
+        return {}
+    return {"enable_lora": True, "max_loras": settings.max_loras, "max_lora_rank": settings.max_lora_rank,
+            "max_cpu_loras": settings.max_cpu_loras or 4 * settings.max_loras}
 
 
 def _eos_token_ids(tokenizer, model_path: Path) -> tuple[int, ...]:
