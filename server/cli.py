@@ -46,6 +46,15 @@ def main(argv: list[str] | None = None) -> int:
     add.add_argument("--role", choices=["user", "admin"], required=True)
     add.add_argument("--name", help="label for the key (who or what uses it)")
 
+    adapters = commands.add_parser("adapters", help="adapters for the adapter pool")
+    adapters_cmd = adapters.add_subparsers(dest="adapters_command", required=True)
+    demo = adapters_cmd.add_parser("build-demo", help="train small demo LoRA adapters for the default model "
+                                                      "(about a minute each on CPU); prints their directories")
+    demo.add_argument("--model", type=Path, help="base model directory (default: the embedded SmolLM2)")
+    demo.add_argument("--out", type=Path, help="where to write them (default: <cache>/adapters)")
+    demo.add_argument("--steps", type=int, default=20, help="training steps per adapter (batch of 8)")
+    demo.add_argument("names", nargs="*", help="which demos (default: all)")
+
     args = parser.parse_args(argv)
     if args.command == "serve":
         overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields}
@@ -58,6 +67,24 @@ def main(argv: list[str] | None = None) -> int:
         except (ValueError, OSError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
+        return 0
+    if args.command == "adapters":
+        from .demo_adapters import DEMOS, build_demo
+        from .models import ModelFetchError, resolve_model
+
+        logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        unknown = sorted(set(args.names) - set(DEMOS))
+        if unknown:
+            print(f"error: unknown demo {unknown[0]!r} (known: {', '.join(DEMOS)})", file=sys.stderr)
+            return 1
+        settings = Settings.load()
+        try:
+            model_path = resolve_model(str(args.model) if args.model else None, settings.cache)
+        except (ModelFetchError, ValueError, OSError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        for name in args.names or list(DEMOS):
+            print(build_demo(model_path, args.out or settings.cache / "adapters", name, steps=args.steps))
         return 0
     if args.command == "models":
         from .models import ModelFetchError, fetch_smollm2
