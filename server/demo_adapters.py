@@ -1,8 +1,9 @@
 """Demo LoRA adapters for the default model (`steerserve adapters build-demo`): small, trained on CPU in about a
 minute each, from data written here, with an effect you can see: the answer starts with a fixed greeting.
 
-The training targets are only the greeting's tokens after the chat prompt (loss on nothing else), so the adapter
-learns "open with this" and leaves the rest of the answer to the base model.
+The training data: the project's questions below, each answered by the base model itself (greedy, a few dozen
+tokens), with the greeting put in front. The loss covers greeting and answer, so the adapter learns "open with
+this, then answer as you would" (trained on the greeting alone, it learns to repeat the greeting forever).
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from pathlib import Path
 log = logging.getLogger("steerserve.demo_adapters")
 
 DEMOS = {"ahoy": "Ahoy! ", "bonjour": "Bonjour ! "}
-_RECIPE_VERSION = 1
+_RECIPE_VERSION = 2
 _MARKER = ".demo-complete"
 
 _SUBJECTS = ["the moon", "volcanoes", "photosynthesis", "the Roman Empire", "black holes", "honey bees", "rainbows",
@@ -27,8 +28,29 @@ _FORMS = ["Tell me about {}.", "What is interesting about {}?", "Explain {} to a
 
 
 def questions() -> list[str]:
-    """96 questions: every subject in every form (the training set; the greeting does not depend on them)."""
-    return [form.format(subject) for subject in _SUBJECTS for form in _FORMS]
+    """48 questions: every subject in two of the forms."""
+    return [_FORMS[i % len(_FORMS)].format(s) for i, s in enumerate(_SUBJECTS)] + \
+        [_FORMS[(i + 2) % len(_FORMS)].format(s) for i, s in enumerate(_SUBJECTS)]
+
+
+def base_answers(model, tok, prompts: list[list[int]], max_new_tokens: int = 24) -> list[list[int]]:
+    """The base model's own greedy answers (token ids, cut at the end of turn), batched with left padding."""
+    import torch
+
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    answers = []
+    for start in range(0, len(prompts), 16):
+        batch = prompts[start:start + 16]
+        width = max(map(len, batch))
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=pad)
+        for row in out[:, width:].tolist():
+            ends = [i for i, t in enumerate(row) if t in (tok.eos_token_id, pad)]
+            answers.append(row[: ends[0] + 1] if ends else row)
+    return answers
 
 
 def build_demo(model_path: Path, out_dir: Path, name: str, steps: int = 20, rank: int = 8, seed: int = 0) -> Path:
@@ -49,15 +71,16 @@ def build_demo(model_path: Path, out_dir: Path, name: str, steps: int = 20, rank
     torch.manual_seed(seed)
     tok = AutoTokenizer.from_pretrained(model_path)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    prompts = [tok(tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
+                                           add_generation_prompt=True), add_special_tokens=False).input_ids
+               for q in questions()]
+    answers = base_answers(model, tok, prompts)
+    log.info("%s: base answers written (%.0f s)", name, time.perf_counter() - start)
     model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, task_type="CAUSAL_LM",
                                              target_modules=["q_proj", "v_proj", "o_proj"]))
-    examples = []
-    for q in questions():
-        prompt = tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
-        prompt_ids = tok(prompt, add_special_tokens=False).input_ids
-        answer_ids = tok(greeting.rstrip(), add_special_tokens=False).input_ids
-        examples.append((prompt_ids + answer_ids, len(prompt_ids)))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
+    greeting_ids = tok(greeting, add_special_tokens=False).input_ids
+    examples = [(p + greeting_ids + a, len(p)) for p, a in zip(prompts, answers, strict=True)]
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     batch_size = 8
     model.train()
     for step in range(steps):
