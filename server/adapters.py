@@ -84,7 +84,7 @@ class Adapter:
 
 
 @dataclass(frozen=True)
-class BaseModel:
+class ServedModel:
     """What registration checks an adapter against: the served model's names and its linear layers' shapes."""
 
     names: frozenset[str]  # lower-cased names the served model goes by (served name, directory, config name)
@@ -92,7 +92,7 @@ class BaseModel:
     max_lora_rank: int
 
     @classmethod
-    def from_checkpoint(cls, path: Path, served_name: str, max_lora_rank: int) -> BaseModel:
+    def from_checkpoint(cls, path: Path, served_name: str, max_lora_rank: int) -> ServedModel:
         shapes: dict[str, tuple[int, int]] = {}
         for file in sorted(path.glob("*.safetensors")):
             for key, shape in _safetensors_shapes(file).items():
@@ -128,7 +128,7 @@ def _safetensors_shapes(path: Path) -> dict[str, list[int]]:
     return shapes
 
 
-def inspect_lora(path: Path, base: BaseModel) -> dict[str, Any]:
+def inspect_lora(path: Path, base: ServedModel) -> dict[str, Any]:
     """The PEFT LoRA adapter in `path`, checked against `base`; its metadata, or AdapterInvalid naming the check."""
     config_path, weights_path = path / CONFIG_FILE, path / WEIGHTS_FILE
     for file in (config_path, weights_path):
@@ -195,7 +195,7 @@ def inspect_lora(path: Path, base: BaseModel) -> dict[str, Any]:
             "base_model": declared, "layers": len({m.split(".self_attn")[0].split(".mlp")[0] for m in modules})}
 
 
-INSPECTORS: dict[str, Callable[[Path, BaseModel], dict[str, Any]]] = {"lora": inspect_lora}
+INSPECTORS: dict[str, Callable[[Path, ServedModel], dict[str, Any]]] = {"lora": inspect_lora}
 
 
 class AdapterStore:
@@ -217,7 +217,7 @@ class AdapterStore:
         with self._lock:
             self._db.close()
 
-    def register(self, tenant: str, name: str, kind: str, path: Path, base: BaseModel,
+    def register(self, tenant: str, name: str, kind: str, path: Path, base: ServedModel,
                  owned: bool = False) -> tuple[Adapter, Adapter | None]:
         """Validate and store; returns (the new registration, the one it replaced or None)."""
         validate_name(name)

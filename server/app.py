@@ -14,14 +14,13 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel as PydanticModel
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from steerserve.steering import spec as steering_spec
 
 from . import generation as gen
 from . import steer
-from .adapters import Adapter, AdapterInvalid, AdapterStore, BaseModel, validate_adapter_name
+from .adapters import Adapter, AdapterInvalid, AdapterStore, ServedModel, validate_adapter_name
 from .auth import KeyStore, Principal
 from .engine import Engine
 from .errors import APIError, BadRequest, Forbidden, NotFound, Unavailable, pydantic_to_api_error
@@ -54,8 +53,8 @@ def create_app(engine_factory: Callable[[], Engine], keys: KeyStore, profiles: P
             eng = await asyncio.to_thread(engine_factory)
             await eng.verify_steering()
             if eng.lora is not None and adapters is not None:
-                state["base"] = await asyncio.to_thread(BaseModel.from_checkpoint, eng.info.path, eng.info.name,
-                                                        eng.lora["max_lora_rank"])
+                state["base"] = await asyncio.to_thread(ServedModel.from_checkpoint, eng.info.path,
+                                                        eng.info.name, eng.lora["max_lora_rank"])
                 state["pool"] = AdapterPool(eng, adapters, metrics, eng.lora["max_loras"])
             state["engine"] = eng
             log.info("engine ready: serving %s", state["engine"].info.name)
@@ -98,7 +97,7 @@ def create_app(engine_factory: Callable[[], Engine], keys: KeyStore, profiles: P
     def principal(request: Request) -> Principal:
         return keys.authenticate(request.headers.get("authorization"))
 
-    async def admit(request: Request, schema: type[PydanticModel]) -> tuple[Any, Engine, steer.Steering, Served]:
+    async def admit(request: Request, schema: type[BaseModel]) -> tuple[Any, Engine, steer.Steering, Served]:
         """The common start of a generation route: authenticate, parse, check the model and adapter, resolve
         steering."""
         who = principal(request)
@@ -377,7 +376,7 @@ def _path_registration(raw: bytes, who: Principal, adapter_root: Path | None) ->
     return kind, path
 
 
-async def _parse(request: Request, model: type[PydanticModel]) -> Any:
+async def _parse(request: Request, model: type[BaseModel]) -> Any:
     """The body as `model`: malformed JSON and schema violations are 400s naming the field."""
     raw = await request.body()
     try:
