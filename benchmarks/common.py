@@ -113,11 +113,13 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 @contextlib.contextmanager
-def running_server(kind: str, a: argparse.Namespace, env: dict, log: Path) -> Iterator[tuple[str, float, list[str]]]:
-    """Start `kind` ("steerserve" or "vllm") with `a`'s engine settings; yield (base URL, start-up seconds,
-    command); stop it however the block ends."""
+def running_server(kind: str, a: argparse.Namespace, env: dict, log: Path,
+                   extra: list[str] | tuple[str, ...] = ()) -> Iterator[tuple[str, float, list[str]]]:
+    """Start `kind` ("steerserve" or "vllm") with `a`'s engine settings and `extra` flags; yield (base URL,
+    start-up seconds, command); stop it however the block ends."""
     port = free_port()
     cmd, ready_path = server_command(kind, a.model, port, a)
+    cmd = [*cmd, *extra]
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:

@@ -4,8 +4,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import shutil
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -17,18 +20,20 @@ from steerserve.steering import spec as steering_spec
 
 from . import generation as gen
 from . import steer
+from .adapters import Adapter, AdapterInvalid, AdapterStore, ServedModel, validate_adapter_name
 from .auth import KeyStore, Principal
 from .chat import render as render_chat
 from .engine import Engine
 from .errors import APIError, BadRequest, Forbidden, NotFound, Unavailable, pydantic_to_api_error
 from .metrics import Metrics, MetricsMiddleware
+from .pool import AdapterPool
 from .profiles import GLOBAL, ProfileStore, validate_name
 from .protocol import ChatCompletionRequest, CompletionRequest, sampling_params, structured_output
 
 log = logging.getLogger("steerserve.server")
 
 ROUTES = {"/health", "/ready", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions",
-          "/v1/steering/schema", "/v1/steering/profiles"}
+          "/v1/steering/schema", "/v1/steering/profiles", "/v1/adapters"}
 
 
 class ClientDisconnected(Exception):
@@ -36,17 +41,22 @@ class ClientDisconnected(Exception):
 
 
 def create_app(engine_factory: Callable[[], Engine], keys: KeyStore, profiles: ProfileStore,
-               on_engine_failure: Callable[[], None] = lambda: None) -> FastAPI:
+               on_engine_failure: Callable[[], None] = lambda: None, adapters: AdapterStore | None = None,
+               adapter_root: Path | None = None) -> FastAPI:
     """The app. `engine_factory` builds the engine in a worker thread, so /health answers while it loads;
     `on_engine_failure` is called if it cannot be built or fails its steering self-test (the CLI then exits
-    non-zero)."""
-    state: dict[str, Any] = {"engine": None, "error": None}
+    non-zero). `adapters`: the adapter registry, served when the engine has LoRA enabled."""
+    state: dict[str, Any] = {"engine": None, "error": None, "pool": None, "base": None}
     metrics = Metrics(lambda: state["engine"].num_unfinished_requests() if state["engine"] else 0)
 
     async def load_engine() -> None:
         try:
             eng = await asyncio.to_thread(engine_factory)
             await eng.verify_steering()
+            if eng.lora is not None and adapters is not None:
+                state["base"] = await asyncio.to_thread(ServedModel.from_checkpoint, eng.info.path,
+                                                        eng.info.name, eng.lora["max_lora_rank"])
+                state["pool"] = AdapterPool(eng, adapters, metrics, eng.lora["max_loras"])
             state["engine"] = eng
             log.info("engine ready: serving %s", state["engine"].info.name)
         except Exception as exc:  # readiness reports it; the process stays up to say why
@@ -88,12 +98,31 @@ def create_app(engine_factory: Callable[[], Engine], keys: KeyStore, profiles: P
     def principal(request: Request) -> Principal:
         return keys.authenticate(request.headers.get("authorization"))
 
-    async def admit(request: Request, schema: type[BaseModel]) -> tuple[Any, Engine, steer.Steering]:
-        """The common start of a generation route: authenticate, parse, check the model, resolve steering."""
+    async def admit(request: Request, schema: type[BaseModel]) -> tuple[Any, Engine, steer.Steering, Served]:
+        """The common start of a generation route: authenticate, parse, check the model and adapter, resolve
+        steering."""
         who = principal(request)
         req = await _parse(request, schema)
-        eng = _check_model(engine(), req.model)
-        return req, eng, steer.resolve(request.headers, req.steering, who, profiles, eng.facts, eng.model_steering)
+        eng, adapter_name = _check_model(engine(), req.model, request.headers.get("x-adapter"))
+        served = Served(eng.info.name, who.tenant, adapter_of(who, adapter_name) if adapter_name else None,
+                        state["pool"])
+        return req, eng, steer.resolve(request.headers, req.steering, who, profiles, eng.facts,
+                                       eng.model_steering), served
+
+    def pool() -> AdapterPool:
+        engine()
+        if state["pool"] is None or adapters is None:
+            raise BadRequest("this server does not serve adapters (start it with --enable-lora)", param="model",
+                             code="adapters_disabled")
+        return state["pool"]
+
+    def adapter_of(who: Principal, name: str) -> Adapter:
+        pool()
+        validate_adapter_name(name, param="model")
+        adapter = adapters.resolve(who.tenant, name)
+        if adapter is None:
+            raise NotFound(f"adapter '{name}' not found", param="model", code="adapter_not_found")
+        return adapter
 
     @app.get("/health")
     async def health() -> dict:
@@ -114,14 +143,20 @@ def create_app(engine_factory: Callable[[], Engine], keys: KeyStore, profiles: P
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict:
-        principal(request)
+        who = principal(request)
         info = engine().info
-        return {"object": "list", "data": [{"id": info.name, "object": "model", "created": 0,
-                                            "owned_by": "steerserve", "max_model_len": info.max_model_len}]}
+        data = [{"id": info.name, "object": "model", "created": 0, "owned_by": "steerserve",
+                 "max_model_len": info.max_model_len}]
+        if state["pool"] is not None and adapters is not None:
+            data += [{"id": f"{info.name}:{a.name}", "object": "model", "created": int(a.created),
+                      "owned_by": a.tenant if a.scope == "tenant" else "steerserve", "parent": info.name,
+                      "root": info.name, "max_model_len": info.max_model_len}
+                     for a in adapters.list(who.tenant) if not any(d["id"] == f"{info.name}:{a.name}" for d in data)]
+        return {"object": "list", "data": data}
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        req, eng, steering = await admit(request, CompletionRequest)
+        req, eng, steering, served = await admit(request, CompletionRequest)
         if req.echo:
             raise BadRequest("echo is not supported by this server", param="echo")
         prompts = []
@@ -134,7 +169,8 @@ def create_app(engine_factory: Callable[[], Engine], keys: KeyStore, profiles: P
             prompts.append(gen.Prompt(ids, p if isinstance(p, str) else None))
         steering = steering.bind([len(p.ids) for p in prompts], None)
         params = _params(eng, req, max(prompts, key=lambda p: len(p.ids)), req.logprobs, steering)
-        g = gen.Generation(eng, metrics, "/v1/completions", prompts, params, "cmpl", steering.salt_for)
+        g = gen.Generation(eng, metrics, "/v1/completions", prompts, params, "cmpl", steering.salt_for,
+                           served.acquire)
         top = req.logprobs or 0
 
         def choice_json(c: gen.Choice | gen.Delta, offset: int = 0) -> dict:
@@ -142,11 +178,11 @@ def create_app(engine_factory: Callable[[], Engine], keys: KeyStore, profiles: P
                   if req.logprobs is not None else None)
             return {"index": c.index, "text": c.text, "logprobs": lp, "finish_reason": c.finish_reason}
 
-        head = {"id": g.id, "object": "text_completion", "created": g.created, "model": eng.info.name}
+        head = {"id": g.id, "object": "text_completion", "created": g.created, "model": served.model}
         if not req.stream:
             choices = await _until_disconnect(request, g.collect())
             return JSONResponse({**head, "choices": [choice_json(c) for c in choices], "usage": g.usage()},
-                                headers={"X-Steering-Applied": steering.applied})
+                                headers=served.headers(steering))
 
         sent = [0] * (len(prompts) * req.n)
 
@@ -154,11 +190,11 @@ def create_app(engine_factory: Callable[[], Engine], keys: KeyStore, profiles: P
             sent[d.index] += len(d.text)
             return {**head, "choices": [choice_json(d, sent[d.index] - len(d.text))], "usage": None}
 
-        return await _sse(request, g, [], chunk, head, req, steering)
+        return await _sse(request, g, [], chunk, head, req, served.headers(steering))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        req, eng, steering = await admit(request, ChatCompletionRequest)
+        req, eng, steering, served = await admit(request, ChatCompletionRequest)
         chat = render_chat(eng.tokenizer, [{"role": m.role, "content": m.text()} for m in req.messages],
                            req.add_generation_prompt)
         prompt = gen.Prompt(chat.ids, chat.text)
@@ -166,8 +202,9 @@ def create_app(engine_factory: Callable[[], Engine], keys: KeyStore, profiles: P
         top = req.top_logprobs or 0
         params = _params(eng, req, prompt, top if req.logprobs else None, steering,
                          structured_output(req.response_format))
-        g = gen.Generation(eng, metrics, "/v1/chat/completions", [prompt], params, "chatcmpl", steering.salt_for)
-        head = {"id": g.id, "object": "chat.completion", "created": g.created, "model": eng.info.name}
+        g = gen.Generation(eng, metrics, "/v1/chat/completions", [prompt], params, "chatcmpl", steering.salt_for,
+                           served.acquire)
+        head = {"id": g.id, "object": "chat.completion", "created": g.created, "model": served.model}
 
         def logprobs_json(c: gen.Choice | gen.Delta) -> dict | None:
             return gen.chat_logprobs(c.token_ids, c.logprobs, top, eng.tokenizer) if req.logprobs else None
@@ -177,7 +214,7 @@ def create_app(engine_factory: Callable[[], Engine], keys: KeyStore, profiles: P
             return JSONResponse({**head, "choices": [
                 {"index": c.index, "message": {"role": "assistant", "content": c.text},
                  "logprobs": logprobs_json(c), "finish_reason": c.finish_reason} for c in choices],
-                "usage": g.usage()}, headers={"X-Steering-Applied": steering.applied})
+                "usage": g.usage()}, headers=served.headers(steering))
 
         head = {**head, "object": "chat.completion.chunk"}
 
@@ -189,17 +226,17 @@ def create_app(engine_factory: Callable[[], Engine], keys: KeyStore, profiles: P
                                          "logprobs": logprobs_json(d), "finish_reason": d.finish_reason}],
                     "usage": None}
 
-        return await _sse(request, g, roles, chunk, head, req, steering)
+        return await _sse(request, g, roles, chunk, head, req, served.headers(steering))
 
     @app.get("/v1/steering/schema")
     async def steering_schema() -> dict:
         return steering_spec.SteeringSpec.model_json_schema()
 
-    def scope_of(who: Principal, scope: str, writing: bool) -> str:
+    def scope_of(who: Principal, scope: str, writing: bool, what: str = "steering profiles") -> str:
         if scope not in ("tenant", "global"):
             raise BadRequest("scope must be 'tenant' or 'global'", param="scope")
         if scope == "global" and writing and not who.is_admin:
-            raise Forbidden("only admins manage global steering profiles", param="scope")
+            raise Forbidden(f"only admins manage global {what}", param="scope")
         return GLOBAL if scope == "global" else who.tenant
 
     @app.get("/v1/steering/profiles")
@@ -238,7 +275,110 @@ def create_app(engine_factory: Callable[[], Engine], keys: KeyStore, profiles: P
             raise NotFound(f"steering profile '{name}' not found", param="name", code="profile_not_found")
         return {"name": name, "deleted": True}
 
+    # --- the adapter registry ------------------------------------------------------------------------------------
+    def adapter_json(adapter: Adapter) -> dict:
+        return {**adapter.public(), "model": f"{engine().info.name}:{adapter.name}", **pool().status(adapter)}
+
+    @app.get("/v1/adapters")
+    async def list_adapters(request: Request) -> dict:
+        who = principal(request)
+        pool()
+        return {"object": "list", "data": [adapter_json(a) for a in adapters.list(who.tenant)]}
+
+    @app.get("/v1/adapters/{name}")
+    async def get_adapter(request: Request, name: str, scope: str | None = None) -> dict:
+        who = principal(request)
+        pool()
+        validate_adapter_name(name)
+        adapter = adapters.resolve(who.tenant, name) if scope is None else \
+            adapters.get(scope_of(who, scope, writing=False, what="adapters"), name)
+        if adapter is None:
+            raise NotFound(f"adapter '{name}' not found", param="name", code="adapter_not_found")
+        return adapter_json(adapter)
+
+    @app.put("/v1/adapters/{name}")
+    async def put_adapter(request: Request, name: str, scope: str = "tenant") -> dict:
+        """Register (or replace) an adapter: JSON `{"path": "<dir on the server>", "kind": "lora"}`, or a
+        multipart upload of adapter_config.json and adapter_model.safetensors."""
+        who = principal(request)
+        validate_adapter_name(name)
+        owner = scope_of(who, scope, writing=True, what="adapters")
+        adapter_pool = pool()
+        if request.headers.get("content-type", "").startswith("multipart/form-data"):
+            kind, path, owned = "lora", await _save_upload(request, adapters.upload_dir()), True
+        else:
+            kind, path, owned = *_path_registration(await request.body(), who, adapter_root), False
+        try:
+            new, old = await asyncio.to_thread(adapters.register, owner, name, kind, path, state["base"], owned)
+        except BaseException:
+            if owned:
+                shutil.rmtree(path, ignore_errors=True)
+            raise
+        if old is not None:
+            adapter_pool.retire(old)
+        return adapter_json(new)
+
+    @app.delete("/v1/adapters/{name}")
+    async def delete_adapter(request: Request, name: str, scope: str = "tenant") -> dict:
+        who = principal(request)
+        validate_adapter_name(name)
+        adapter_pool = pool()
+        old = adapters.delete(scope_of(who, scope, writing=True, what="adapters"), name)
+        if old is None:
+            raise NotFound(f"adapter '{name}' not found", param="name", code="adapter_not_found")
+        adapter_pool.retire(old)  # requests already using it finish with it
+        return {"name": name, "deleted": True}
+
     return app
+
+
+UPLOAD_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+async def _save_upload(request: Request, into: Path) -> Path:
+    """The multipart upload's adapter files written into `into` (a fresh directory, removed on failure)."""
+    try:
+        form = await request.form()
+        seen = set()
+        for field, value in form.multi_items():
+            filename = getattr(value, "filename", None)
+            if filename is None:
+                raise BadRequest(f"form field {field!r} is not a file", param=field)
+            target = Path(filename).name if Path(filename).name in UPLOAD_FILES else field
+            if target not in UPLOAD_FILES or target in seen:
+                raise BadRequest(f"unexpected upload {filename!r}: send {' and '.join(UPLOAD_FILES)}", param=field)
+            seen.add(target)
+            with (into / target).open("wb") as out:
+                while chunk := await value.read(1 << 20):
+                    out.write(chunk)
+        await form.close()
+    except BaseException:
+        shutil.rmtree(into, ignore_errors=True)
+        raise
+    return into
+
+
+def _path_registration(raw: bytes, who: Principal, adapter_root: Path | None) -> tuple[str, Path]:
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"the request body is not valid JSON: {exc}", code="invalid_json") from None
+    if not isinstance(body, dict) or not isinstance(body.get("path"), str):
+        raise BadRequest("expected {\"path\": \"<adapter directory on the server>\", \"kind\": \"lora\"} or a "
+                         "multipart upload", param="path")
+    unknown = sorted(set(body) - {"path", "kind"})
+    if unknown:
+        raise BadRequest(f"unknown field {unknown[0]!r}", param=unknown[0])
+    kind = body.get("kind", "lora")
+    path = Path(body["path"]).expanduser().resolve()
+    if not who.is_admin:  # a user must not make the server read (or probe) arbitrary paths
+        root = adapter_root.resolve() if adapter_root else None
+        if root is None or (path != root and root not in path.parents):
+            raise Forbidden("users register adapters by path only inside the server's --adapter-root; upload the "
+                            "files instead", param="path")
+    if not path.is_dir():
+        raise AdapterInvalid("files", f"{body['path']} is not a directory on the server")
+    return kind, path
 
 
 async def _parse(request: Request, model: type[BaseModel]) -> Any:
@@ -256,11 +396,47 @@ async def _parse(request: Request, model: type[BaseModel]) -> Any:
         raise pydantic_to_api_error(exc) from None
 
 
-def _check_model(eng: Engine, name: str) -> Engine:
-    if name != eng.info.name:
-        raise NotFound(f"The model '{name}' does not exist; this server serves '{eng.info.name}'.",
+def _check_model(eng: Engine, name: str, header: str | None = None) -> tuple[Engine, str | None]:
+    """The engine and the adapter a request names: `"<base>:<adapter>"` in `model` and/or `X-Adapter`."""
+    base = eng.info.name
+    adapter = name[len(base) + 1:] if name.startswith(base + ":") else None
+    if name != base and adapter is None:
+        raise NotFound(f"The model '{name}' does not exist; this server serves '{base}' (and '{base}:<adapter>').",
                        param="model", code="model_not_found")
-    return eng
+    if header is not None:
+        header = header.strip()
+        if adapter is not None and header != adapter:
+            raise BadRequest(f"model names adapter '{adapter}' but X-Adapter names '{header}'", param="X-Adapter")
+        adapter = header
+    if adapter == "":
+        raise BadRequest("the adapter name is empty", param="model")
+    return eng, adapter
+
+
+@dataclass(frozen=True)
+class Served:
+    """What serves a request besides the base model: its adapter (None: the base model), and how it says so."""
+
+    base: str
+    tenant: str
+    adapter: Adapter | None
+    pool: AdapterPool | None
+
+    @property
+    def model(self) -> str:
+        return f"{self.base}:{self.adapter.name}" if self.adapter else self.base
+
+    @property
+    def acquire(self) -> Callable[[], Any] | None:
+        if self.adapter is None or self.pool is None:
+            return None
+        return lambda: self.pool.acquire(self.adapter, self.tenant)
+
+    def headers(self, steering: steer.Steering) -> dict[str, str]:
+        headers = {"X-Steering-Applied": steering.applied}
+        if self.adapter is not None:
+            headers["X-Adapter-Applied"] = f"{self.adapter.name}; scope={self.adapter.scope}"
+        return headers
 
 
 def _params(eng: Engine, req, prompt: gen.Prompt, logprobs: int | None, steering: steer.Steering, structured=None):
@@ -310,7 +486,7 @@ def _engine_error(exc: Exception) -> APIError:
 
 
 async def _sse(request: Request, g: gen.Generation, preamble: list[dict], render: Callable[[gen.Delta], dict],
-               head: dict, req, steering: steer.Steering) -> Response:
+               head: dict, req, headers: dict[str, str]) -> Response:
     """Server-sent events. The first delta is awaited before answering, so a request the engine rejects is still
     a 400 and not a broken stream."""
     deltas = g.deltas()
@@ -338,4 +514,4 @@ async def _sse(request: Request, g: gen.Generation, preamble: list[dict], render
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(body(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Steering-Applied": steering.applied})
+                             headers={"Cache-Control": "no-cache", **headers})

@@ -19,7 +19,7 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None,
                                 help=field.description)
         elif typing.get_origin(field.annotation) is typing.Literal:
-            parser.add_argument(flag, dest=name, choices=kind, default=None, help=field.description)
+            parser.add_argument(flag, dest=name, choices=kind, type=type(kind[0]), default=None, help=field.description)
         else:
             convert = next((t for t in (int, float, Path) if t in kind), str)
             parser.add_argument(flag, dest=name, type=convert, default=None, help=field.description)
@@ -77,6 +77,15 @@ def main(argv: list[str] | None = None) -> int:
     sink.add_argument("--tenant", default="*", help="profile store scope: a tenant name, or * for global")
     sink.add_argument("--data-dir", type=Path, help="the server's --data-dir (default: its setting)")
 
+    adapters = commands.add_parser("adapters", help="adapters for the adapter pool")
+    adapters_cmd = adapters.add_subparsers(dest="adapters_command", required=True)
+    demo = adapters_cmd.add_parser("build-demo", help="train small demo LoRA adapters for the default model "
+                                                      "(about a minute each on CPU); prints their directories")
+    demo.add_argument("--model", type=Path, help="base model directory (default: the embedded SmolLM2)")
+    demo.add_argument("--out", type=Path, help="where to write them (default: <cache>/adapters)")
+    demo.add_argument("--steps", type=int, default=20, help="training steps per adapter (batch of 8)")
+    demo.add_argument("names", nargs="*", help="which demos (default: all)")
+
     args = parser.parse_args(argv)
     if args.command == "profile":
         return profile_sinks(args)
@@ -93,6 +102,24 @@ def main(argv: list[str] | None = None) -> int:
         except (ValueError, OSError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
+        return 0
+    if args.command == "adapters":
+        from .demo_adapters import DEMOS, build_demo
+        from .models import ModelFetchError, resolve_model
+
+        logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        unknown = sorted(set(args.names) - set(DEMOS))
+        if unknown:
+            print(f"error: unknown demo {unknown[0]!r} (known: {', '.join(DEMOS)})", file=sys.stderr)
+            return 1
+        settings = Settings.load()
+        try:
+            model_path = resolve_model(str(args.model) if args.model else None, settings.cache)
+        except (ModelFetchError, ValueError, OSError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        for name in args.names or list(DEMOS):
+            print(build_demo(model_path, args.out or settings.cache / "adapters", name, steps=args.steps))
         return 0
     if args.command == "models":
         from .models import ModelFetchError, fetch_smollm2
@@ -194,6 +221,7 @@ def _stored_name(base: str, task: str, count: int) -> str:
 def serve_forever(settings: Settings) -> int:
     import uvicorn
 
+    from .adapters import AdapterStore
     from .app import create_app
     from .auth import KeyStore, check_bind
     from .engine import Engine
@@ -213,13 +241,15 @@ def serve_forever(settings: Settings) -> int:
         log.warning("no API keys configured (--api-keys): open mode, every request is the 'default' tenant "
                     "with admin rights; listening on loopback only")
     profiles = ProfileStore(settings.data_dir / "profiles.sqlite3")
+    adapters = AdapterStore(settings.data_dir / "adapters.sqlite3", settings.data_dir / "adapters")
     failed = []
 
     def stop_serving() -> None:
         failed.append(True)
         server.should_exit = True
 
-    app = create_app(lambda: Engine(settings, model_path), keys, profiles, on_engine_failure=stop_serving)
+    app = create_app(lambda: Engine(settings, model_path), keys, profiles, on_engine_failure=stop_serving,
+                     adapters=adapters, adapter_root=settings.adapter_root)
     server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level))
     server.run()
     return 1 if failed else 0

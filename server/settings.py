@@ -33,6 +33,15 @@ class Settings(BaseSettings):
                            description="Server state that must survive restarts (steering profiles).")
     api_keys: Path | None = Field(None, description="YAML/JSON file of API key hashes -> tenant and role "
                                                     "(`steerserve keys add`); none: open mode, loopback only.")
+    enable_lora: bool = Field(False, description="Serve LoRA adapters from the adapter registry (off: a base-only "
+                              "engine; on CPU, LoRA layers cost every decode step a little even without adapters).")
+    max_loras: int = Field(4, ge=1, description="Adapters in one batch (vLLM's slots); more wait in the queue.")
+    max_lora_rank: Literal[1, 8, 16, 32, 64, 128, 256, 320, 512] = Field(
+        16, description="Largest LoRA rank accepted at registration (vLLM sizes its slots by it).")
+    max_cpu_loras: int | None = Field(None, ge=1, description="Adapters kept loaded in host memory (LRU); "
+                                      "None: 4 x max_loras.")
+    adapter_root: Path | None = Field(None, description="Users may register adapters by server path only inside "
+                                      "this directory (admins anywhere); uploads always work.")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     attention_mode: Literal["softmax", "lssa", "lssar", "reweight"] = Field(
         "softmax", description="The attention function the served model was trained with (methods.md §3); "
@@ -44,6 +53,8 @@ class Settings(BaseSettings):
     def _check_batch_budget(self) -> Settings:
         if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < self.max_num_seqs:
             raise ValueError("max_num_batched_tokens must be >= max_num_seqs")
+        if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
+            raise ValueError("max_cpu_loras must be >= max_loras")
         return self
 
     @classmethod

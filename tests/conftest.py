@@ -18,6 +18,8 @@ import httpx
 import pytest
 
 SERVER_ARGS = ["--dtype", "float32", "--max-model-len", "1024", "--max-num-seqs", "16", "--kv-cache-gib", "0.5"]
+# LoRA on the shared server: two batch slots and two resident adapters, so three adapters already churn.
+LORA_ARGS = ["--enable-lora", "--max-loras", "2", "--max-lora-rank", "8", "--max-cpu-loras", "2"]
 
 
 def free_port() -> int:
@@ -33,6 +35,7 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
+        self.adapter_root: Path | None = None  # where users may register adapters by path
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "steerserve.server", "serve", "--port", str(self.port), *args],
             stdout=log_path.open("w"), stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
@@ -90,8 +93,11 @@ def server(smollm2_path: Path, api_keys, tmp_path_factory) -> Server:
     """The real server on SmolLM2 (fp32, so greedy answers are exact), shared by every end-to-end test.
     Tenants: `alice` and `bob` (users), `ops` (admin)."""
     state = tmp_path_factory.mktemp("server")
-    srv = Server(["--model", str(smollm2_path), *SERVER_ARGS, "--api-keys", api_keys["file"],
-                  "--data-dir", str(state / "data")], state / "server.log")
+    adapter_root = state / "adapters"
+    adapter_root.mkdir()
+    srv = Server(["--model", str(smollm2_path), *SERVER_ARGS, *LORA_ARGS, "--api-keys", api_keys["file"],
+                  "--data-dir", str(state / "data"), "--adapter-root", str(adapter_root)], state / "server.log")
+    srv.adapter_root = adapter_root
     try:
         yield srv.wait_ready()
     finally:

@@ -129,3 +129,29 @@ def build_tiny_llama(dir: str | Path, seed: int = 0, **overrides) -> Path:
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return out
+
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def build_tiny_lora(dir: str | Path, base_dir: str | Path, seed: int = 1, rank: int = 8,
+                    targets: tuple[str, ...] = LORA_TARGETS, std: float = 0.1) -> Path:
+    """A PEFT LoRA adapter for the model in `base_dir`, with random A *and* B (PEFT starts B at zero, which
+    would make the adapter a no-op), saved as adapter_config.json + adapter_model.safetensors in `dir`."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    out = Path(dir)
+    if (out / "adapter_model.safetensors").is_file():
+        return out
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    model = get_peft_model(base, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(targets),
+                                            lora_dropout=0.0, task_type="CAUSAL_LM"))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            if "lora_" in name:
+                p.copy_(std * torch.randn(p.shape, generator=gen))
+    model.save_pretrained(out, safe_serialization=True)
+    return out

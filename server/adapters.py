@@ -1,0 +1,302 @@
+"""The adapter registry: tenants' (and global) adapters by name, validated against the served model, in SQLite.
+
+An adapter is a directory of files plus a kind. Kind "lora" is a PEFT LoRA adapter (adapter_config.json +
+adapter_model.safetensors); other kinds (IAPT) add an inspector to `INSPECTORS` and a way to reach the engine in
+the pool. A registration is checked once, here, so that a bad adapter is a 400 naming the failed check, never a
+failure inside the engine: base model, architecture (every LoRA matrix fits the served model's layer), rank
+within --max-lora-rank, target modules the engine supports, and files that parse.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import sqlite3
+import struct
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import BadRequest
+from .profiles import GLOBAL, validate_name
+
+CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
+# The linear layers vLLM can put LoRA on in the dense decoder families we serve (Llama, Mistral, Qwen2, ...).
+LORA_TARGETS = frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"})
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS adapters (
+    id      INTEGER PRIMARY KEY AUTOINCREMENT,  -- stable engine id (LoRARequest.lora_int_id); never reused
+    tenant  TEXT NOT NULL,
+    name    TEXT NOT NULL,
+    kind    TEXT NOT NULL,
+    path    TEXT NOT NULL,
+    owned   INTEGER NOT NULL,  -- 1: the files were uploaded and the server deletes them with the adapter
+    meta    TEXT NOT NULL,     -- JSON: what the inspector found (rank, alpha, target modules, base model)
+    created REAL NOT NULL,
+    UNIQUE (tenant, name)
+)
+"""
+
+
+def validate_adapter_name(name: object, param: str = "name") -> str:
+    """The adapter name if it matches [A-Za-z0-9_.-]{1,64}; BadRequest naming `param` otherwise."""
+    try:
+        return validate_name(name)
+    except BadRequest:
+        raise BadRequest(f"invalid adapter name {str(name)[:80]!r}: use 1-64 of A-Z a-z 0-9 _ . -", param=param,
+                         code="invalid_value") from None
+
+
+class AdapterInvalid(BadRequest):
+    """A registration that failed one check; `code` is `adapter_<check>`."""
+
+    def __init__(self, check: str, message: str):
+        super().__init__(f"adapter rejected ({check}): {message}", param="adapter", code=f"adapter_{check}")
+        self.check = check
+
+
+@dataclass(frozen=True)
+class Adapter:
+    id: int
+    tenant: str  # owner: a tenant, or GLOBAL
+    name: str
+    kind: str
+    path: Path
+    owned: bool
+    meta: dict[str, Any]
+    created: float
+
+    @property
+    def scope(self) -> str:
+        return "global" if self.tenant == GLOBAL else "tenant"
+
+    @property
+    def engine_name(self) -> str:
+        """Unique per registration: vLLM keys its prefix cache and CPU cache by this name and path."""
+        return f"{self.tenant}/{self.name}#{self.id}"
+
+    def public(self) -> dict[str, Any]:
+        return {"name": self.name, "scope": self.scope, "kind": self.kind, "created": self.created,
+                "source": "upload" if self.owned else str(self.path), **self.meta}
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """What registration checks an adapter against: the served model's names and its linear layers' shapes."""
+
+    names: frozenset[str]  # lower-cased names the served model goes by (served name, directory, config name)
+    linear_shapes: dict[str, tuple[int, int]]  # "model.layers.0.self_attn.q_proj" -> (out_features, in_features)
+    max_lora_rank: int
+
+    @classmethod
+    def from_checkpoint(cls, path: Path, served_name: str, max_lora_rank: int) -> ServedModel:
+        shapes: dict[str, tuple[int, int]] = {}
+        for file in sorted(path.glob("*.safetensors")):
+            for key, shape in _safetensors_shapes(file).items():
+                if key.endswith(".weight") and len(shape) == 2:
+                    shapes[key.removesuffix(".weight")] = (shape[0], shape[1])
+        config = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
+        names = {served_name, path.name, *(str(config.get(k)) for k in ("_name_or_path", "_model_name_or_path")
+                                           if config.get(k))}
+        return cls(frozenset(n.lower() for n in names), shapes, max_lora_rank)
+
+
+def _safetensors_shapes(path: Path) -> dict[str, list[int]]:
+    """Tensor shapes from a safetensors header, checking that the data offsets fit the file (cheap: no data read)."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise ValueError("shorter than a safetensors header")
+        (header_len,) = struct.unpack("<Q", raw)
+        if header_len > min(size - 8, 100 * 2**20):
+            raise ValueError("header length points past the end of the file")
+        header = json.loads(f.read(header_len))
+    if not isinstance(header, dict):
+        raise ValueError("header is not a JSON object")
+    data_len, shapes = size - 8 - header_len, {}
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        begin, end = info["data_offsets"]
+        if not 0 <= begin <= end <= data_len:
+            raise ValueError(f"tensor {key!r} lies outside the file (truncated?)")
+        shapes[key] = list(info["shape"])
+    return shapes
+
+
+def inspect_lora(path: Path, base: ServedModel) -> dict[str, Any]:
+    """The PEFT LoRA adapter in `path`, checked against `base`; its metadata, or AdapterInvalid naming the check."""
+    config_path, weights_path = path / CONFIG_FILE, path / WEIGHTS_FILE
+    for file in (config_path, weights_path):
+        if not file.is_file():
+            raise AdapterInvalid("files", f"{file.name} is missing")
+    try:
+        config = json.loads(config_path.read_text())
+        if not isinstance(config, dict):
+            raise ValueError("not a JSON object")
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise AdapterInvalid("files", f"{CONFIG_FILE} is not valid JSON: {exc}") from None
+    try:
+        shapes = _safetensors_shapes(weights_path)
+    except (ValueError, KeyError, TypeError, OSError) as exc:
+        raise AdapterInvalid("files", f"{WEIGHTS_FILE} is corrupt: {exc}") from None
+
+    if config.get("peft_type", "LORA") != "LORA":
+        raise AdapterInvalid("format", f"peft_type is {config.get('peft_type')!r}; this kind needs 'LORA'")
+    if config.get("use_dora"):
+        raise AdapterInvalid("format", "DoRA adapters are not supported by the engine")
+    if config.get("modules_to_save"):
+        raise AdapterInvalid("target_modules", f"modules_to_save {config['modules_to_save']} is not supported")
+    declared = config.get("base_model_name_or_path")
+    if declared and Path(str(declared)).name.lower() not in {Path(n).name for n in base.names}:
+        raise AdapterInvalid("base_model", f"the adapter was trained for {declared!r}; this server serves "
+                                           f"{sorted(base.names)[0]!r}")
+    rank = int(config.get("r", 0))
+    ranks = [rank, *map(int, (config.get("rank_pattern") or {}).values())]
+    if max(ranks) > base.max_lora_rank or min(ranks) < 1:
+        raise AdapterInvalid("rank", f"rank {max(ranks)} is outside 1..{base.max_lora_rank} (the server's "
+                                     "--max-lora-rank)")
+
+    modules: dict[str, dict[str, list[int]]] = {}
+    for key, shape in shapes.items():
+        for part in ("lora_A", "lora_B"):
+            marker = f".{part}."
+            if marker in key:
+                module = key.split(marker)[0].removeprefix("base_model.model.")
+                modules.setdefault(module, {})[part] = shape
+                break
+        else:
+            raise AdapterInvalid("target_modules", f"tensor {key!r} is not a LoRA matrix (lora_A / lora_B)")
+    if not modules:
+        raise AdapterInvalid("files", f"{WEIGHTS_FILE} holds no LoRA matrices")
+    targets = sorted({m.rsplit(".", 1)[-1] for m in modules})
+    unsupported = [t for t in targets if t not in LORA_TARGETS]
+    if unsupported:
+        raise AdapterInvalid("target_modules", f"{unsupported} not supported (supported: {sorted(LORA_TARGETS)})")
+    for module, parts in sorted(modules.items()):
+        if set(parts) != {"lora_A", "lora_B"}:
+            raise AdapterInvalid("files", f"{module} has only {sorted(parts)}")
+        if module not in base.linear_shapes:
+            raise AdapterInvalid("base_model", f"the served model has no layer {module!r} (another architecture "
+                                               "or depth)")
+        out_features, in_features = base.linear_shapes[module]
+        (r_a, a_in), (b_out, r_b) = parts["lora_A"], parts["lora_B"]
+        if a_in != in_features or b_out != out_features or r_a != r_b:
+            raise AdapterInvalid("base_model", f"{module}: LoRA maps {a_in}->{b_out} (rank {r_a}/{r_b}), the "
+                                               f"served layer {in_features}->{out_features}")
+        if r_a > base.max_lora_rank:
+            raise AdapterInvalid("rank", f"{module} has rank {r_a} > the server's --max-lora-rank "
+                                         f"{base.max_lora_rank}")
+    return {"rank": max(ranks), "alpha": config.get("lora_alpha"), "target_modules": targets,
+            "base_model": declared, "layers": len({m.split(".self_attn")[0].split(".mlp")[0] for m in modules})}
+
+
+INSPECTORS: dict[str, Callable[[Path, ServedModel], dict[str, Any]]] = {"lora": inspect_lora}
+
+
+class AdapterStore:
+    """Registrations keyed by (tenant, name), own before global; thread-safe, durable across restarts. Uploaded
+    files live under `files_dir` and belong to the store."""
+
+    def __init__(self, db_path: str | Path, files_dir: str | Path):
+        self.path, self.files_dir = Path(db_path), Path(files_dir)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.files_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=10.0)
+        with self._lock:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def register(self, tenant: str, name: str, kind: str, path: Path, base: ServedModel,
+                 owned: bool = False) -> tuple[Adapter, Adapter | None]:
+        """Validate and store; returns (the new registration, the one it replaced or None)."""
+        validate_name(name)
+        if kind not in INSPECTORS:
+            raise BadRequest(f"unknown adapter kind {kind!r} (supported: {sorted(INSPECTORS)})", param="kind",
+                             code="invalid_value")
+        meta = INSPECTORS[kind](path, base)
+        with self._lock:
+            old = self._get(tenant, name)
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute("DELETE FROM adapters WHERE tenant = ? AND name = ?", (tenant, name))
+                cur = self._db.execute(
+                    "INSERT INTO adapters (tenant, name, kind, path, owned, meta, created) VALUES (?,?,?,?,?,?,?)",
+                    (tenant, name, kind, str(path), int(owned), json.dumps(meta), time.time()))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            new = self._by_id(cur.lastrowid)
+        assert new is not None
+        return new, old
+
+    def upload_dir(self) -> Path:
+        """A fresh directory for uploaded files (moved or deleted by the caller)."""
+        import tempfile
+
+        return Path(tempfile.mkdtemp(prefix="upload-", dir=self.files_dir))
+
+    def get(self, tenant: str, name: str) -> Adapter | None:
+        """The adapter in exactly `tenant`'s scope."""
+        validate_name(name)
+        with self._lock:
+            return self._get(tenant, name)
+
+    def resolve(self, tenant: str, name: str) -> Adapter | None:
+        """What a request of `tenant` means by `name`: its own adapter, else a global one, else None."""
+        validate_name(name)
+        with self._lock:
+            row = self._db.execute(f"SELECT {_COLUMNS} FROM adapters WHERE name = ? AND tenant IN (?, ?) "
+                                   "ORDER BY tenant = ? LIMIT 1", (name, tenant, GLOBAL, GLOBAL)).fetchone()
+        return _adapter(row) if row else None
+
+    def delete(self, tenant: str, name: str) -> Adapter | None:
+        """Remove the registration (not its files: the pool deletes owned files once no request uses them)."""
+        validate_name(name)
+        with self._lock:
+            old = self._get(tenant, name)
+            if old is not None:
+                self._db.execute("DELETE FROM adapters WHERE id = ?", (old.id,))
+        return old
+
+    def list(self, tenant: str) -> list[Adapter]:
+        with self._lock:
+            rows = self._db.execute(f"SELECT {_COLUMNS} FROM adapters WHERE tenant IN (?, ?) ORDER BY name, "
+                                    "tenant = ?", (tenant, GLOBAL, GLOBAL)).fetchall()
+        return [_adapter(r) for r in rows]
+
+    def all(self) -> list[Adapter]:
+        with self._lock:
+            return [_adapter(r) for r in self._db.execute(f"SELECT {_COLUMNS} FROM adapters").fetchall()]
+
+    def remove_files(self, adapter: Adapter) -> None:
+        if adapter.owned and self.files_dir in adapter.path.parents:
+            shutil.rmtree(adapter.path, ignore_errors=True)
+
+    def _get(self, tenant: str, name: str) -> Adapter | None:
+        row = self._db.execute(f"SELECT {_COLUMNS} FROM adapters WHERE tenant = ? AND name = ?",
+                               (tenant, name)).fetchone()
+        return _adapter(row) if row else None
+
+    def _by_id(self, adapter_id: int | None) -> Adapter | None:
+        row = self._db.execute(f"SELECT {_COLUMNS} FROM adapters WHERE id = ?", (adapter_id,)).fetchone()
+        return _adapter(row) if row else None
+
+
+_COLUMNS = "id, tenant, name, kind, path, owned, meta, created"
+
+
+def _adapter(row: tuple) -> Adapter:
+    adapter_id, tenant, name, kind, path, owned, meta, created = row
+    return Adapter(adapter_id, tenant, name, kind, Path(path), bool(owned), json.loads(meta), created)

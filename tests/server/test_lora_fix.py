@@ -1,0 +1,52 @@
+"""The fixed, grouped torch LoRA ops (server/lora_fix.py) against a per-row reference written out here."""
+from __future__ import annotations
+
+import pytest
+
+from steerserve.server import lora_fix
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("vllm")
+
+SLOTS, R, IN, OUT = 3, 4, 16, 24
+
+
+def reference_delta(x, a, b, indices, scale):
+    """Per row: x @ A[slot].T @ B[slot].T * scale, or 0 for index -1 (the base model)."""
+    out = torch.zeros(x.shape[0], OUT)
+    for row, slot in enumerate(indices.tolist()):
+        if slot >= 0:
+            out[row] = scale * (x[row] @ a[slot, 0].T) @ b[slot, 0].T
+    return out
+
+
+@pytest.mark.parametrize("indices", [[0, 1, 2, -1, 2], [-1, -1, -1], [2, 2, 2, 2], [1, -1, 1, 0], [-1, 2]])
+def test_shrink_then_expand_applies_each_rows_adapter(indices):
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(SLOTS, 1, R, IN, generator=gen), torch.randn(SLOTS, 1, OUT, R, generator=gen)
+    idx = torch.tensor(indices)
+    x, y0 = torch.randn(len(indices), IN, generator=gen), torch.randn(len(indices), OUT, generator=gen)
+    buffer, y = torch.full((len(indices), R), 7.0), y0.clone()
+    lora_fix.bgmv_shrink(x, a, buffer, idx, 0.5)
+    lora_fix.bgmv_expand(buffer, b, y, idx, add_inputs=True)
+    torch.testing.assert_close(y, y0 + reference_delta(x, a, b, idx, 0.5), rtol=1e-5, atol=1e-5)
+    assert torch.equal(y[idx < 0], y0[idx < 0])  # base rows untouched, bit for bit
+    # a slice of a wider output, and the overwrite (not add) form
+    wide = torch.randn(len(indices), OUT + 8, generator=gen)
+    expected = wide.clone()
+    expected[:, 4:4 + OUT] = reference_delta(x, a, b, idx, 0.5)
+    lora_fix.bgmv_expand_slice(buffer, b, wide, idx, 4, OUT, add_inputs=False)
+    torch.testing.assert_close(wide, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_apply_is_idempotent_and_removable():
+    from vllm.lora.punica_wrapper import punica_cpu
+
+    lora_fix.apply()
+    lora_fix.apply()
+    assert lora_fix.is_applied()
+    patched = punica_cpu.bgmv_shrink
+    lora_fix.remove()
+    assert not hasattr(punica_cpu.bgmv_shrink, "__steerserve_original__")
+    lora_fix.apply()
+    assert lora_fix.is_applied() and punica_cpu.bgmv_shrink is not patched
