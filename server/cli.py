@@ -46,6 +46,27 @@ def main(argv: list[str] | None = None) -> int:
     add.add_argument("--role", choices=["user", "admin"], required=True)
     add.add_argument("--name", help="label for the key (who or what uses it)")
 
+    tenants = commands.add_parser("tenants", help="admin switches per tenant (stored with the profiles)")
+    tenants_cmd = tenants.add_subparsers(dest="tenants_command", required=True)
+    tset = tenants_cmd.add_parser("set", help="change a tenant's settings")
+    tset.add_argument("tenant")
+    tset.add_argument("--allow-conjugate", action=argparse.BooleanOptionalAction, default=None,
+                      help="allow conjugate prompting (a known safety bypass) for this tenant")
+    tenants_cmd.add_parser("list", help="tenants with settings")
+    for sub in (tset, tenants_cmd.choices["list"]):
+        sub.add_argument("--data-dir", type=Path, help="the server's --data-dir (default: its default)")
+
+    prefixes = commands.add_parser("urial", help="URIAL prefixes (built-in, and registered from files)")
+    prefixes_cmd = prefixes.add_subparsers(dest="urial_command", required=True)
+    padd = prefixes_cmd.add_parser("add", help="register a prefix file by name (used verbatim)")
+    padd.add_argument("name")
+    padd.add_argument("file", type=Path)
+    prm = prefixes_cmd.add_parser("remove", help="remove a registered prefix")
+    prm.add_argument("name")
+    plist = prefixes_cmd.add_parser("list", help="built-in and registered prefixes")
+    for sub in (padd, prm, plist):
+        sub.add_argument("--data-dir", type=Path, help="the server's --data-dir (default: its default)")
+
     args = parser.parse_args(argv)
     if args.command == "serve":
         overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields}
@@ -59,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 1
         return 0
+    if args.command in ("tenants", "urial"):
+        return _admin_command(args)
     if args.command == "models":
         from .models import ModelFetchError, fetch_smollm2
 
@@ -67,6 +90,39 @@ def main(argv: list[str] | None = None) -> int:
         except ModelFetchError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
+    return 0
+
+
+def _admin_command(args: argparse.Namespace) -> int:
+    """`tenants` and `urial`: the same stores the server reads, under its data dir."""
+    import json
+
+    data_dir = args.data_dir or Settings.load().data_dir
+    try:
+        if args.command == "tenants":
+            from .tenants import TenantSettingsUpdate, TenantStore
+
+            store = TenantStore(data_dir / "profiles.sqlite3")
+            if args.tenants_command == "set":
+                print(json.dumps({"tenant": args.tenant, **store.update(
+                    args.tenant, TenantSettingsUpdate(allow_conjugate=args.allow_conjugate)).model_dump()}))
+            else:
+                print(json.dumps(store.list(), indent=1))
+            return 0
+        from .prompting import PrefixStore
+
+        prefixes = PrefixStore(data_dir / "urial")
+        if args.urial_command == "add":
+            print(json.dumps(prefixes.put(args.name, args.file.read_text(encoding="utf-8"))))
+        elif args.urial_command == "remove":
+            if not prefixes.delete(args.name):
+                print(f"error: no registered prefix named {args.name!r}", file=sys.stderr)
+                return 1
+        else:
+            print(json.dumps(prefixes.list(), indent=1))
+    except (ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -25,8 +25,7 @@ class Steering:
     @property
     def applied(self) -> str:
         """The X-Steering-Applied header: the fingerprint and the methods applied."""
-        fingerprint = self.plan.fingerprint if self.plan else ""  # no plan: the spec steers nothing
-        return f"{fingerprint}; methods={','.join(self.spec.methods())}"
+        return f"{steering.fingerprint(self.spec)}; methods={','.join(self.spec.methods())}"
 
     def extra_args(self) -> dict[str, Any] | None:
         return self.plan.to_extra_args() if self.plan else None

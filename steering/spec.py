@@ -11,15 +11,29 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator
 
+from .conjugate import ConjugateSpec
 from .logits import LogitsSpec, compile_logits
 from .model import ModelFacts, SpecError
 from .plan import Plan
 from .schema import Strict
+from .urial import UrialSpec
 
 # Families whose methods change hidden states: they enter the prefix-cache salt. Logits-only and prompt-only
 # methods do not change the KV of a given token sequence.
 HIDDEN_STATE_FAMILIES = ("attention", "experts")
-RESERVED_FAMILIES = ("attention", "experts", "prompt")
+RESERVED_FAMILIES = ("attention", "experts")
+# Families applied by the worker (a plan); the others run in the server process (`prompt`: server/prompting.py).
+WORKER_FAMILIES = ("logits",)
+
+
+class PromptSpec(Strict):
+    """Prompt-level methods: they change what the model is asked, not the model (no worker plan)."""
+
+    urial: UrialSpec | None = Field(None, description="URIAL: render the chat as in-context alignment examples "
+                                                      "for a base model (chat completions only).")
+    conjugate: ConjugateSpec | None = Field(None, description="Conjugate prompting: translate the prompt, generate, "
+                                                              "translate the answer back (chat completions only; "
+                                                              "needs the tenant's allow_conjugate switch).")
 
 
 class SteeringSpec(Strict):
@@ -29,7 +43,7 @@ class SteeringSpec(Strict):
     logits: LogitsSpec | None = None
     attention: dict[str, Any] | None = Field(None, description="Reserved: attention steering (not supported yet).")
     experts: dict[str, Any] | None = Field(None, description="Reserved: MoE expert steering (not supported yet).")
-    prompt: dict[str, Any] | None = Field(None, description="Reserved: prompt-level methods (not supported yet).")
+    prompt: PromptSpec | None = None
 
     @field_validator(*RESERVED_FAMILIES)
     @classmethod
@@ -86,10 +100,10 @@ def cache_salt(spec: SteeringSpec, tenant: str) -> str:
 
 
 def compile_spec(spec: SteeringSpec, model: ModelFacts, field: str = "steering") -> Plan | None:
-    """The worker plan for a spec on this model, or None when it steers nothing."""
-    fp = fingerprint(spec)
-    if not fp:
+    """The worker plan for a spec on this model, or None when nothing in it runs in the worker."""
+    if not any(getattr(spec, family) for family in WORKER_FAMILIES):
         return None
+    fp = fingerprint(spec)
     logits = compile_logits(spec.logits, model, f"{field}.logits") if spec.logits else None
     plan = Plan(fingerprint=fp, **({"logits": logits} if logits else {}))
     return plan
