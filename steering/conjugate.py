@@ -22,7 +22,7 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, StrictBool, field_validator
 
 from .schema import Strict
 
@@ -49,7 +49,7 @@ class ConjugateSpec(Strict):
                                       "deterministic transforms 'leetspeak', 'piglatin'.")
     translator: str = Field("self", min_length=1, max_length=256,
                             description="The model that translates: 'self' (the served model) or a served model's name.")
-    translate_back: bool = Field(True, description="Translate the answer back into English.")
+    translate_back: StrictBool = Field(True, description="Translate the answer back into English.")
 
     @field_validator("language")
     @classmethod

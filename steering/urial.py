@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 from typing import Annotated
 
-from pydantic import Field
+from pydantic import Field, StrictInt
 
 from .model import SpecError
 from .schema import Strict
@@ -32,7 +32,7 @@ _PREFIX_NAME_RE = re.compile(PREFIX_NAME)
 class UrialSpec(Strict):
     variant: Annotated[str, Field(pattern=f"^{PREFIX_NAME}$")] = Field(
         "default", description="The prefix: 'default', 'help' (no refusal example) or a prefix an admin registered.")
-    examples: int | None = Field(None, ge=0, le=64, description="Keep only the prefix's first K examples "
+    examples: StrictInt | None = Field(None, ge=0, le=64, description="Keep only the prefix's first K examples "
                                                                 "(default: all of them).")
 
 
