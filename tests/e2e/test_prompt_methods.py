@@ -167,19 +167,6 @@ def test_conjugate_piglatin_makes_one_engine_call_and_inverts_the_answer(http, m
     assert "steering_stats" not in chat(http, model_name, spec).json()  # only when asked
 
 
-def test_conjugate_translation_usage_counts_every_call(http, model_name, conjugate_allowed):
-    spec = {"prompt": {"conjugate": {"language": "fr"}}}
-    r = chat(http, model_name, spec, steering_stats={"conjugate": True})
-    stats, usage = r.json()["steering_stats"]["conjugate"], r.json()["usage"]
-    assert stats["engine_calls"] == 3 and len(stats["messages"]) == 1 and content(r) == stats["answers_back"][0]
-    # the main answer alone, asked directly with the translated message, uses fewer tokens than all three calls
-    main = chat(http, model_name, None, [stats["messages"][0]]).json()
-    assert main["choices"][0]["message"]["content"] == stats["answers"][0]
-    assert usage["prompt_tokens"] > main["usage"]["prompt_tokens"]
-    assert usage["completion_tokens"] > main["usage"]["completion_tokens"]
-    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
-
-
 def test_conjugate_streams_the_back_translation(http, model_name, conjugate_allowed):
     spec = {"prompt": {"conjugate": {"language": "de"}}}
     whole = chat(http, model_name, spec, steering_stats={"conjugate": True}, max_tokens=24).json()
@@ -188,7 +175,8 @@ def test_conjugate_streams_the_back_translation(http, model_name, conjugate_allo
     assert sum(1 for e in events if e.get("choices") and e["choices"][0]["delta"].get("content")) > 1  # token by token
     stats = [e for e in events if "steering_stats" in e]
     assert stats[0]["steering_stats"] == whole["steering_stats"]
-    assert events[-1]["usage"] == whole["usage"]
+    assert events[-1]["usage"] == whole["usage"]  # every engine call counted (tests/server/test_prompting_calls.py)
+    assert whole["usage"]["completion_tokens"] > len(whole["steering_stats"]["conjugate"]["answers"][0]) // 10
     # without translate_back, the answer in the target language streams as generated
     text, _ = streamed(http, model_name, {"prompt": {"conjugate": {"language": "de", "translate_back": False}}},
                        max_tokens=24)
