@@ -176,7 +176,6 @@ def test_conjugate_streams_the_back_translation(http, model_name, conjugate_allo
     stats = [e for e in events if "steering_stats" in e]
     assert stats[0]["steering_stats"] == whole["steering_stats"]
     assert events[-1]["usage"] == whole["usage"]  # every engine call counted (tests/server/test_prompting_calls.py)
-    assert whole["usage"]["completion_tokens"] > len(whole["steering_stats"]["conjugate"]["answers"][0]) // 10
     # without translate_back, the answer in the target language streams as generated
     text, _ = streamed(http, model_name, {"prompt": {"conjugate": {"language": "de", "translate_back": False}}},
                        max_tokens=24)
