@@ -22,7 +22,7 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from pydantic import Field, StrictBool, field_validator
+from pydantic import Field, StrictBool
 
 from .schema import Strict
 
@@ -38,6 +38,9 @@ LANGUAGES: dict[str, str] = {
     "sw": "Swahili", "th": "Thai", "tr": "Turkish", "uk": "Ukrainian", "vi": "Vietnamese", "zh": "Chinese",
 }
 
+TARGETS = tuple(code for code in LANGUAGES if code != SOURCE_LANGUAGE) + DETERMINISTIC
+Target = Literal.__getitem__(TARGETS)  # the JSON schema lists them
+
 # The one translation prompt, sent to the translator model as a user message (through its chat template when
 # it has one, as plain text followed by a blank line otherwise), greedy.
 TRANSLATION_PROMPT = ("Translate the following text from {source} into {target}. Reply with the translation only, "
@@ -45,20 +48,11 @@ TRANSLATION_PROMPT = ("Translate the following text from {source} into {target}.
 
 
 class ConjugateSpec(Strict):
-    language: str = Field(description="Target: a language code (" + ", ".join(LANGUAGES) + ") or one of the "
-                                      "deterministic transforms 'leetspeak', 'piglatin'.")
+    language: Target = Field(description="Target: a language code or one of the deterministic transforms "  # type: ignore[valid-type]
+                                         "'leetspeak', 'piglatin'.")
     translator: str = Field("self", min_length=1, max_length=256,
                             description="The model that translates: 'self' (the served model) or a served model's name.")
     translate_back: StrictBool = Field(True, description="Translate the answer back into English.")
-
-    @field_validator("language")
-    @classmethod
-    def _known(cls, value: str) -> str:
-        if value not in LANGUAGES and value not in DETERMINISTIC:
-            raise ValueError(f"unknown language {value[:40]!r}: use one of {', '.join([*LANGUAGES, *DETERMINISTIC])}")
-        if value == SOURCE_LANGUAGE:
-            raise ValueError("'en' is the source language; choose another target")
-        return value
 
 
 def translation_prompt(text: str, source: str, target: str) -> str:

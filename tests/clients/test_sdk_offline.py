@@ -13,7 +13,7 @@ import httpx
 import pytest
 import steerserve_client as sc
 from pydantic import ValidationError
-from steerserve_client import EosRamp, Logits, Rules, Steering
+from steerserve_client import Conjugate, EosRamp, Logits, Rules, Steering, Urial
 
 from .schemas import differences, family, resolve
 
@@ -85,9 +85,9 @@ def client(wire: Wire) -> sc.SteerClient:
 def test_public_api_is_pinned():
     assert sc.__all__ == [
         "APIConnectionError", "Applied", "AsyncProfiles", "AsyncSteerClient", "AsyncSteeredStream",
-        "AuthenticationError", "EosRamp", "InvalidRequest", "Logits", "NotFound", "PermissionDenied", "Profile",
-        "ProfileNotFound", "Profiles", "Rules", "ServerError", "SteerClient", "SteerServeError",
-        "SteeredResponse", "SteeredStream", "Steering", "SteeringError", "__version__",
+        "AuthenticationError", "Conjugate", "EosRamp", "InvalidRequest", "Logits", "NotFound", "PermissionDenied",
+        "Profile", "ProfileNotFound", "Profiles", "Prompt", "Rules", "ServerError", "SteerClient", "SteerServeError",
+        "SteeredResponse", "SteeredStream", "Steering", "SteeringError", "Urial", "__version__",
     ]
     assert sc.__all__ == sorted(sc.__all__)
     public = {n for n in vars(sc) if not n.startswith("_")} - {"client", "errors", "profiles", "results", "steering"}
@@ -125,6 +125,10 @@ def test_builders_read_naturally_and_serialise_without_unset_fields():
     lambda: EosRamp(max=8, window=0),
     lambda: Steering(version=2),
     lambda: Steering(attention={"sink": {"gamma": 2.0}}),  # reserved families are not modelled
+    lambda: Urial(examples=-1),
+    lambda: Urial(variant="../x"),
+    lambda: Conjugate(language="en"),
+    lambda: Conjugate(language="fr", translate_back="yes"),
 ])
 def test_invalid_specs_are_refused_locally(build):
     with pytest.raises(ValidationError):
@@ -318,8 +322,9 @@ def test_schema_comparison_catches_added_removed_renamed_and_retyped_fields():
 def test_schema_agrees_with_the_server_source():
     """Offline twin of the live drift test, for a fast failure: the server's own model, where importable."""
     spec = pytest.importorskip("steerserve.steering.spec")
-    assert differences(family(Steering.model_json_schema(), "logits"),
-                       family(spec.SteeringSpec.model_json_schema(), "logits")) == []
+    for name in ("logits", "prompt"):
+        assert differences(family(Steering.model_json_schema(), name),
+                           family(spec.SteeringSpec.model_json_schema(), name)) == [], name
 
 
 # --- asyncio ------------------------------------------------------------------------------------------------
@@ -347,3 +352,10 @@ def test_async_client_chat_stream_and_profiles(wire):
         await http.aclose()
 
     asyncio.run(main())
+
+
+def test_prompt_methods_on_the_wire():
+    spec = Steering(prompt=sc.Prompt(urial=Urial(variant="help", examples=2), conjugate=Conjugate(language="piglatin")))
+    assert spec.to_json() == {"version": 1, "prompt": {
+        "urial": {"variant": "help", "examples": 2},
+        "conjugate": {"language": "piglatin", "translator": "self", "translate_back": True}}}

@@ -14,7 +14,7 @@ from .errors import (
 )
 from .profiles import AsyncProfiles, Profile, Profiles
 from .results import Applied, AsyncSteeredStream, SteeredResponse, SteeredStream
-from .steering import EosRamp, Logits, Rules, Steering
+from .steering import Conjugate, EosRamp, Logits, Prompt, Rules, Steering, Urial
 
 # The public API, pinned by tests/clients/test_sdk_offline.py: adding or removing a name is a deliberate change.
 __all__ = [
@@ -24,6 +24,7 @@ __all__ = [
     "AsyncSteerClient",
     "AsyncSteeredStream",
     "AuthenticationError",
+    "Conjugate",
     "EosRamp",
     "InvalidRequest",
     "Logits",
@@ -32,6 +33,7 @@ __all__ = [
     "Profile",
     "ProfileNotFound",
     "Profiles",
+    "Prompt",
     "Rules",
     "ServerError",
     "SteerClient",
@@ -40,5 +42,6 @@ __all__ = [
     "SteeredStream",
     "Steering",
     "SteeringError",
+    "Urial",
     "__version__",
 ]
