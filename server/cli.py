@@ -36,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     models = commands.add_parser("models", help="manage local models")
     models_cmd = models.add_subparsers(dest="models_command", required=True)
     fetch = models_cmd.add_parser("fetch", help="download, verify and convert a known model into the cache")
-    fetch.add_argument("name", choices=["smollm2"])
+    fetch.add_argument("name", choices=["smollm2", "gemma3-270m"],
+                       help="smollm2 (the default model) or gemma3-270m (a base model, for URIAL; Gemma Terms of Use)")
 
     keys = commands.add_parser("keys", help="manage API keys (only their sha256 is stored)")
     keys_cmd = keys.add_subparsers(dest="keys_command", required=True)
@@ -83,10 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("tenants", "urial"):
         return _admin_command(args)
     if args.command == "models":
-        from .models import ModelFetchError, fetch_smollm2
+        from .models import KNOWN_MODELS, ModelFetchError, fetch
 
         try:
-            print(fetch_smollm2(Settings.load().cache))
+            print(fetch(KNOWN_MODELS[args.name], Settings.load().cache))
         except ModelFetchError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1

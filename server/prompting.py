@@ -122,6 +122,10 @@ def check_request(steering: Steering, req, route: str) -> None:
 
 
 def render_chat_template(eng: Engine, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+    if not getattr(eng.tokenizer, "chat_template", None):
+        raise BadRequest(f"{eng.info.name} has no chat template (a base model): send "
+                         '"steering": {"prompt": {"urial": {}}} to chat with it through URIAL, or use /v1/completions',
+                         param="messages")
     try:
         return eng.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
     except Exception as exc:  # jinja raises template-defined errors (e.g. "roles must alternate")
