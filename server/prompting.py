@@ -161,6 +161,8 @@ class PromptRun:
                 urial.render(self.prefix, self.messages)
             if self.conjugate:
                 self._check_conjugate()
+                if not self.urial:  # a model without a chat template needs URIAL: say so before translating
+                    render_chat_template(eng, [{"role": "user", "content": ""}])
         except SpecError as exc:
             raise spec_error(exc) from None
 

@@ -44,11 +44,13 @@ def engine(smollm2_path):
         return Engine(settings, smollm2_path)
 
     eng = loop.run_until_complete(start())
-    yield SimpleNamespace(loop=loop, rec=RecordingEngine(eng))
+    state = SimpleNamespace(loop=loop, rec=RecordingEngine(eng))
+    yield state
     eng.shutdown()
     loop.close()
+    state.rec = None  # drop every reference, so the engine is freed now and a later module can build its own
     del eng
-    gc.collect()  # frees the engine now, so a later module can build its own in this process
+    gc.collect()
 
 
 def run(engine, tmp_path, steering: dict, messages: list[dict], stream: bool = False, **extra):
