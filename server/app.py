@@ -19,9 +19,9 @@ from pydantic import BaseModel, ValidationError
 from steerserve.steering import spec as steering_spec
 
 from . import generation as gen
-from . import steer
+from . import prompting, steer
 from .adapters import Adapter, AdapterInvalid, AdapterStore, ServedModel, validate_adapter_name
-from .auth import KeyStore, Principal
+from .auth import KeyStore, Principal, valid_tenant
 from .chat import render as render_chat
 from .engine import Engine
 from .errors import APIError, BadRequest, Forbidden, NotFound, Unavailable, pydantic_to_api_error
@@ -29,6 +29,7 @@ from .metrics import Metrics, MetricsMiddleware
 from .pool import AdapterPool
 from .profiles import GLOBAL, ProfileStore, validate_name
 from .protocol import ChatCompletionRequest, CompletionRequest, sampling_params, structured_output
+from .tenants import TenantSettingsUpdate, TenantStore
 
 log = logging.getLogger("steerserve.server")
 
@@ -42,10 +43,14 @@ class ClientDisconnected(Exception):
 
 def create_app(engine_factory: Callable[[], Engine], keys: KeyStore, profiles: ProfileStore,
                on_engine_failure: Callable[[], None] = lambda: None, adapters: AdapterStore | None = None,
-               adapter_root: Path | None = None) -> FastAPI:
+               adapter_root: Path | None = None, tenants: TenantStore | None = None,
+               prefixes: prompting.PrefixStore | None = None) -> FastAPI:
     """The app. `engine_factory` builds the engine in a worker thread, so /health answers while it loads;
     `on_engine_failure` is called if it cannot be built or fails its steering self-test (the CLI then exits
-    non-zero). `adapters`: the adapter registry, served when the engine has LoRA enabled."""
+    non-zero). `adapters`: the adapter registry, served when the engine has LoRA enabled. Tenant settings and
+    URIAL prefixes live beside the profiles unless given."""
+    tenants = tenants or TenantStore(profiles.path)
+    prefixes = prefixes or prompting.PrefixStore(profiles.path.parent / "urial")
     state: dict[str, Any] = {"engine": None, "error": None, "pool": None, "base": None}
     metrics = Metrics(lambda: state["engine"].num_unfinished_requests() if state["engine"] else 0)
 
@@ -106,8 +111,17 @@ def create_app(engine_factory: Callable[[], Engine], keys: KeyStore, profiles: P
         eng, adapter_name = _check_model(engine(), req.model, request.headers.get("x-adapter"))
         served = Served(eng.info.name, who.tenant, adapter_of(who, adapter_name) if adapter_name else None,
                         state["pool"])
-        return req, eng, steer.resolve(request.headers, req.steering, who, profiles, eng.facts,
-                                       eng.model_steering), served
+        steering = steer.resolve(request.headers, req.steering, who, profiles, eng.facts, eng.model_steering)
+        prompting.authorize(steering, who, tenants)
+        prompting.check_request(steering, req, request.url.path)
+        if steering.spec.prompt is not None and served.adapter is not None:
+            raise BadRequest("prompt-level steering (steering.prompt) cannot be combined with an adapter yet",
+                             param="steering.prompt", code="invalid_steering")
+        if steering.spec.prompt is not None and steering.spec.attention and steering.spec.attention.spans:
+            raise BadRequest("span steering (steering.attention.spans) cannot be combined with prompt-level "
+                             "methods yet: their targets refer to the chat template's tokens",
+                             param="steering.attention.spans", code="invalid_steering")
+        return req, eng, steering, served
 
     def pool() -> AdapterPool:
         engine()
@@ -195,15 +209,19 @@ def create_app(engine_factory: Callable[[], Engine], keys: KeyStore, profiles: P
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         req, eng, steering, served = await admit(request, ChatCompletionRequest)
-        chat = render_chat(eng.tokenizer, [{"role": m.role, "content": m.text()} for m in req.messages],
-                           req.add_generation_prompt)
-        prompt = gen.Prompt(chat.ids, chat.text)
-        steering = steering.bind([len(prompt.ids)], chat.role_spans)
         top = req.top_logprobs or 0
-        params = _params(eng, req, prompt, top if req.logprobs else None, steering,
-                         structured_output(req.response_format))
-        g = gen.Generation(eng, metrics, "/v1/chat/completions", [prompt], params, "chatcmpl", steering.salt_for,
-                           served.acquire)
+        g: gen.Generation | prompting.PromptRun
+        if steering.spec.prompt is not None:  # URIAL, conjugate prompting: see server/prompting.py
+            g = prompting.PromptRun(eng, metrics, req, steering, prefixes)
+        else:
+            chat = render_chat(eng.tokenizer, [{"role": m.role, "content": m.text()} for m in req.messages],
+                               req.add_generation_prompt)
+            prompt = gen.Prompt(chat.ids, chat.text)
+            steering = steering.bind([len(prompt.ids)], chat.role_spans)
+            params = _params(eng, req, prompt, top if req.logprobs else None, steering,
+                             structured_output(req.response_format))
+            g = gen.Generation(eng, metrics, "/v1/chat/completions", [prompt], params, "chatcmpl",
+                               steering.salt_for, served.acquire)
         head = {"id": g.id, "object": "chat.completion", "created": g.created, "model": served.model}
 
         def logprobs_json(c: gen.Choice | gen.Delta) -> dict | None:
@@ -214,7 +232,7 @@ def create_app(engine_factory: Callable[[], Engine], keys: KeyStore, profiles: P
             return JSONResponse({**head, "choices": [
                 {"index": c.index, "message": {"role": "assistant", "content": c.text},
                  "logprobs": logprobs_json(c), "finish_reason": c.finish_reason} for c in choices],
-                "usage": g.usage()}, headers=served.headers(steering))
+                "usage": g.usage(), **_stats(g)}, headers=served.headers(steering))
 
         head = {**head, "object": "chat.completion.chunk"}
 
@@ -329,6 +347,65 @@ def create_app(engine_factory: Callable[[], Engine], keys: KeyStore, profiles: P
         adapter_pool.retire(old)  # requests already using it finish with it
         return {"name": name, "deleted": True}
 
+    # --- tenant settings (admin-controlled switches) ---
+
+    def tenant_of(who: Principal, tenant: str, writing: bool) -> str:
+        if not valid_tenant(tenant):
+            raise BadRequest("invalid tenant name: use 1-64 of A-Z a-z 0-9 _ . -", param="tenant")
+        if not who.is_admin and (writing or tenant != who.tenant):
+            raise Forbidden("only admins manage tenant settings" if writing else
+                            "only admins read other tenants' settings", param="tenant")
+        return tenant
+
+    @app.get("/v1/tenants/{tenant}/settings")
+    async def get_tenant_settings(request: Request, tenant: str) -> dict:
+        tenant = tenant_of(principal(request), tenant, writing=False)
+        return {"tenant": tenant, **tenants.get(tenant).model_dump()}
+
+    @app.put("/v1/tenants/{tenant}/settings")
+    async def put_tenant_settings(request: Request, tenant: str) -> dict:
+        tenant = tenant_of(principal(request), tenant, writing=True)
+        update = await _parse(request, TenantSettingsUpdate)
+        return {"tenant": tenant, **tenants.update(tenant, update).model_dump()}
+
+    # --- URIAL prefixes: built-in and registered by admins ---
+
+    @app.get("/v1/steering/urial/prefixes")
+    async def list_prefixes(request: Request) -> dict:
+        principal(request)
+        return {"object": "list", "data": prefixes.list()}
+
+    @app.get("/v1/steering/urial/prefixes/{name}")
+    async def get_prefix(request: Request, name: str) -> dict:
+        principal(request)
+        text = prefixes.get(name)
+        if text is None:
+            raise NotFound(f"URIAL prefix '{name}' not found", param="name", code="prefix_not_found")
+        return {**prompting.describe(name, text, builtin=name in prompting.urial.BUILTIN_PREFIXES), "text": text}
+
+    @app.put("/v1/steering/urial/prefixes/{name}")
+    async def put_prefix(request: Request, name: str) -> dict:
+        if not principal(request).is_admin:
+            raise Forbidden("only admins register URIAL prefixes", param="name")
+        try:
+            return prefixes.put(name, (await request.body()).decode("utf-8"))
+        except UnicodeDecodeError:
+            raise BadRequest("the prefix must be UTF-8 text", param="body") from None
+        except ValueError as exc:
+            raise BadRequest(str(exc), param="name") from None
+
+    @app.delete("/v1/steering/urial/prefixes/{name}")
+    async def delete_prefix(request: Request, name: str) -> dict:
+        if not principal(request).is_admin:
+            raise Forbidden("only admins delete URIAL prefixes", param="name")
+        try:
+            deleted = prefixes.delete(name)
+        except ValueError as exc:
+            raise BadRequest(str(exc), param="name") from None
+        if not deleted:
+            raise NotFound(f"URIAL prefix '{name}' not found", param="name", code="prefix_not_found")
+        return {"name": name, "deleted": True}
+
     return app
 
 
@@ -439,6 +516,12 @@ class Served:
         return headers
 
 
+def _stats(g) -> dict:
+    """The response's `steering_stats` (intermediate texts of prompt methods), when asked for and present."""
+    stats = g.stats() if isinstance(g, prompting.PromptRun) else None
+    return {"steering_stats": stats} if stats else {}
+
+
 def _params(eng: Engine, req, prompt: gen.Prompt, logprobs: int | None, steering: steer.Steering, structured=None):
     return sampling_params(req, prompt_len=len(prompt.ids), max_model_len=eng.info.max_model_len,
                            vocab_size=eng.info.vocab_size, logprobs=logprobs, structured=structured,
@@ -485,8 +568,8 @@ def _engine_error(exc: Exception) -> APIError:
     return APIError(f"generation failed: {type(cause).__name__}")
 
 
-async def _sse(request: Request, g: gen.Generation, preamble: list[dict], render: Callable[[gen.Delta], dict],
-               head: dict, req, headers: dict[str, str]) -> Response:
+async def _sse(request: Request, g: gen.Generation | prompting.PromptRun, preamble: list[dict],
+               render: Callable[[gen.Delta], dict], head: dict, req, headers: dict[str, str]) -> Response:
     """Server-sent events. The first delta is awaited before answering, so a request the engine rejects is still
     a 400 and not a broken stream."""
     deltas = g.deltas()
@@ -504,6 +587,8 @@ async def _sse(request: Request, g: gen.Generation, preamble: list[dict], render
                 yield f"data: {json.dumps(render(first))}\n\n"
                 async for d in deltas:
                     yield f"data: {json.dumps(render(d))}\n\n"
+            if stats := _stats(g):
+                yield f"data: {json.dumps({**head, 'choices': [], 'usage': None, **stats})}\n\n"
             if include_usage:
                 yield f"data: {json.dumps({**head, 'choices': [], 'usage': g.usage()})}\n\n"
         except Exception as exc:  # the status line is gone; report in-band as OpenAI does

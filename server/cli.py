@@ -36,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     models = commands.add_parser("models", help="manage local models")
     models_cmd = models.add_subparsers(dest="models_command", required=True)
     fetch = models_cmd.add_parser("fetch", help="download, verify and convert a known model into the cache")
-    fetch.add_argument("name", choices=["smollm2"])
+    fetch.add_argument("name", choices=["smollm2", "gemma3-270m"],
+                       help="smollm2 (the default model) or gemma3-270m (a base model, for URIAL; Gemma Terms of Use)")
 
     keys = commands.add_parser("keys", help="manage API keys (only their sha256 is stored)")
     keys_cmd = keys.add_subparsers(dest="keys_command", required=True)
@@ -86,6 +87,27 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--steps", type=int, default=20, help="training steps per adapter (batch of 8)")
     demo.add_argument("names", nargs="*", help="which demos (default: all)")
 
+    tenants = commands.add_parser("tenants", help="admin switches per tenant (stored with the profiles)")
+    tenants_cmd = tenants.add_subparsers(dest="tenants_command", required=True)
+    tset = tenants_cmd.add_parser("set", help="change a tenant's settings")
+    tset.add_argument("tenant")
+    tset.add_argument("--allow-conjugate", action=argparse.BooleanOptionalAction, default=None,
+                      help="allow conjugate prompting (a known safety bypass) for this tenant")
+    tenants_cmd.add_parser("list", help="tenants with settings")
+    for sub in (tset, tenants_cmd.choices["list"]):
+        sub.add_argument("--data-dir", type=Path, help="the server's --data-dir (default: its default)")
+
+    prefixes = commands.add_parser("urial", help="URIAL prefixes (built-in, and registered from files)")
+    prefixes_cmd = prefixes.add_subparsers(dest="urial_command", required=True)
+    padd = prefixes_cmd.add_parser("add", help="register a prefix file by name (used verbatim)")
+    padd.add_argument("name")
+    padd.add_argument("file", type=Path)
+    prm = prefixes_cmd.add_parser("remove", help="remove a registered prefix")
+    prm.add_argument("name")
+    plist = prefixes_cmd.add_parser("list", help="built-in and registered prefixes")
+    for sub in (padd, prm, plist):
+        sub.add_argument("--data-dir", type=Path, help="the server's --data-dir (default: its default)")
+
     args = parser.parse_args(argv)
     if args.command == "profile":
         return profile_sinks(args)
@@ -121,11 +143,14 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.names or list(DEMOS):
             print(build_demo(model_path, args.out or settings.cache / "adapters", name, steps=args.steps))
         return 0
+
+    if args.command in ("tenants", "urial"):
+        return _admin_command(args)
     if args.command == "models":
-        from .models import ModelFetchError, fetch_smollm2
+        from .models import KNOWN_MODELS, ModelFetchError, fetch
 
         try:
-            print(fetch_smollm2(Settings.load().cache))
+            print(fetch(KNOWN_MODELS[args.name], Settings.load().cache))
         except ModelFetchError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
@@ -216,6 +241,39 @@ def calibrate_sink(args: argparse.Namespace) -> int:
 
 def _stored_name(base: str, task: str, count: int) -> str:
     return base if count == 1 else f"{base}-{task}"
+
+
+def _admin_command(args: argparse.Namespace) -> int:
+    """`tenants` and `urial`: the same stores the server reads, under its data dir."""
+    import json
+
+    data_dir = args.data_dir or Settings.load().data_dir
+    try:
+        if args.command == "tenants":
+            from .tenants import TenantSettingsUpdate, TenantStore
+
+            store = TenantStore(data_dir / "profiles.sqlite3")
+            if args.tenants_command == "set":
+                print(json.dumps({"tenant": args.tenant, **store.update(
+                    args.tenant, TenantSettingsUpdate(allow_conjugate=args.allow_conjugate)).model_dump()}))
+            else:
+                print(json.dumps(store.list(), indent=1))
+            return 0
+        from .prompting import PrefixStore
+
+        prefixes = PrefixStore(data_dir / "urial")
+        if args.urial_command == "add":
+            print(json.dumps(prefixes.put(args.name, args.file.read_text(encoding="utf-8"))))
+        elif args.urial_command == "remove":
+            if not prefixes.delete(args.name):
+                print(f"error: no registered prefix named {args.name!r}", file=sys.stderr)
+                return 1
+        else:
+            print(json.dumps(prefixes.list(), indent=1))
+    except (ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def serve_forever(settings: Settings) -> int:

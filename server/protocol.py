@@ -55,6 +55,10 @@ class ResponseFormat(Strict):
         return self
 
 
+class SteeringStatsRequest(Strict):
+    conjugate: bool = Field(False, description="Return conjugate prompting's intermediate texts.")
+
+
 class SamplingRequest(Strict):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
@@ -76,6 +80,7 @@ class SamplingRequest(Strict):
     user: str | None = None
     ignore_eos: bool = False
     steering: dict[str, Any] | None = None  # steerserve's extension; parsed by steering.spec, not here
+    steering_stats: SteeringStatsRequest | None = None  # steerserve's extension: extra output in the response
 
     @field_validator("stop")
     @classmethod

@@ -28,8 +28,7 @@ class Steering:
     @property
     def applied(self) -> str:
         """The X-Steering-Applied header: the fingerprint and the methods applied (and which are experimental)."""
-        fingerprint = self.plan.fingerprint if self.plan else ""  # no plan: the spec steers nothing
-        header = f"{fingerprint}; methods={','.join(self.spec.methods())}"
+        header = f"{steering.fingerprint(self.spec)}; methods={','.join(self.spec.methods())}"
         return header + (f"; experimental={','.join(self.experimental)}" if self.experimental else "")
 
     def extra_args(self) -> dict[str, Any] | None:

@@ -12,15 +12,29 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError, field_validator
 
 from .attention import AttentionSpec, compile_attention
+from .conjugate import ConjugateSpec
 from .logits import LogitsSpec, compile_logits
 from .model import ModelFacts, SpecError
 from .plan import Plan
 from .schema import Strict
+from .urial import UrialSpec
 
 # Families whose methods change hidden states: they enter the prefix-cache salt. Logits-only and prompt-only
 # methods do not change the KV of a given token sequence.
 HIDDEN_STATE_FAMILIES = ("attention", "experts")
-RESERVED_FAMILIES = ("experts", "prompt")
+RESERVED_FAMILIES = ("experts",)
+# Families applied by the worker (a plan); the others run in the server process (`prompt`: server/prompting.py).
+WORKER_FAMILIES = ("logits", "attention")
+
+
+class PromptSpec(Strict):
+    """Prompt-level methods: they change what the model is asked, not the model (no worker plan)."""
+
+    urial: UrialSpec | None = Field(None, description="URIAL: render the chat as in-context alignment examples "
+                                                      "for a base model (chat completions only).")
+    conjugate: ConjugateSpec | None = Field(None, description="Conjugate prompting: translate the prompt, generate, "
+                                                              "translate the answer back (chat completions only; "
+                                                              "needs the tenant's allow_conjugate switch).")
 
 
 class SteeringSpec(Strict):
@@ -30,7 +44,7 @@ class SteeringSpec(Strict):
     logits: LogitsSpec | None = None
     attention: AttentionSpec | None = None
     experts: dict[str, Any] | None = Field(None, description="Reserved: MoE expert steering (not supported yet).")
-    prompt: dict[str, Any] | None = Field(None, description="Reserved: prompt-level methods (not supported yet).")
+    prompt: PromptSpec | None = None
 
     @field_validator(*RESERVED_FAMILIES)
     @classmethod
@@ -95,10 +109,10 @@ def cache_salt(spec: SteeringSpec, tenant: str) -> str:
 
 
 def compile_spec(spec: SteeringSpec, model: ModelFacts, field: str = "steering") -> Plan | None:
-    """The worker plan for a spec on this model, or None when it steers nothing."""
-    fp = fingerprint(spec)
-    if not fp:
+    """The worker plan for a spec on this model, or None when nothing in it runs in the worker."""
+    if not any(getattr(spec, family) for family in WORKER_FAMILIES):
         return None
+    fp = fingerprint(spec)
     parts: dict[str, Any] = {}
     if spec.logits:
         parts["logits"] = compile_logits(spec.logits, model, f"{field}.logits")

@@ -13,7 +13,18 @@ import httpx
 import pytest
 import steerserve_client as sc
 from pydantic import ValidationError
-from steerserve_client import Attention, EosRamp, KeyRange, Logits, Rules, Sink, Span, Steering
+from steerserve_client import (
+    Attention,
+    Conjugate,
+    EosRamp,
+    KeyRange,
+    Logits,
+    Rules,
+    Sink,
+    Span,
+    Steering,
+    Urial,
+)
 
 from .schemas import differences, family, resolve
 
@@ -85,10 +96,10 @@ def client(wire: Wire) -> sc.SteerClient:
 def test_public_api_is_pinned():
     assert sc.__all__ == [
         "APIConnectionError", "Applied", "AsyncProfiles", "AsyncSteerClient", "AsyncSteeredStream", "Attention",
-        "AttentionMode", "AuthenticationError", "EosRamp", "InvalidRequest", "KeyRange", "Logits", "NotFound", "PermissionDenied",
-        "Profile", "ProfileNotFound", "Profiles", "Rules", "ServerError", "Sink", "Span", "SteerClient",
-        "SteerServeError",
-        "SteeredResponse", "SteeredStream", "Steering", "SteeringError", "__version__",
+        "AttentionMode", "AuthenticationError", "Conjugate", "EosRamp", "InvalidRequest", "KeyRange", "Logits",
+        "NotFound", "PermissionDenied", "Profile", "ProfileNotFound", "Profiles", "Prompt", "Rules", "ServerError",
+        "Sink", "Span", "SteerClient", "SteerServeError", "SteeredResponse", "SteeredStream", "Steering",
+        "SteeringError", "Urial", "__version__",
     ]
     assert sc.__all__ == sorted(sc.__all__)
     public = {n for n in vars(sc) if not n.startswith("_")} - {"client", "errors", "profiles", "results", "steering"}
@@ -131,6 +142,10 @@ def test_builders_read_naturally_and_serialise_without_unset_fields():
     lambda: Span(target="tool", alpha=0.5),
     lambda: Span(target=KeyRange(start=4, end=4), alpha=0.5),
     lambda: Attention(spans=[]),
+    lambda: Urial(examples=-1),
+    lambda: Urial(variant="../x"),
+    lambda: Conjugate(language="en"),
+    lambda: Conjugate(language="fr", translate_back="yes"),
 ])
 def test_invalid_specs_are_refused_locally(build):
     with pytest.raises(ValidationError):
@@ -324,8 +339,9 @@ def test_schema_comparison_catches_added_removed_renamed_and_retyped_fields():
 def test_schema_agrees_with_the_server_source():
     """Offline twin of the live drift test, for a fast failure: the server's own model, where importable."""
     spec = pytest.importorskip("steerserve.steering.spec")
-    assert differences(family(Steering.model_json_schema(), "logits"),
-                       family(spec.SteeringSpec.model_json_schema(), "logits")) == []
+    for name in ("logits", "prompt"):
+        assert differences(family(Steering.model_json_schema(), name),
+                           family(spec.SteeringSpec.model_json_schema(), name)) == [], name
 
 
 # --- asyncio ------------------------------------------------------------------------------------------------
@@ -353,3 +369,10 @@ def test_async_client_chat_stream_and_profiles(wire):
         await http.aclose()
 
     asyncio.run(main())
+
+
+def test_prompt_methods_on_the_wire():
+    spec = Steering(prompt=sc.Prompt(urial=Urial(variant="help", examples=2), conjugate=Conjugate(language="piglatin")))
+    assert spec.to_json() == {"version": 1, "prompt": {
+        "urial": {"variant": "help", "examples": 2},
+        "conjugate": {"language": "piglatin", "translator": "self", "translate_back": True}}}

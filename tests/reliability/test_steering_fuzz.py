@@ -26,7 +26,18 @@ near_valid = st.fixed_dictionaries({}, optional={
             "diversity": numbers | json_values,
         }) | json_values,
     }) | json_values,
-    "attention": json_values, "experts": json_values, "prompt": json_values,
+    "prompt": st.fixed_dictionaries({}, optional={
+        "urial": st.fixed_dictionaries({}, optional={
+            "variant": st.sampled_from(["default", "help", "nope", "../x", ""]) | json_values,
+            "examples": st.integers(-2, 70) | json_values,
+        }) | json_values,
+        "conjugate": st.fixed_dictionaries({}, optional={
+            "language": st.sampled_from(["fr", "en", "piglatin", "xx"]) | json_values,
+            "translator": st.sampled_from(["self", "other", ""]) | json_values,
+            "translate_back": st.booleans() | json_values,
+        }) | json_values,
+    }) | json_values,
+    "attention": json_values, "experts": json_values,
 }) | st.dictionaries(st.text(max_size=10), json_values, max_size=3)
 
 BASELINE = {"messages": [{"role": "user", "content": "What is the capital of France?"}], "temperature": 0,
@@ -40,7 +51,9 @@ def baseline(http, model_name) -> str:
 
 def check(r) -> None:
     assert r.status_code < 500, r.text
-    if r.status_code != 200:
+    if r.status_code == 403:  # conjugate prompting, which this tenant may not use
+        assert r.json()["error"]["param"] == "steering.prompt.conjugate", r.text
+    elif r.status_code != 200:
         assert r.status_code == 400, r.text
         err = r.json()["error"]
         assert err["param"] and err["param"].split(".")[0] in ("steering", "X-Steering"), err

@@ -48,13 +48,25 @@ def test_hidden_state_families_enter_the_salt():
     ({"logits": {"bias": {"1": float("inf")}}}, "s.logits.bias.1"),
     ({"logits": {"rules": {"eos_ramp": {"max": 1.0, "window": 0}}}}, "s.logits.rules.eos_ramp.window"),
     ({"logits": {"rules": {"diversity": -1}}}, "s.logits.rules.diversity"),
-    ({"prompt": {"urial": {}}}, "s.prompt"),
+    ({"prompt": {"urial": {"examples": -1}}}, "s.prompt.urial.examples"),
+    ({"prompt": {"urial": {"variant": "../etc"}}}, "s.prompt.urial.variant"),
+    ({"prompt": {"conjugate": {"language": "xx"}}}, "s.prompt.conjugate.language"),
+    ({"prompt": {"conjugate": {}}}, "s.prompt.conjugate.language"),
+    ({"prompt": {"urial": {}, "other": {}}}, "s.prompt.other"),
     ([], "s"),
 ])
 def test_parse_errors_name_the_field(raw, field):
     with pytest.raises(SpecError) as err:
         S.parse(raw, "s")
     assert err.value.field == field
+
+
+def test_prompt_methods_make_no_plan_and_leave_the_salt_alone():
+    plain = S.merge([])
+    prompt = S.merge([S.parse({"prompt": {"urial": {"variant": "help"}, "conjugate": {"language": "fr"}}}, "s")])
+    assert S.compile_spec(prompt, None) is None  # nothing for the worker (the model is not even consulted)
+    assert S.cache_salt(prompt, "alice") == S.cache_salt(plain, "alice")
+    assert prompt.methods() == ["prompt.conjugate", "prompt.urial"] and S.fingerprint(prompt) != ""
 
 
 def test_hewitt_preset_maps_every_piece_onto_smollm2(smollm2):

@@ -14,7 +14,20 @@ from .errors import (
 )
 from .profiles import AsyncProfiles, Profile, Profiles
 from .results import Applied, AsyncSteeredStream, SteeredResponse, SteeredStream
-from .steering import Attention, AttentionMode, EosRamp, KeyRange, Logits, Rules, Sink, Span, Steering
+from .steering import (
+    Attention,
+    AttentionMode,
+    Conjugate,
+    EosRamp,
+    KeyRange,
+    Logits,
+    Prompt,
+    Rules,
+    Sink,
+    Span,
+    Steering,
+    Urial,
+)
 
 # The public API, pinned by tests/clients/test_sdk_offline.py: adding or removing a name is a deliberate change.
 __all__ = [
@@ -26,6 +39,7 @@ __all__ = [
     "Attention",
     "AttentionMode",
     "AuthenticationError",
+    "Conjugate",
     "EosRamp",
     "InvalidRequest",
     "KeyRange",
@@ -35,6 +49,7 @@ __all__ = [
     "Profile",
     "ProfileNotFound",
     "Profiles",
+    "Prompt",
     "Rules",
     "ServerError",
     "Sink",
@@ -45,5 +60,6 @@ __all__ = [
     "SteeredStream",
     "Steering",
     "SteeringError",
+    "Urial",
     "__version__",
 ]

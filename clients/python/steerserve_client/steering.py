@@ -1,7 +1,7 @@
 """Typed steering specs: the request field `steering` (and profile bodies) as pydantic models with builders.
 
-Only the families the server applies today are modelled (`logits`, `attention`); the reserved ones (`experts`,
-`prompt`) join when the server supports them. Names, types and bounds mirror the server's
+Only the families the server applies today are modelled (`logits`, `attention`, `prompt`); the reserved one
+(`experts`) joins when the server supports it. Names, types and bounds mirror the server's
 `GET /v1/steering/schema` exactly (tests/clients check it against the live server), so a spec that validates
 here is only ever refused by the server for model-specific reasons (e.g. a bias key that is not one token).
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator, model_validator
 
 Delta = Annotated[float, Field(ge=-100.0, le=100.0)]
 TokenMap = Annotated[dict[str, Delta], Field(max_length=1024)]
@@ -150,6 +150,36 @@ class Attention(_Spec):
                                      description="Each entry biases the prompt keys outside its own target.")
 
 
+class Urial(_Spec):
+    """URIAL: the chat rendered as in-context alignment examples for a base model (chat completions only)."""
+
+    variant: Annotated[str, Field(pattern="^[A-Za-z0-9_.-]{1,64}$")] = Field(
+        "default", description="The prefix: 'default', 'help' (no refusal example) or a prefix an admin registered.")
+    examples: StrictInt | None = Field(None, ge=0, le=64, description="Keep only the prefix's first K examples "
+                                                                      "(default: all of them).")
+
+
+# Targets of conjugate prompting: language codes (translated by a model), then the two deterministic transforms.
+Language = Literal["ar", "bn", "cs", "da", "de", "el", "es", "fi", "fr", "he", "hi", "hu", "id", "it", "ja", "ko", "ml",
+                   "nl", "no", "pl", "pt", "ro", "ru", "sv", "sw", "th", "tr", "uk", "vi", "zh", "leetspeak", "piglatin"]
+
+
+class Conjugate(_Spec):
+    """Conjugate prompting: translate the prompt, generate, translate back. Needs the tenant's admin switch."""
+
+    language: Language = Field(description="A language code (e.g. 'fr', 'ja', 'sw') or 'leetspeak' / 'piglatin'.")
+    translator: str = Field("self", min_length=1, max_length=256,
+                            description="The model that translates: 'self' (the served model) or a served model's name.")
+    translate_back: StrictBool = Field(True, description="Translate the answer back into English.")
+
+
+class Prompt(_Spec):
+    """Prompt-level methods, e.g. `Prompt(urial=Urial(variant="help"))`."""
+
+    urial: Urial | None = None
+    conjugate: Conjugate | None = None
+
+
 class Steering(_Spec):
     """A request's steering, e.g. `Steering(logits=Logits(bias={" Paris": 2.0}, rules=Rules.preset("hewitt2024")))`.
 
@@ -160,3 +190,4 @@ class Steering(_Spec):
     version: Literal[1] = 1
     logits: Logits | None = None
     attention: Attention | None = None
+    prompt: Prompt | None = None
