@@ -30,9 +30,11 @@ class RecordingEngine:
     def __getattr__(self, name):
         return getattr(self.engine, name)
 
-    def generate(self, prompt_ids, params, request_id, *, prompt_text=None, cache_salt=None):
-        self.calls.append(SimpleNamespace(ids=list(prompt_ids), text=prompt_text, params=params, salt=cache_salt))
-        return self.engine.generate(prompt_ids, params, request_id, prompt_text=prompt_text, cache_salt=cache_salt)
+    def generate(self, prompt_ids, params, request_id, *, prompt_text=None, cache_salt=None, lora_request=None):
+        self.calls.append(SimpleNamespace(ids=list(prompt_ids), text=prompt_text, params=params, salt=cache_salt,
+                                          lora=lora_request))
+        return self.engine.generate(prompt_ids, params, request_id, prompt_text=prompt_text, cache_salt=cache_salt,
+                                    lora_request=lora_request)
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +49,12 @@ def engine(smollm2_path):
     state = SimpleNamespace(loop=loop, rec=RecordingEngine(eng))
     yield state
     eng.shutdown()
+    # Let the engine's output task see the shutdown and close its socket inside the loop; otherwise the zmq
+    # context's finaliser waits for that socket forever (a hang seen at teardown).
+    pending = asyncio.all_tasks(loop)
+    for task in pending:
+        task.cancel()
+    loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
     loop.close()
     state.rec = None  # drop every reference, so the engine is freed now and a later module can build its own
     del eng
