@@ -24,5 +24,7 @@ def register() -> None:
         log.info("steerserve: forcing the V1 model runner (VLLM_USE_V2_MODEL_RUNNER=0) for the steering hooks")
 
     from .attention import register as register_attention
+    from .experts import register as register_experts
 
     register_attention()
+    register_experts()

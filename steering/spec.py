@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError, field_validator
 
 from .attention import AttentionSpec, compile_attention
+from .experts import ExpertsSpec, compile_experts
 from .logits import LogitsSpec, compile_logits
 from .model import ModelFacts, SpecError
 from .plan import Plan
@@ -20,7 +21,7 @@ from .schema import Strict
 # Families whose methods change hidden states: they enter the prefix-cache salt. Logits-only and prompt-only
 # methods do not change the KV of a given token sequence.
 HIDDEN_STATE_FAMILIES = ("attention", "experts")
-RESERVED_FAMILIES = ("experts", "prompt")
+RESERVED_FAMILIES = ("prompt",)
 
 
 class SteeringSpec(Strict):
@@ -29,7 +30,7 @@ class SteeringSpec(Strict):
     version: Literal[1] = 1
     logits: LogitsSpec | None = None
     attention: AttentionSpec | None = None
-    experts: dict[str, Any] | None = Field(None, description="Reserved: MoE expert steering (not supported yet).")
+    experts: ExpertsSpec | None = None
     prompt: dict[str, Any] | None = Field(None, description="Reserved: prompt-level methods (not supported yet).")
 
     @field_validator(*RESERVED_FAMILIES)
@@ -43,7 +44,8 @@ class SteeringSpec(Strict):
         """The methods this spec applies, as `family.method` names."""
         out = []
         for family, value in self.model_dump(exclude_none=True, exclude={"version"}).items():
-            out += [f"{family}.{method}" for method in value]
+            # experts: off/on are the methods; off_mode, on_mode, scope only qualify them
+            out += [f"{family}.{method}" for method in value if family != "experts" or method in ("off", "on")]
         return sorted(out)
 
 
@@ -104,4 +106,6 @@ def compile_spec(spec: SteeringSpec, model: ModelFacts, field: str = "steering")
         parts["logits"] = compile_logits(spec.logits, model, f"{field}.logits")
     if spec.attention:
         parts["attention"] = compile_attention(spec.attention, model, f"{field}.attention")
+    if spec.experts:
+        parts["experts"] = compile_experts(spec.experts, model, f"{field}.experts")
     return Plan(fingerprint=fp, **parts)

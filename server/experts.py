@@ -1,0 +1,184 @@
+"""MoE expert steering inside vLLM: per-row expert masks, the per-step token tables, and the router hook.
+
+The steering processor (server/worker.py) publishes each expert-steered row's masks whenever the batch changes
+(`ExpertRows.rows`). Once per step, a wrapper around the model runner's `_model_forward` (which runs after the
+step's inputs are prepared) turns them into per-layer token tables from the runner's `query_start_loc` and the
+step's positions ('generation' scope: positions >= the row's prompt length). The hook on vLLM's
+`BaseRouter._select_experts`, the base of every router, then lets the router route all tokens as usual and
+re-routes only the steered tokens with `steering.experts.steered_routing`, so unsteered tokens keep vLLM's routing
+bit for bit. With no steered row in the step both wrappers are a dictionary lookup.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from steerserve.steering.experts import RouterConfig, steered_routing
+from steerserve.steering.plan import ExpertsPlan
+
+log = logging.getLogger("steerserve.experts")
+
+_ENGINES: dict[int, ExpertRows] = {}  # id(VllmConfig) -> that engine's rows
+_STEP: dict[int, LayerTokens] | None = None  # the running forward's tables, per decoder layer; None: nothing steered
+_ROUTER_LAYER: dict[int, int] = {}  # id(router) -> decoder layer index
+HOOK_CALLS = [0]  # steered router calls in this process (for tests and diagnostics)
+
+
+@dataclass(frozen=True)
+class RowMasks:
+    """One steered row: per decoder layer, its [E] off and on masks; its modes and prompt length."""
+
+    layers: dict[int, tuple[torch.Tensor, torch.Tensor]]
+    drop: bool
+    dominant: bool
+    generation_only: bool
+    prompt_len: int
+
+
+def row_masks(plan: ExpertsPlan, prompt_len: int, num_experts: int) -> RowMasks:
+    layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    for pairs, which in ((plan.off, 0), (plan.on, 1)):
+        for layer, expert in pairs:
+            masks = layers.setdefault(layer, (torch.zeros(num_experts, dtype=torch.bool),
+                                              torch.zeros(num_experts, dtype=torch.bool)))
+            if expert < num_experts:
+                masks[which][expert] = True
+    return RowMasks(layers, plan.off_drop, plan.on_dominant, plan.generation_only, prompt_len)
+
+
+@dataclass
+class LayerTokens:
+    """The steered tokens of one layer in one step: their indices in the step and their masks."""
+
+    tokens: torch.Tensor  # [n] long
+    off: torch.Tensor  # [n, E] bool
+    on: torch.Tensor  # [n, E] bool
+    drop: torch.Tensor  # [n] bool
+    dominant: torch.Tensor  # [n] bool
+
+
+class ExpertRows:
+    """The expert-steered rows of one engine's persistent batch."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[int, RowMasks]] = []
+
+    @staticmethod
+    def for_engine(vllm_config) -> ExpertRows:
+        return _ENGINES.setdefault(id(vllm_config), ExpertRows())
+
+    def tables(self, qsl: list[int], positions: torch.Tensor) -> dict[int, LayerTokens] | None:
+        per_layer: dict[int, list[tuple[torch.Tensor, RowMasks, torch.Tensor, torch.Tensor]]] = {}
+        for r, m in self.rows:
+            if r + 1 >= len(qsl) or qsl[r + 1] <= qsl[r]:
+                continue
+            tokens = torch.arange(qsl[r], qsl[r + 1])
+            if m.generation_only:
+                tokens = tokens[positions[qsl[r]:qsl[r + 1]].cpu() >= m.prompt_len]
+                if not len(tokens):
+                    continue
+            for layer, (off, on) in m.layers.items():
+                per_layer.setdefault(layer, []).append((tokens, m, off, on))
+        if not per_layer:
+            return None
+        out = {}
+        for layer, parts in per_layer.items():
+            counts = torch.tensor([len(t) for t, *_ in parts])
+            out[layer] = LayerTokens(
+                tokens=torch.cat([t for t, *_ in parts]),
+                off=torch.stack([off for *_, off, _ in parts]).repeat_interleave(counts, dim=0),
+                on=torch.stack([on for *_, on in parts]).repeat_interleave(counts, dim=0),
+                drop=torch.tensor([m.drop for _, m, *_ in parts]).repeat_interleave(counts),
+                dominant=torch.tensor([m.dominant for _, m, *_ in parts]).repeat_interleave(counts))
+        return out
+
+
+def _router_config(router) -> RouterConfig:
+    grouped = bool(getattr(router, "use_grouped_topk", False))
+    return RouterConfig(
+        top_k=router.top_k, renormalize=bool(getattr(router, "renormalize", True)),
+        scoring=getattr(router, "scoring_func", "softmax"),
+        correction_bias=getattr(router, "e_score_correction_bias", None),
+        num_groups=router.num_expert_group if grouped else None, topk_groups=router.topk_group if grouped else None,
+        scaling=float(getattr(router, "routed_scaling_factor", 1.0)))
+
+
+def _layer_of(router) -> int | None:
+    layer = _ROUTER_LAYER.get(id(router))
+    if layer is None:
+        from vllm.forward_context import get_forward_context
+        from vllm.model_executor.models.utils import extract_layer_index
+
+        for name, module in get_forward_context().no_compile_layers.items():
+            if getattr(module, "router", None) is router:
+                layer = _ROUTER_LAYER[id(router)] = extract_layer_index(name)
+                break
+    return layer
+
+
+def _steered_select_experts(original):
+    def select_experts(self, hidden_states, router_logits, topk_indices_dtype=None, **kwargs):
+        weights, ids = original(self, hidden_states, router_logits, topk_indices_dtype, **kwargs)
+        step = _STEP
+        if step is None:
+            return weights, ids
+        layer = _layer_of(self)
+        lt = step.get(layer) if layer is not None else None
+        if lt is None:
+            return weights, ids
+        if getattr(self, "eplb_state", None) is not None or getattr(self, "custom_routing_function", None):
+            raise RuntimeError("expert steering does not support this router (EPLB or a custom routing function)")
+        keep = lt.tokens < router_logits.shape[0]
+        tokens = lt.tokens[keep]
+        w, i = steered_routing(router_logits[tokens], _router_config(self), lt.off[keep], lt.on[keep],
+                               lt.drop[keep], lt.dominant[keep])
+        weights[tokens] = w.to(weights.dtype)
+        ids[tokens] = i.to(ids.dtype)
+        HOOK_CALLS[0] += 1
+        return weights, ids
+
+    select_experts.__steerserve__ = True  # type: ignore[attr-defined]
+    select_experts.__wrapped__ = original  # type: ignore[attr-defined]
+    return select_experts
+
+
+def _steered_model_forward(original):
+    def model_forward(self, input_ids=None, positions=None, *args, **kwargs):
+        global _STEP
+        rows = _ENGINES.get(id(self.vllm_config))
+        if rows is None or not rows.rows or positions is None:
+            return original(self, input_ids, positions, *args, **kwargs)
+        num_reqs = self.input_batch.num_reqs
+        _STEP = rows.tables(self.query_start_loc.np[: num_reqs + 1].tolist(), positions)
+        try:
+            return original(self, input_ids, positions, *args, **kwargs)
+        finally:
+            _STEP = None
+
+    model_forward.__steerserve__ = True  # type: ignore[attr-defined]
+    model_forward.__wrapped__ = original  # type: ignore[attr-defined]
+    return model_forward
+
+
+def register() -> None:
+    """Install both wrappers, once per process."""
+    from vllm.model_executor.layers.fused_moe.router.base_router import BaseRouter
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    if not getattr(BaseRouter._select_experts, "__steerserve__", False):
+        BaseRouter._select_experts = _steered_select_experts(BaseRouter._select_experts)
+    if not getattr(GPUModelRunner._model_forward, "__steerserve__", False):
+        GPUModelRunner._model_forward = _steered_model_forward(GPUModelRunner._model_forward)
+
+
+def unregister() -> None:
+    """Undo `register` (tests)."""
+    from vllm.model_executor.layers.fused_moe.router.base_router import BaseRouter
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    for cls, name in ((BaseRouter, "_select_experts"), (GPUModelRunner, "_model_forward")):
+        fn = cls.__dict__[name]
+        if getattr(fn, "__steerserve__", False):
+            setattr(cls, name, fn.__wrapped__)
