@@ -12,7 +12,8 @@ correction bias of DeepSeek-V3-style routers for *selection* only):
 Masks act on the selection scores (after the correction bias): an expert switched off scores -1e6 and one forced
 on +1e6, so a switched-off expert is never chosen while at least top-k experts remain. Grouped top-k
 (DeepSeek-V3) ranks groups by these masked scores too (the sum of a group's best two), so a forced expert's group
-is always kept; in a group of two, one switched-off member sinks the group.
+is kept first, and a forced expert is selected even if its group is not among the kept ones (more forced groups
+than `topk_group`); in a group of two, one switched-off member sinks the group.
 `scope`: "all" steers every token, "generation" only tokens at positions >= the prompt length (generated ones).
 
 Layer indices are **decoder layer** indices of the model, not indices among its MoE layers.
@@ -73,18 +74,18 @@ def moe_layout(hf: Any) -> MoeLayout | None:
     """The MoE layout of a HF text config, or None for a dense model (Mixtral, Qwen2/3-MoE, DeepSeek-V2/V3)."""
     n_layers = hf.num_hidden_layers
     k = getattr(hf, "num_experts_per_tok", None)
-    if getattr(hf, "num_local_experts", None):  # Mixtral
-        return MoeLayout(tuple(range(n_layers)), hf.num_local_experts, k, "softmax_topk")
+    if getattr(hf, "num_experts", None) and hasattr(hf, "decoder_sparse_step"):  # Qwen2/3-MoE
+        step, dense = getattr(hf, "decoder_sparse_step", 1), set(getattr(hf, "mlp_only_layers", []) or [])
+        layers = tuple(i for i in range(n_layers) if i not in dense and (i + 1) % step == 0)
+        return MoeLayout(layers, hf.num_experts, k, "softmax_topk")
     if getattr(hf, "n_routed_experts", None):  # DeepSeek-V2/V3
         first, freq = getattr(hf, "first_k_dense_replace", 0), getattr(hf, "moe_layer_freq", 1)
         layers = tuple(i for i in range(n_layers) if i >= first and i % freq == 0)
         bias = "_bias" if getattr(hf, "topk_method", "") == "noaux_tc" else ""
         router = f"grouped_{getattr(hf, 'scoring_func', 'softmax')}{bias}"  # vLLM always routes them grouped
         return MoeLayout(layers, hf.n_routed_experts, k, router)
-    if getattr(hf, "num_experts", None) and k:  # Qwen2/3-MoE
-        step, dense = getattr(hf, "decoder_sparse_step", 1), set(getattr(hf, "mlp_only_layers", []) or [])
-        layers = tuple(i for i in range(n_layers) if i not in dense and (i + 1) % step == 0)
-        return MoeLayout(layers, hf.num_experts, k, "softmax_topk")
+    if getattr(hf, "num_local_experts", None):  # Mixtral
+        return MoeLayout(tuple(range(n_layers)), hf.num_local_experts, k, "softmax_topk")
     return None
 
 
@@ -165,7 +166,8 @@ def steered_routing(logits: torch.Tensor, cfg: RouterConfig, off: torch.Tensor, 
                         else grouped.max(-1).values)
         keep = torch.zeros_like(group_scores, dtype=torch.bool)
         keep.scatter_(1, group_scores.topk(cfg.topk_groups, dim=-1)[1], True)
-        select = select.masked_fill(~keep.repeat_interleave(E // cfg.num_groups, dim=1), float("-inf"))
+        # a forced expert is selected even outside the kept groups
+        select = select.masked_fill(~keep.repeat_interleave(E // cfg.num_groups, dim=1) & ~on, float("-inf"))
     ids = select.topk(cfg.top_k, dim=-1)[1]
     weights = scores.gather(1, ids)
     if cfg.renormalize:

@@ -43,7 +43,8 @@ def route_token(logits: list[float], *, top_k: int, scoring: str, renormalize: b
         else:
             rank = [max(choice[e] for e in m) for m in members]
         best = sorted(range(groups), key=lambda g: -rank[g])[:topk_groups]
-        allowed = [e for g in best for e in members[g]]
+        kept = [e for g in best for e in members[g]]
+        allowed = kept + [e for e in on if e not in kept]  # forced experts are chosen whatever their group
     chosen = sorted(allowed, key=lambda e: -choice[e])[:top_k]
     weight = {e: score[e] for e in chosen}
     if renormalize:

@@ -11,7 +11,7 @@ from steerserve_client import EosRamp, Logits, Rules, Steering
 from .schemas import differences, resolve
 
 CAPITAL = [{"role": "user", "content": "What is the capital of France?"}]
-RESERVED = {"experts", "prompt"}  # families the server reserves and the SDK does not model yet
+RESERVED = {"prompt"}  # families the server reserves and the SDK does not model yet
 
 
 def forced(word: str) -> Steering:

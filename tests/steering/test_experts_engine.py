@@ -1,9 +1,11 @@
-"""Expert steering in a real vLLM engine on tiny random fp32 MoE models (Mixtral, Qwen3-MoE, DeepSeek-V3-style).
+"""Expert steering in a real vLLM engine on tiny random fp32 MoE models (Mixtral, Qwen3-MoE).
 
 The reference is HF transformers with every router's forward replaced by the issue's routing rules written out
 plainly, token by token (tests/experts_reference.py). Greedy tokens and logprobs must agree in fp32 for each off
 and on mode and scope, in mixed batches with unsteered rows, which must stay bit-identical to an unsteered-only run;
-Mixtral and Qwen3-MoE with prefix caching and chunked prefill (the MLA model runs without both on CPU).
+with prefix caching and chunked prefill. The DeepSeek-V3-style router (grouped top-k, sigmoid, correction bias) is
+checked against the same reference in test_experts_spec.py only: vLLM-CPU's MLA refuses fp32 weights ("expect
+weight to be bfloat16 ..."), and bf16 noise would swamp a logprob comparison.
 """
 from __future__ import annotations
 
@@ -23,8 +25,8 @@ torch = pytest.importorskip("torch")
 
 LICENCE = ("You may convey a work based on the Program, or the modifications to produce it, in the form of source "
            "code under the terms of section 4, provided that you also meet all of these conditions: ")
-PROMPTS = ["The license grants", LICENCE, LICENCE * 3, "Preamble"]
-KINDS = ["mixtral", "qwen3_moe", "deepseek_v3"]
+PROMPTS = ["The license grants", LICENCE, LICENCE * 3]  # the last > max_num_batched_tokens: chunked prefill
+KINDS = ["mixtral", "qwen3_moe"]
 
 
 def specs(a: int, b: int) -> dict[str, dict | None]:
@@ -46,16 +48,15 @@ def setup(request, tmp_path_factory):
     path = build_tiny_moe(tmp_path_factory.mktemp(kind) / kind, kind, seed=0)
     from transformers import AutoConfig, AutoTokenizer
 
-    from steerserve.server import experts, plugin
+    from steerserve.server import plugin
     from steerserve.server.worker import SteeringLogitsProcessor
 
     layout = moe_layout(AutoConfig.from_pretrained(path))
-    mla = kind == "deepseek_v3"  # vLLM-CPU turns prefix caching and chunked prefill off for MLA
     os.environ[plugin.ENGINE_FLAG] = "1"  # our hooks, as the server's engine gets them
     try:
         plugin.register()
         engine = vllm.LLM(model=str(path), dtype="float32", enforce_eager=True, max_model_len=1024,
-                          max_num_seqs=4, max_num_batched_tokens=1024 if mla else 64, enable_prefix_caching=not mla,
+                          max_num_seqs=4, max_num_batched_tokens=64, enable_prefix_caching=True,
                           kv_cache_memory_bytes=128 * 2**20, logits_processors=[SteeringLogitsProcessor],
                           logprobs_mode="processed_logprobs", seed=0)
     finally:
@@ -133,8 +134,6 @@ def test_each_spec_changes_the_output(setup):
 
 def test_prefix_cache_never_mixes_steered_and_unsteered_kv(setup):
     kind, llm, model, tok, facts, layout = setup
-    if kind == "deepseek_v3":
-        pytest.skip("prefix caching is off for MLA on CPU")
     ids = tok(LICENCE * 5).input_ids  # > one 128-token block, so a prefix can be cached
     spec = specs(*layout.layers[:2])["off"]
     for s in (spec, None, spec, None):

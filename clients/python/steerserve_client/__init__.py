@@ -14,7 +14,7 @@ from .errors import (
 )
 from .profiles import AsyncProfiles, Profile, Profiles
 from .results import Applied, AsyncSteeredStream, SteeredResponse, SteeredStream
-from .steering import Attention, EosRamp, KeyRange, Logits, Rules, Sink, Span, Steering
+from .steering import Attention, EosRamp, Experts, KeyRange, Logits, Rules, Sink, Span, Steering
 
 # The public API, pinned by tests/clients/test_sdk_offline.py: adding or removing a name is a deliberate change.
 __all__ = [
@@ -26,6 +26,7 @@ __all__ = [
     "Attention",
     "AuthenticationError",
     "EosRamp",
+    "Experts",
     "InvalidRequest",
     "KeyRange",
     "Logits",
