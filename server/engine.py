@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
@@ -13,6 +14,7 @@ from steerserve.steering.experts import moe_layout
 from steerserve.steering.model import ModelFacts
 from steerserve.steering.plan import AttentionPlan, ExpertsPlan, LogitsPlan, Plan
 
+from .experts import STATS_DIR
 from .settings import Settings
 
 log = logging.getLogger("steerserve.engine")
@@ -42,6 +44,10 @@ class Engine:
         # vLLM itself, but call it here too so the env it sets is in place before the config is built.
         os.environ[plugin.ENGINE_FLAG] = "1"
         plugin.register()
+        # Workers publish per-request routed-expert counts (steering_stats) as files here; inherited by them.
+        if not os.environ.get(STATS_DIR):
+            shm = Path("/dev/shm")
+            os.environ[STATS_DIR] = tempfile.mkdtemp(prefix="steerserve-stats-", dir=shm if shm.is_dir() else None)
         name = settings.served_model_name or model_path.name
         args = AsyncEngineArgs(
             model=str(model_path),

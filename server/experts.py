@@ -10,8 +10,11 @@ bit for bit. With no steered row in the step both wrappers are a dictionary look
 """
 from __future__ import annotations
 
+import json
 import logging
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -21,23 +24,29 @@ from steerserve.steering.plan import ExpertsPlan
 log = logging.getLogger("steerserve.experts")
 
 _ENGINES: dict[int, ExpertRows] = {}  # id(VllmConfig) -> that engine's rows
-_STEP: dict[int, LayerTokens] | None = None  # the running forward's tables, per decoder layer; None: nothing steered
+_STEP: Step | None = None  # the running forward's tables; None: nothing steered or counted
+STATS_KEY = "steerserve_stats"  # extra_args key: a request that wants its routed-expert counts (steering_stats)
+STATS_DIR = "STEERSERVE_STATS_DIR"  # env: where workers write those counts for the server to read
 _ROUTER_LAYER: dict[int, int] = {}  # id(router) -> decoder layer index
 HOOK_CALLS = [0]  # steered router calls in this process (for tests and diagnostics)
 
 
 @dataclass(frozen=True)
 class RowMasks:
-    """One steered row: per decoder layer, its [E] off and on masks; its modes and prompt length."""
+    """One steered row: per decoder layer, its [E] off and on masks; its modes and prompt length. A row that asked
+    for its routing statistics also carries `counts` ([decoder layers, E], experts selected for its tokens)."""
 
     layers: dict[int, tuple[torch.Tensor, torch.Tensor]]
     drop: bool
     dominant: bool
     generation_only: bool
     prompt_len: int
+    stats_key: str = ""
+    counts: torch.Tensor | None = field(default=None, compare=False)
 
 
-def row_masks(plan: ExpertsPlan, prompt_len: int, num_experts: int) -> RowMasks:
+def row_masks(plan: ExpertsPlan, prompt_len: int, num_experts: int, stats_key: str = "",
+              num_layers: int = 0) -> RowMasks:
     layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     for pairs, which in ((plan.off, 0), (plan.on, 1)):
         for layer, expert in pairs:
@@ -45,7 +54,8 @@ def row_masks(plan: ExpertsPlan, prompt_len: int, num_experts: int) -> RowMasks:
                                               torch.zeros(num_experts, dtype=torch.bool)))
             if expert < num_experts:
                 masks[which][expert] = True
-    return RowMasks(layers, plan.off_drop, plan.on_dominant, plan.generation_only, prompt_len)
+    counts = torch.zeros(num_layers, num_experts, dtype=torch.long) if stats_key else None
+    return RowMasks(layers, plan.off_drop, plan.on_dominant, plan.generation_only, prompt_len, stats_key, counts)
 
 
 @dataclass
@@ -59,6 +69,15 @@ class LayerTokens:
     dominant: torch.Tensor  # [n] bool
 
 
+@dataclass
+class Step:
+    """One forward's work for the router hook: steered tokens per decoder layer, and the rows whose routing is
+    counted (all their tokens, in every MoE layer)."""
+
+    layers: dict[int, LayerTokens]
+    counted: list[tuple[torch.Tensor, RowMasks]]
+
+
 class ExpertRows:
     """The expert-steered rows of one engine's persistent batch."""
 
@@ -69,19 +88,22 @@ class ExpertRows:
     def for_engine(vllm_config) -> ExpertRows:
         return _ENGINES.setdefault(id(vllm_config), ExpertRows())
 
-    def tables(self, qsl: list[int], positions: torch.Tensor) -> dict[int, LayerTokens] | None:
+    def tables(self, qsl: list[int], positions: torch.Tensor) -> Step | None:
         per_layer: dict[int, list[tuple[torch.Tensor, RowMasks, torch.Tensor, torch.Tensor]]] = {}
+        counted = []
         for r, m in self.rows:
             if r + 1 >= len(qsl) or qsl[r + 1] <= qsl[r]:
                 continue
             tokens = torch.arange(qsl[r], qsl[r + 1])
+            if m.counts is not None:
+                counted.append((tokens, m))
             if m.generation_only:
                 tokens = tokens[positions[qsl[r]:qsl[r + 1]].cpu() >= m.prompt_len]
                 if not len(tokens):
                     continue
             for layer, (off, on) in m.layers.items():
                 per_layer.setdefault(layer, []).append((tokens, m, off, on))
-        if not per_layer:
+        if not per_layer and not counted:
             return None
         out = {}
         for layer, parts in per_layer.items():
@@ -92,7 +114,7 @@ class ExpertRows:
                 on=torch.stack([on for *_, on in parts]).repeat_interleave(counts, dim=0),
                 drop=torch.tensor([m.drop for _, m, *_ in parts]).repeat_interleave(counts),
                 dominant=torch.tensor([m.dominant for _, m, *_ in parts]).repeat_interleave(counts))
-        return out
+        return Step(out, counted)
 
 
 def _router_config(router) -> RouterConfig:
@@ -125,18 +147,24 @@ def _steered_select_experts(original):
         if step is None:
             return weights, ids
         layer = _layer_of(self)
-        lt = step.get(layer) if layer is not None else None
-        if lt is None:
+        if layer is None:
             return weights, ids
-        if getattr(self, "eplb_state", None) is not None or getattr(self, "custom_routing_function", None):
-            raise RuntimeError("expert steering does not support this router (EPLB or a custom routing function)")
-        keep = lt.tokens < router_logits.shape[0]
-        tokens = lt.tokens[keep]
-        w, i = steered_routing(router_logits[tokens], _router_config(self), lt.off[keep], lt.on[keep],
-                               lt.drop[keep], lt.dominant[keep])
-        weights[tokens] = w.to(weights.dtype)
-        ids[tokens] = i.to(ids.dtype)
-        HOOK_CALLS[0] += 1
+        lt = step.layers.get(layer)
+        if lt is not None:
+            if getattr(self, "eplb_state", None) is not None or getattr(self, "custom_routing_function", None):
+                raise RuntimeError("expert steering does not support this router (EPLB or a custom routing "
+                                   "function)")
+            keep = lt.tokens < router_logits.shape[0]
+            tokens = lt.tokens[keep]
+            w, i = steered_routing(router_logits[tokens], _router_config(self), lt.off[keep], lt.on[keep],
+                                   lt.drop[keep], lt.dominant[keep])
+            weights[tokens] = w.to(weights.dtype)
+            ids[tokens] = i.to(ids.dtype)
+            HOOK_CALLS[0] += 1
+        for tokens, m in step.counted:
+            if layer < m.counts.shape[0]:
+                chosen = ids[tokens[tokens < ids.shape[0]]].flatten().long()
+                m.counts[layer] += torch.bincount(chosen, minlength=m.counts.shape[1])[: m.counts.shape[1]]
         return weights, ids
 
     select_experts.__steerserve__ = True  # type: ignore[attr-defined]
@@ -155,11 +183,40 @@ def _steered_model_forward(original):
         try:
             return original(self, input_ids, positions, *args, **kwargs)
         finally:
-            _STEP = None
+            step, _STEP = _STEP, None
+            if step is not None and step.counted:
+                _write_counts(step.counted)
 
     model_forward.__steerserve__ = True  # type: ignore[attr-defined]
     model_forward.__wrapped__ = original  # type: ignore[attr-defined]
     return model_forward
+
+
+def _write_counts(counted: list[tuple[torch.Tensor, RowMasks]]) -> None:
+    """Publish each counted row's running counts for the server (`read_counts`), atomically, after every step:
+    the step that samples a request's last token has run its forward, so the file is complete by the time the
+    server sees the request finish. One file per row (n > 1 gives one row per choice)."""
+    where = os.environ.get(STATS_DIR)
+    if not where:
+        return
+    for _, m in counted:
+        path = Path(where) / f"{m.stats_key}-{id(m)}.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(m.counts.tolist()))
+        os.replace(tmp, path)
+
+
+def read_counts(key: str, moe_layers: tuple[int, ...]) -> dict[str, list[int]]:
+    """The summed routed-expert counts of one request's rows, per MoE decoder layer; the files are removed."""
+    where = os.environ.get(STATS_DIR)
+    total: dict[str, list[int]] = {}
+    for path in sorted(Path(where).glob(f"{key}-*.json")) if where else ():
+        counts = json.loads(path.read_text())
+        path.unlink(missing_ok=True)
+        for layer in moe_layers:
+            row = counts[layer] if layer < len(counts) else []
+            total[str(layer)] = [a + b for a, b in zip(total.get(str(layer), [0] * len(row)), row, strict=True)]
+    return total
 
 
 def register() -> None:

@@ -55,6 +55,12 @@ class ResponseFormat(Strict):
         return self
 
 
+class SteeringStats(Strict):
+    """steerserve's opt-in response extension `steering_stats` (also `X-Steering-Stats: routed_experts`)."""
+
+    routed_experts: bool = False
+
+
 class SamplingRequest(Strict):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
@@ -76,6 +82,7 @@ class SamplingRequest(Strict):
     user: str | None = None
     ignore_eos: bool = False
     steering: dict[str, Any] | None = None  # steerserve's extension; parsed by steering.spec, not here
+    steering_stats: SteeringStats | None = None
 
     @field_validator("stop")
     @classmethod

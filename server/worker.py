@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
-from steerserve.steering.plan import EosRamp, Plan
+from steerserve.steering.plan import EosRamp, ExpertsPlan, Plan
 
 from .attention import AttentionRows, layer_biases
-from .experts import ExpertRows, RowMasks, row_masks
+from .experts import STATS_KEY, ExpertRows, RowMasks, row_masks
 
 if TYPE_CHECKING:
     from vllm import SamplingParams
@@ -170,12 +170,17 @@ class SteeringLogitsProcessor(LogitsProcessor):
         self._eos_cols = torch.tensor(cols, dtype=torch.long, device=self.device)
 
     def _admit(self, i: int, params: SamplingParams | None, prompt_len: int, output_ids: list[int]) -> bool:
-        plan = Plan.from_extra_args(params.extra_args if params is not None else None)
-        if plan is None or (plan.logits.is_noop() and plan.attention.is_noop() and plan.experts.is_noop()):
+        extra = params.extra_args if params is not None else None
+        plan = Plan.from_extra_args(extra)
+        stats_key = str((extra or {}).get(STATS_KEY) or "") if self.num_experts else ""
+        if not stats_key and (plan is None or (plan.logits.is_noop() and plan.attention.is_noop() and
+                                               plan.experts.is_noop())):
             return False
+        plan = plan or Plan("")
         rec = self.rows.records[i] = _Row(plan, output_ids)
-        if not plan.experts.is_noop():
-            rec.experts = row_masks(plan.experts, prompt_len, self.num_experts)
+        if not plan.experts.is_noop() or stats_key:
+            rec.experts = row_masks(plan.experts if plan else ExpertsPlan(), prompt_len, self.num_experts, stats_key,
+                                    self.num_layers)
             self.experts_active[i] = True
         if not plan.attention.is_noop():
             rec.attention = layer_biases(plan.attention, prompt_len, self.num_layers, self.num_heads)

@@ -9,21 +9,28 @@ import pytest
 from steerserve.server import experts
 from steerserve.server.engine import Engine
 from steerserve.server.settings import Settings
+from steerserve.server.worker import SteeringLogitsProcessor
 from steerserve.steering import spec as S
 from steerserve.steering.model import SpecError
 from tests.tiny_models import build_tiny_moe
 
 
-@pytest.mark.parametrize("hook", [False, True], ids=["hook-missing", "hook-installed"])
-def test_expert_steering_is_served_only_if_the_router_hook_fires(tmp_path, monkeypatch, hook):
+class RouterHookThatNeverFires(SteeringLogitsProcessor):
+    """Stands in for an engine whose router hook is missing: expert masks never reach the routers (the engine
+    core runs in its own process, so the hook itself cannot be patched out from here)."""
+
+    def __init__(self, vllm_config, device, is_pin_memory):
+        super().__init__(vllm_config, device, is_pin_memory)
+        self.experts = experts.ExpertRows()  # not the engine's: the router hook never sees these rows
+
+
+@pytest.mark.parametrize("hook", [False], ids=["hook-missing"])  # hook installed: tests/e2e/test_experts_api.py
+def test_expert_steering_is_served_only_if_the_router_hook_fires(tmp_path, hook):
     model = build_tiny_moe(tmp_path / "mixtral", "mixtral")
     settings = Settings.load(dtype="float32", max_model_len=128, kv_cache_gib=0.05, max_num_seqs=4)
-    experts.unregister()
-    if not hook:
-        monkeypatch.setattr(experts, "register", lambda: None)  # the plugin then installs no router hook
 
     async def start():
-        engine = Engine(settings, model)
+        engine = Engine(settings, model, logits_processor=None if hook else RouterHookThatNeverFires)
         try:
             await engine.verify_steering()
             return engine.facts
