@@ -55,7 +55,7 @@ def main() -> None:
 
     def plan(k: int):
         spec = {"off": [f"{la}.{(k + j) % E}" for la in range(layers) for j in (0, 1)],
-                "on": [f"{la}.{(k + 2 + la) % E}" for la in range(layers)]}
+                "on": [f"{la}.{(k + 2 + la % (E - 2)) % E}" for la in range(layers)]}
         return S.compile_spec(S.merge([S.parse({"experts": spec}, "bench")]), facts).to_extra_args()
 
     configs = {"unsteered": [None], "K=1": [plan(0)], "K=32": [plan(k) for k in range(32)]}

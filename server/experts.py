@@ -27,7 +27,6 @@ _ENGINES: dict[int, ExpertRows] = {}  # id(VllmConfig) -> that engine's rows
 _STEP: Step | None = None  # the running forward's tables; None: nothing steered or counted
 STATS_KEY = "steerserve_stats"  # extra_args key: a request that wants its routed-expert counts (steering_stats)
 STATS_DIR = "STEERSERVE_STATS_DIR"  # env: where workers write those counts for the server to read
-_ROUTER_LAYER: dict[int, int] = {}  # id(router) -> decoder layer index
 HOOK_CALLS = [0]  # steered router calls in this process (for tests and diagnostics)
 
 
@@ -79,45 +78,88 @@ class Step:
 
 
 class ExpertRows:
-    """The expert-steered rows of one engine's persistent batch."""
+    """The expert-steered (or counted) rows of one engine's persistent batch. The processor sets `rows` whenever
+    the batch changes; the per-layer mask stacks are built then, so a step only computes token indices."""
 
     def __init__(self) -> None:
-        self.rows: list[tuple[int, RowMasks]] = []
+        self._rows: list[tuple[int, RowMasks]] = []
+        self._stacks: list[tuple[list[int], LayerStack]] = []  # per distinct set of rows, the layers they steer
 
     @staticmethod
     def for_engine(vllm_config) -> ExpertRows:
         return _ENGINES.setdefault(id(vllm_config), ExpertRows())
 
+    @property
+    def rows(self) -> list[tuple[int, RowMasks]]:
+        return self._rows
+
+    @rows.setter
+    def rows(self, rows: list[tuple[int, RowMasks]]) -> None:
+        self._rows = rows
+        by_rows: dict[tuple[int, ...], list[int]] = {}
+        for layer in sorted({la for _, m in rows for la in m.layers}):
+            key = tuple(i for i, (_, m) in enumerate(rows) if layer in m.layers)
+            by_rows.setdefault(key, []).append(layer)
+        self._stacks = []
+        for key, layers in by_rows.items():
+            mine = [rows[i] for i in key]
+            self._stacks.append((layers, LayerStack(
+                rows=torch.tensor([r for r, _ in mine]),
+                off={la: torch.stack([m.layers[la][0] for _, m in mine]) for la in layers},
+                on={la: torch.stack([m.layers[la][1] for _, m in mine]) for la in layers},
+                drop=torch.tensor([m.drop for _, m in mine]), dominant=torch.tensor([m.dominant for _, m in mine]),
+                first_steered=torch.tensor([m.prompt_len if m.generation_only else 0 for _, m in mine]))))
+
     def tables(self, qsl: list[int], positions: torch.Tensor) -> Step | None:
-        per_layer: dict[int, list[tuple[torch.Tensor, RowMasks, torch.Tensor, torch.Tensor]]] = {}
-        counted = []
-        for r, m in self.rows:
-            if r + 1 >= len(qsl) or qsl[r + 1] <= qsl[r]:
+        n_rows = len(qsl) - 1
+        counted = [(torch.arange(qsl[r], qsl[r + 1]), m) for r, m in self._rows
+                   if m.counts is not None and r < n_rows and qsl[r + 1] > qsl[r]]
+        out: dict[int, LayerTokens] = {}
+        if self._stacks:
+            starts_all = torch.tensor(qsl, dtype=torch.long)
+            pos = positions.cpu()
+        for layers, st in self._stacks:
+            live = st.rows < n_rows
+            idx = torch.nonzero(live).flatten()
+            rows = st.rows[idx]
+            starts, ends = starts_all[rows], starts_all[rows + 1]
+            q = ends - starts
+            which = torch.repeat_interleave(idx, q)  # for each token: its row's index in the stack
+            offsets = torch.arange(int(q.sum())) - torch.repeat_interleave(torch.cumsum(q, 0) - q, q)
+            tokens = torch.repeat_interleave(starts, q) + offsets
+            keep = pos[tokens] >= st.first_steered[which]  # scope: generation steers positions >= prompt length
+            if not bool(keep.all()):
+                tokens, which = tokens[keep], which[keep]
+            if not len(tokens):
                 continue
-            tokens = torch.arange(qsl[r], qsl[r + 1])
-            if m.counts is not None:
-                counted.append((tokens, m))
-            if m.generation_only:
-                tokens = tokens[positions[qsl[r]:qsl[r + 1]].cpu() >= m.prompt_len]
-                if not len(tokens):
-                    continue
-            for layer, (off, on) in m.layers.items():
-                per_layer.setdefault(layer, []).append((tokens, m, off, on))
-        if not per_layer and not counted:
+            drop, dominant = st.drop[which], st.dominant[which]
+            for la in layers:
+                out[la] = LayerTokens(tokens, st.off[la][which], st.on[la][which], drop, dominant)
+        if not out and not counted:
             return None
-        out = {}
-        for layer, parts in per_layer.items():
-            counts = torch.tensor([len(t) for t, *_ in parts])
-            out[layer] = LayerTokens(
-                tokens=torch.cat([t for t, *_ in parts]),
-                off=torch.stack([off for *_, off, _ in parts]).repeat_interleave(counts, dim=0),
-                on=torch.stack([on for *_, on in parts]).repeat_interleave(counts, dim=0),
-                drop=torch.tensor([m.drop for _, m, *_ in parts]).repeat_interleave(counts),
-                dominant=torch.tensor([m.dominant for _, m, *_ in parts]).repeat_interleave(counts))
         return Step(out, counted)
 
 
+@dataclass
+class LayerStack:
+    """Masks of the rows that steer the same layers, stacked when the batch changes."""
+
+    rows: torch.Tensor  # [R] batch rows
+    off: dict[int, torch.Tensor]  # layer -> [R, E]
+    on: dict[int, torch.Tensor]
+    drop: torch.Tensor  # [R]
+    dominant: torch.Tensor
+    first_steered: torch.Tensor  # [R] the first position steered: 0, or the prompt length for scope generation
+
+
 def _router_config(router) -> RouterConfig:
+    cfg = router.__dict__.get("_steerserve_config")  # on the router itself: ids are reused once it is freed
+    if cfg is None:
+        cfg = router._steerserve_config = _read_router_config(router)
+    return cfg
+
+
+def _read_router_config(router) -> RouterConfig:
     grouped = bool(getattr(router, "use_grouped_topk", False))
     return RouterConfig(
         top_k=router.top_k, renormalize=bool(getattr(router, "renormalize", True)),
@@ -128,14 +170,14 @@ def _router_config(router) -> RouterConfig:
 
 
 def _layer_of(router) -> int | None:
-    layer = _ROUTER_LAYER.get(id(router))
+    layer = router.__dict__.get("_steerserve_layer")
     if layer is None:
         from vllm.forward_context import get_forward_context
         from vllm.model_executor.models.utils import extract_layer_index
 
         for name, module in get_forward_context().no_compile_layers.items():
             if getattr(module, "router", None) is router:
-                layer = _ROUTER_LAYER[id(router)] = extract_layer_index(name)
+                layer = router._steerserve_layer = extract_layer_index(name)
                 break
     return layer
 
