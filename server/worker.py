@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
-from steerserve.steering.plan import EosRamp, ExpertsPlan, Plan
+from steerserve.steering.plan import EosRamp, Plan
 
 from .attention import AttentionRows, layer_biases
 from .experts import STATS_KEY, ExpertRows, RowMasks, row_masks
@@ -179,8 +179,7 @@ class SteeringLogitsProcessor(LogitsProcessor):
         plan = plan or Plan("")
         rec = self.rows.records[i] = _Row(plan, output_ids)
         if not plan.experts.is_noop() or stats_key:
-            rec.experts = row_masks(plan.experts if plan else ExpertsPlan(), prompt_len, self.num_experts, stats_key,
-                                    self.num_layers)
+            rec.experts = row_masks(plan.experts, prompt_len, self.num_experts, stats_key, self.num_layers)
             self.experts_active[i] = True
         if not plan.attention.is_noop():
             rec.attention = layer_biases(plan.attention, prompt_len, self.num_layers, self.num_heads)

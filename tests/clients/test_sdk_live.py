@@ -84,8 +84,8 @@ def test_a_spec_the_model_cannot_apply_is_a_steering_error_naming_the_field(clie
     assert (info.value.param, info.value.status) == ("steering.logits.bias.two words", 400)
     assert "two words" in info.value.message
     with pytest.raises(sc.SteeringError) as info:
-        client.chat(CAPITAL, steering={"attention": {"sink": {}}}, max_tokens=1)  # reserved, via a plain dict
-    assert info.value.param == "steering.attention"
+        client.chat(CAPITAL, steering={"experts": {"off": ["1.0"]}}, max_tokens=1)  # dense model, via a plain dict
+    assert info.value.param == "steering.experts"
     with pytest.raises(sc.SteeringError) as info:
         client.profiles.put("sdk-bad", Steering(logits=Logits(bias={"two words": 1.0})))
     assert info.value.param.startswith("profile.logits.bias")
