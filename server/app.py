@@ -5,6 +5,7 @@ import asyncio
 import json
 import logging
 import shutil
+import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from .auth import KeyStore, Principal, valid_tenant
 from .chat import render as render_chat
 from .engine import Engine
 from .errors import APIError, BadRequest, Forbidden, NotFound, Unavailable, pydantic_to_api_error
+from .experts import STATS_KEY, read_counts
 from .metrics import Metrics, MetricsMiddleware
 from .pool import AdapterPool
 from .profiles import GLOBAL, ProfileStore, validate_name
@@ -182,7 +184,8 @@ def create_app(engine_factory: Callable[[], Engine], keys: KeyStore, profiles: P
                 raise BadRequest(f"prompt token ids must be in [0, {eng.info.vocab_size})", param="prompt")
             prompts.append(gen.Prompt(ids, p if isinstance(p, str) else None))
         steering = steering.bind([len(p.ids) for p in prompts], None)
-        params = _params(eng, req, max(prompts, key=lambda p: len(p.ids)), req.logprobs, steering)
+        stats = _stats_key(request, req, eng)
+        params = _params(eng, req, max(prompts, key=lambda p: len(p.ids)), req.logprobs, steering, stats_key=stats)
         g = gen.Generation(eng, metrics, "/v1/completions", prompts, params, "cmpl", steering.salt_for,
                            served.acquire)
         top = req.logprobs or 0
@@ -195,8 +198,8 @@ def create_app(engine_factory: Callable[[], Engine], keys: KeyStore, profiles: P
         head = {"id": g.id, "object": "text_completion", "created": g.created, "model": served.model}
         if not req.stream:
             choices = await _until_disconnect(request, g.collect())
-            return JSONResponse({**head, "choices": [choice_json(c) for c in choices], "usage": g.usage()},
-                                headers=served.headers(steering))
+            return JSONResponse({**head, "choices": [choice_json(c) for c in choices], "usage": g.usage(),
+                                 **_stats_json(eng, stats)}, headers=served.headers(steering))
 
         sent = [0] * (len(prompts) * req.n)
 
@@ -210,8 +213,12 @@ def create_app(engine_factory: Callable[[], Engine], keys: KeyStore, profiles: P
     async def chat_completions(request: Request) -> Response:
         req, eng, steering, served = await admit(request, ChatCompletionRequest)
         top = req.top_logprobs or 0
+        stats = _stats_key(request, req, eng)
         g: gen.Generation | prompting.PromptRun
         if steering.spec.prompt is not None:  # URIAL, conjugate prompting: see server/prompting.py
+            if stats:
+                raise BadRequest("routed-expert counts are not available with prompt-level steering yet",
+                                 param="steering_stats.routed_experts")
             g = prompting.PromptRun(eng, metrics, req, steering, prefixes)
         else:
             chat = render_chat(eng.tokenizer, [{"role": m.role, "content": m.text()} for m in req.messages],
@@ -219,7 +226,7 @@ def create_app(engine_factory: Callable[[], Engine], keys: KeyStore, profiles: P
             prompt = gen.Prompt(chat.ids, chat.text)
             steering = steering.bind([len(prompt.ids)], chat.role_spans)
             params = _params(eng, req, prompt, top if req.logprobs else None, steering,
-                             structured_output(req.response_format))
+                             structured_output(req.response_format), stats)
             g = gen.Generation(eng, metrics, "/v1/chat/completions", [prompt], params, "chatcmpl",
                                steering.salt_for, served.acquire)
         head = {"id": g.id, "object": "chat.completion", "created": g.created, "model": served.model}
@@ -232,7 +239,7 @@ def create_app(engine_factory: Callable[[], Engine], keys: KeyStore, profiles: P
             return JSONResponse({**head, "choices": [
                 {"index": c.index, "message": {"role": "assistant", "content": c.text},
                  "logprobs": logprobs_json(c), "finish_reason": c.finish_reason} for c in choices],
-                "usage": g.usage(), **_stats(g)}, headers=served.headers(steering))
+                "usage": g.usage(), **_stats(g), **_stats_json(eng, stats)}, headers=served.headers(steering))
 
         head = {**head, "object": "chat.completion.chunk"}
 
@@ -522,10 +529,37 @@ def _stats(g) -> dict:
     return {"steering_stats": stats} if stats else {}
 
 
-def _params(eng: Engine, req, prompt: gen.Prompt, logprobs: int | None, steering: steer.Steering, structured=None):
+def _params(eng: Engine, req, prompt: gen.Prompt, logprobs: int | None, steering: steer.Steering, structured=None,
+            stats_key: str | None = None):
+    extra = steering.extra_args()
+    if stats_key:
+        extra = {**(extra or {}), STATS_KEY: stats_key}
     return sampling_params(req, prompt_len=len(prompt.ids), max_model_len=eng.info.max_model_len,
                            vocab_size=eng.info.vocab_size, logprobs=logprobs, structured=structured,
-                           extra_args=steering.extra_args())
+                           extra_args=extra)
+
+
+def _stats_key(request: Request, req, eng: Engine) -> str | None:
+    """A fresh key if the request asks for its routed-expert counts (body `steering_stats` or the
+    `X-Steering-Stats: routed_experts` header), else None."""
+    header = request.headers.get("x-steering-stats")
+    if header is not None and header.strip() not in ("routed_experts", ""):
+        raise BadRequest("X-Steering-Stats: the only statistic is 'routed_experts'", param="X-Steering-Stats")
+    if not ((req.steering_stats and req.steering_stats.routed_experts) or (header or "").strip()):
+        return None
+    field = "steering_stats.routed_experts" if header is None else "X-Steering-Stats"
+    if not eng.facts.moe_layers:
+        raise BadRequest(f"{field}: this model has no routed experts (a dense model)", param=field)
+    if req.stream:
+        raise BadRequest(f"{field}: routed-expert counts come with non-streaming responses only", param=field)
+    return uuid.uuid4().hex
+
+
+def _stats_json(eng: Engine, key: str | None) -> dict:
+    """The response extension: per MoE decoder layer, how often each expert was selected for this request's
+    tokens that went through the model (prompt and generated tokens, all choices; the last sampled token is
+    never run through the model)."""
+    return {"steering_stats": {"routed_experts": read_counts(key, eng.facts.moe_layers)}} if key else {}
 
 
 async def _until_disconnect(request: Request, work):

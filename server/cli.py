@@ -108,11 +108,36 @@ def main(argv: list[str] | None = None) -> int:
     for sub in (padd, prm, plist):
         sub.add_argument("--data-dir", type=Path, help="the server's --data-dir (default: its default)")
 
+    ftri = commands.add_parser("ftri", help="rank MoE experts by how their routing separates a behaviour class "
+                                            "(fTRI); writes a ranked list, a heatmap and a steering profile")
+    ftri.add_argument("--model", type=Path, required=True, help="a local HF MoE checkpoint directory")
+    ftri.add_argument("--sets", type=Path, nargs="+", required=True,
+                      help='JSONL prompt sets, one {"prompt": ..., "label"?: ...} per line; label: the file stem')
+    ftri.add_argument("--target", required=True, help="the class whose experts to find")
+    ftri.add_argument("--classify", nargs="*", default=[], metavar="CLASS=REGEX",
+                      help="with one set: classes from the greedy responses, the first matching regex wins")
+    ftri.add_argument("--generated-tokens", type=int, default=0,
+                      help="also count routing over the first N-1 generated tokens (default: prompt tokens only)")
+    ftri.add_argument("--max-tokens", type=int, default=32, help="response length for --classify")
+    ftri.add_argument("--top-k", type=int, default=10, help="experts switched off in the written profile")
+    ftri.add_argument("--no-chat", action="store_true", help="send prompts raw, without the chat template")
+    ftri.add_argument("--out", type=Path, required=True)
+
     args = parser.parse_args(argv)
     if args.command == "profile":
         return profile_sinks(args)
     if args.command == "calibrate":
         return calibrate_sink(args)
+    if args.command == "ftri":
+        from .ftri import run as run_ftri
+
+        report = run_ftri(args.model, args.sets, args.target, args.out, classify_rules=args.classify,
+                          generated_tokens=args.generated_tokens, max_tokens=args.max_tokens, top_k=args.top_k,
+                          chat=not args.no_chat)
+        for r in report["ranked"][:args.top_k]:
+            print(f"{r['expert']:>8s}  score {r['score']:+.4f}  target {r['freq_target']:.3f}  rest {r['freq_rest']:.3f}")
+        print(f"wrote {args.out}/ftri.json, ftri.png, profile.json")
+        return 0
     if args.command == "serve":
         overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields}
         return serve_forever(Settings.load(args.config, **overrides))

@@ -4,14 +4,17 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from steerserve.steering.experts import moe_layout
 from steerserve.steering.model import ModelFacts
-from steerserve.steering.plan import AttentionPlan, LogitsPlan, Plan
+from steerserve.steering.plan import AttentionPlan, ExpertsPlan, LogitsPlan, Plan
 
+from .experts import STATS_DIR
 from .settings import Settings
 
 log = logging.getLogger("steerserve.engine")
@@ -41,6 +44,10 @@ class Engine:
         # vLLM itself, but call it here too so the env it sets is in place before the config is built.
         os.environ[plugin.ENGINE_FLAG] = "1"
         plugin.register()
+        # Workers publish per-request routed-expert counts (steering_stats) as files here; inherited by them.
+        if not os.environ.get(STATS_DIR):
+            shm = Path("/dev/shm")
+            os.environ[STATS_DIR] = tempfile.mkdtemp(prefix="steerserve-stats-", dir=shm if shm.is_dir() else None)
         name = settings.served_model_name or model_path.name
         args = AsyncEngineArgs(
             model=str(model_path),
@@ -79,7 +86,8 @@ class Engine:
             self.tokenizer, self.info.vocab_size, _eos_token_ids(self.tokenizer, model_path),
             num_layers=hf.num_hidden_layers, num_heads=hf.num_attention_heads,
             num_kv_heads=getattr(hf, "num_key_value_heads", hf.num_attention_heads),
-            attention_unsupported="MLA attention is not steerable yet" if config.use_mla else None)
+            attention_unsupported="MLA attention is not steerable yet" if config.use_mla else None,
+            **_moe_facts(hf))
 
     def generate(self, prompt_ids: list[int], params, request_id: str, *, prompt_text: str | None = None,
                  cache_salt: str | None = None, lora_request=None) -> AsyncIterator:
@@ -119,7 +127,30 @@ class Engine:
             if not moved:
                 self.facts = replace(self.facts, attention_unsupported="its start-up self-test was not steered")
                 log.warning("attention steering is OFF: its self-test request was not steered")
+        if self.facts.moe_layers:
+            await self._verify_experts(first_token)
         log.info("steering self-test passed: worker hooks are active")
+
+    async def _verify_experts(self, first_token) -> None:
+        """Expert steering is served only if switching experts off changes the output. Two probes (the first and
+        the last E - k experts off in every MoE layer) route every token to disjoint expert sets, so at least one
+        differs from the natural routing unless the router hook never fired."""
+        f = self.facts
+        probe = list(range(1, 9))
+        plain = await first_token(probe)
+        n_off = f.num_experts - f.experts_top_k
+        moved = False
+        try:
+            for experts in (range(n_off), range(f.experts_top_k, f.num_experts)):
+                plan = Plan("selftest", experts=ExpertsPlan(off=tuple((layer, e) for layer in f.moe_layers
+                                                                      for e in experts)))
+                moved |= await first_token(probe, plan) != plain
+        except Exception as exc:  # noqa: BLE001 - any failure means: not available
+            log.warning("expert steering self-test failed: %s", exc)
+            moved = False
+        if not moved:
+            self.facts = replace(self.facts, experts_unsupported="its start-up self-test was not steered")
+            log.warning("expert steering is OFF: its self-test request was not steered")
 
     def num_unfinished_requests(self) -> int:
         return self.llm.get_num_unfinished_requests()
@@ -147,3 +178,11 @@ def _eos_token_ids(tokenizer, model_path: Path) -> tuple[int, ...]:
         eos = json.loads(gen_config.read_text()).get("eos_token_id")
         ids += eos if isinstance(eos, list) else [eos] if eos is not None else []
     return tuple(dict.fromkeys(ids))
+
+
+def _moe_facts(hf) -> dict:
+    layout = moe_layout(hf)
+    if layout is None:
+        return {}
+    return dict(moe_layers=layout.layers, num_experts=layout.num_experts, experts_top_k=layout.top_k,
+                router=layout.router)

@@ -30,5 +30,7 @@ def register() -> None:
         log.debug("steerserve: fixed, grouped torch LoRA ops installed")
 
     from .attention import register as register_attention
+    from .experts import register as register_experts
 
     register_attention()
+    register_experts()

@@ -55,7 +55,10 @@ class ResponseFormat(Strict):
         return self
 
 
-class SteeringStatsRequest(Strict):
+class SteeringStats(Strict):
+    """steerserve's opt-in response extension `steering_stats` (also `X-Steering-Stats: routed_experts`)."""
+
+    routed_experts: bool = Field(False, description="Per-layer counts of the experts routing chose (MoE models).")
     conjugate: bool = Field(False, description="Return conjugate prompting's intermediate texts.")
 
 
@@ -80,7 +83,7 @@ class SamplingRequest(Strict):
     user: str | None = None
     ignore_eos: bool = False
     steering: dict[str, Any] | None = None  # steerserve's extension; parsed by steering.spec, not here
-    steering_stats: SteeringStatsRequest | None = None  # steerserve's extension: extra output in the response
+    steering_stats: SteeringStats | None = None  # steerserve's extension: extra output in the response
 
     @field_validator("stop")
     @classmethod

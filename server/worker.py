@@ -22,6 +22,7 @@ from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDi
 from steerserve.steering.plan import EosRamp, Plan
 
 from .attention import AttentionRows, RowSteer, row_steer
+from .experts import STATS_KEY, ExpertRows, RowMasks, row_masks
 
 if TYPE_CHECKING:
     from vllm import SamplingParams
@@ -98,6 +99,7 @@ class _Row:
     plan: Plan
     output_ids: list[int]  # vLLM's live list of this request's generated tokens (appended after each step)
     attention: RowSteer | None = None  # per-layer key biases and attention mode (server/attention.py)
+    experts: RowMasks | None = None  # per-layer expert masks (server/experts.py)
     eos_ids: tuple[int, ...] = ()
     eos_ramp: EosRamp | None = None
     diversity: float = 0.0  # also in the `diversity` buffer; here so the per-step loop can skip rows cheaply
@@ -122,10 +124,13 @@ class SteeringLogitsProcessor(LogitsProcessor):
         self.diversity = self.rows.new(dtype=torch.float32)
         self.logits_active = self.rows.new(dtype=torch.bool)
         self.attention_active = self.rows.new(dtype=torch.bool)
+        self.experts_active = self.rows.new(dtype=torch.bool)
         hf = vllm_config.model_config.hf_text_config
         self.num_layers, self.num_heads = hf.num_hidden_layers, hf.num_attention_heads
         self.attention = AttentionRows.for_engine(vllm_config)  # read by the attention backend
         self.attention.rows = []  # a new engine whose config reuses a dead one's id starts clean
+        self.experts = ExpertRows.for_engine(vllm_config)  # read by the router hook
+        self.num_experts = _num_experts(hf)
         # Derived from the buffers above whenever the batch changes; read every step.
         self._active: list[int] = []
         self._active_idx = torch.zeros(0, dtype=torch.long, device=self.device)
@@ -151,6 +156,8 @@ class SteeringLogitsProcessor(LogitsProcessor):
         size = batch_update.batch_size
         self.attention.rows = [(r, self.rows.records[r].attention)
                                for r in torch.nonzero(self.attention_active[:size]).flatten().tolist()]
+        self.experts.rows = [(r, self.rows.records[r].experts)
+                             for r in torch.nonzero(self.experts_active[:size]).flatten().tolist()]
         self._active_idx = torch.nonzero(self.logits_active[:size]).flatten()
         self._active = self._active_idx.tolist()
         contiguous = bool(self._active) and self._active[-1] - self._active[0] + 1 == len(self._active)
@@ -164,10 +171,17 @@ class SteeringLogitsProcessor(LogitsProcessor):
         self._eos_cols = torch.tensor(cols, dtype=torch.long, device=self.device)
 
     def _admit(self, i: int, params: SamplingParams | None, prompt_len: int, output_ids: list[int]) -> bool:
-        plan = Plan.from_extra_args(params.extra_args if params is not None else None)
-        if plan is None or (plan.logits.is_noop() and plan.attention.is_noop()):
+        extra = params.extra_args if params is not None else None
+        plan = Plan.from_extra_args(extra)
+        stats_key = str((extra or {}).get(STATS_KEY) or "") if self.num_experts else ""
+        if not stats_key and (plan is None or (plan.logits.is_noop() and plan.attention.is_noop() and
+                                               plan.experts.is_noop())):
             return False
+        plan = plan or Plan("")
         rec = self.rows.records[i] = _Row(plan, output_ids)
+        if not plan.experts.is_noop() or stats_key:
+            rec.experts = row_masks(plan.experts, prompt_len, self.num_experts, stats_key, self.num_layers)
+            self.experts_active[i] = True
         if not plan.attention.is_noop():
             rec.attention = row_steer(plan.attention, prompt_len, self.num_layers, self.num_heads)
             self.attention_active[i] = True
@@ -245,3 +259,11 @@ class SteeringLogitsProcessor(LogitsProcessor):
         first_time = self.seen[r, t].logical_not_()
         self.seen[r, t] = True
         self.bias.index_put_((r, t), self.diversity[r].neg_().mul_(first_time), accumulate=True)
+
+
+def _num_experts(hf) -> int:
+    """Routed experts per MoE layer of a HF text config (0 for a dense model)."""
+    from steerserve.steering.experts import moe_layout
+
+    layout = moe_layout(hf)
+    return layout.num_experts if layout else 0

@@ -23,6 +23,11 @@ class ModelFacts:
     num_heads: int = 0  # query heads per layer
     num_kv_heads: int = 0
     attention_unsupported: str | None = None  # why attention steering cannot run on this model, if it cannot
+    moe_layers: tuple[int, ...] = ()  # decoder layers with routed experts; () for a dense model
+    num_experts: int = 0  # routed experts per MoE layer
+    experts_top_k: int = 0  # experts the router selects per token
+    router: str = ""  # the router's kind, e.g. "softmax_topk", "grouped_sigmoid_bias"
+    experts_unsupported: str | None = None  # why expert steering cannot run on this MoE model, if it cannot
     extra: dict[str, Any] = field(default_factory=dict)
 
     def single_token(self, text: str) -> int | None:

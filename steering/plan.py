@@ -70,10 +70,26 @@ class AttentionPlan:
 
 
 @dataclass(frozen=True)
+class ExpertsPlan:
+    """MoE expert steering of one request (steering/experts.py): (decoder layer, expert) pairs switched off and
+    forced on, their modes, and whether only generated tokens (positions >= prompt length) are steered."""
+
+    off: tuple[tuple[int, int], ...] = ()
+    on: tuple[tuple[int, int], ...] = ()
+    off_drop: bool = False
+    on_dominant: bool = False
+    generation_only: bool = False
+
+    def is_noop(self) -> bool:
+        return not self.off and not self.on
+
+
+@dataclass(frozen=True)
 class Plan:
     fingerprint: str
     logits: LogitsPlan = field(default_factory=LogitsPlan)
     attention: AttentionPlan = field(default_factory=AttentionPlan)
+    experts: ExpertsPlan = field(default_factory=ExpertsPlan)
 
     def to_extra_args(self) -> dict[str, Any]:
         return {EXTRA_ARGS_KEY: {"v": PLAN_VERSION, **asdict(self)}}
@@ -104,9 +120,19 @@ class Plan:
             mode=str(at.get("mode", "softmax")), power=float(at.get("power", 15.0)),
             mode_layers=tuple(int(x) for x in at.get("mode_layers", ())),
         )
+        ex = raw.get("experts") or {}
+        experts = ExpertsPlan(
+            off=tuple((int(a), int(b)) for a, b in ex.get("off", ())),
+            on=tuple((int(a), int(b)) for a, b in ex.get("on", ())),
+            off_drop=bool(ex.get("off_drop", False)), on_dominant=bool(ex.get("on_dominant", False)),
+            generation_only=bool(ex.get("generation_only", False)),
+        )
         _check(logits)
         _check_attention(attention)
-        return Plan(fingerprint=str(raw.get("fingerprint", "")), logits=logits, attention=attention)
+        if any(a < 0 or b < 0 for a, b in (*experts.off, *experts.on)):
+            raise ValueError("plan: negative expert index")
+        return Plan(fingerprint=str(raw.get("fingerprint", "")), logits=logits, attention=attention,
+                    experts=experts)
 
 
 def _check_attention(at: AttentionPlan) -> None:

@@ -9,10 +9,11 @@ import hashlib
 import json
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError
 
 from .attention import AttentionSpec, compile_attention
 from .conjugate import ConjugateSpec
+from .experts import ExpertsSpec, compile_experts
 from .logits import LogitsSpec, compile_logits
 from .model import ModelFacts, SpecError
 from .plan import Plan
@@ -22,9 +23,8 @@ from .urial import UrialSpec
 # Families whose methods change hidden states: they enter the prefix-cache salt. Logits-only and prompt-only
 # methods do not change the KV of a given token sequence.
 HIDDEN_STATE_FAMILIES = ("attention", "experts")
-RESERVED_FAMILIES = ("experts",)
 # Families applied by the worker (a plan); the others run in the server process (`prompt`: server/prompting.py).
-WORKER_FAMILIES = ("logits", "attention")
+WORKER_FAMILIES = ("logits", "attention", "experts")
 
 
 class PromptSpec(Strict):
@@ -43,21 +43,15 @@ class SteeringSpec(Strict):
     version: Literal[1] = 1
     logits: LogitsSpec | None = None
     attention: AttentionSpec | None = None
-    experts: dict[str, Any] | None = Field(None, description="Reserved: MoE expert steering (not supported yet).")
+    experts: ExpertsSpec | None = None
     prompt: PromptSpec | None = None
-
-    @field_validator(*RESERVED_FAMILIES)
-    @classmethod
-    def _not_yet(cls, value: Any, info) -> None:
-        if value is not None:
-            raise ValueError(f"steering family '{info.field_name}' is not supported yet by this server")
-        return None
 
     def methods(self) -> list[str]:
         """The methods this spec applies, as `family.method` names."""
         out = []
         for family, value in self.model_dump(exclude_none=True, exclude={"version"}).items():
-            out += [f"{family}.{method}" for method in value]
+            # experts: off/on are the methods; off_mode, on_mode, scope only qualify them
+            out += [f"{family}.{method}" for method in value if family != "experts" or method in ("off", "on")]
         return sorted(out)
 
 
@@ -118,4 +112,6 @@ def compile_spec(spec: SteeringSpec, model: ModelFacts, field: str = "steering")
         parts["logits"] = compile_logits(spec.logits, model, f"{field}.logits")
     if spec.attention:
         parts["attention"] = compile_attention(spec.attention, model, f"{field}.attention")
+    if spec.experts:
+        parts["experts"] = compile_experts(spec.experts, model, f"{field}.experts")
     return Plan(fingerprint=fp, **parts)

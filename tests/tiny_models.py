@@ -87,19 +87,58 @@ def build_tiny_llama(dir: str | Path, seed: int = 0, **overrides) -> Path:
 
     Reuses `dir` if it already holds a complete build with the same recipe, seed and overrides.
     """
-    import torch
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    return _build(dir, "llama", seed, overrides, lambda: LlamaForCausalLM(LlamaConfig(**{**TINY_LLAMA, **overrides})))
+
+
+_ATTN = {k: TINY_LLAMA[k] for k in ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+                                   "vocab_size", "max_position_embeddings", "tie_word_embeddings", "rms_norm_eps",
+                                   "bos_token_id", "eos_token_id", "pad_token_id")}
+# Tiny MoE configs (vllm-notes.md §5). Qwen3-MoE: layer 0 dense (mlp_only_layers), no top-k renormalisation.
+# DeepSeek-V3: MLA with the latent size vLLM-CPU's MLA kernel needs (kv_lora_rank 512 + rope 64), grouped
+# top-k over sigmoid scores with a correction bias ("noaux_tc"), layer 0 dense.
+TINY_MOE = {
+    "mixtral": dict(_ATTN, num_hidden_layers=2, intermediate_size=64, num_local_experts=8, num_experts_per_tok=2),
+    "qwen3_moe": dict(_ATTN, num_hidden_layers=3, intermediate_size=128, moe_intermediate_size=64, num_experts=8,
+                      num_experts_per_tok=2, decoder_sparse_step=1, mlp_only_layers=[0], norm_topk_prob=False),
+    "deepseek_v3": dict(_ATTN, num_hidden_layers=3, intermediate_size=128, moe_intermediate_size=64,
+                        n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, n_group=2, topk_group=1,
+                        first_k_dense_replace=1, norm_topk_prob=True, routed_scaling_factor=2.5,
+                        q_lora_rank=None, kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=32,
+                        v_head_dim=32, num_key_value_heads=4, head_dim=64),
+}
+
+
+def build_tiny_moe(dir: str | Path, kind: str, seed: int = 0, **overrides) -> Path:
+    """A random fp32 MoE model of `kind` (a key of TINY_MOE) plus tokenizer in `dir`, built like the tiny Llama."""
+    import transformers
+
+    def make():
+        cls = {"mixtral": ("MixtralConfig", "MixtralForCausalLM"), "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM"),
+               "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM")}[kind]
+        cfg = getattr(transformers, cls[0])(**{**TINY_MOE[kind], **overrides})
+        return getattr(transformers, cls[1])(cfg)
+
+    # transformers 5 writes neither; vLLM reads both (and would default to softmax scoring)
+    extra = {"topk_method": "noaux_tc", "scoring_func": "sigmoid"} if kind == "deepseek_v3" else {}
+    return _build(dir, kind, seed, overrides, make, extra)
+
+
+def _build(dir: str | Path, kind: str, seed: int, overrides: dict, make, extra_config: dict | None = None) -> Path:
+    import torch
 
     out = Path(dir)
     recipe = {"version": _BUILD_VERSION, "seed": seed, "overrides": overrides}
+    if kind != "llama":
+        recipe["kind"] = kind
     try:
         if json.loads((out / _MARKER).read_text()) == json.loads(json.dumps(recipe)):
             return out
     except (OSError, ValueError):
         pass
 
-    cfg = LlamaConfig(**{**TINY_LLAMA, **overrides})
-    model = LlamaForCausalLM(cfg).float()
+    model = make().float()
     # Overwrite every parameter from our own generator: the result does not depend on transformers' init code.
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -110,6 +149,9 @@ def build_tiny_llama(dir: str | Path, seed: int = 0, **overrides) -> Path:
                 p.copy_(EMBED_STD * torch.randn(p.shape, generator=gen))
             else:
                 p.copy_(LINEAR_STD * torch.randn(p.shape, generator=gen))
+        for name, b in model.named_buffers():  # DeepSeek-V3's e_score_correction_bias is a buffer
+            if "correction_bias" in name:
+                b.copy_(LINEAR_STD * torch.randn(b.shape, generator=gen))
 
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -120,6 +162,7 @@ def build_tiny_llama(dir: str | Path, seed: int = 0, **overrides) -> Path:
         cfg_json["torch_dtype"] = "float32"  # transformers 4.x spelling, next to 5.x's "dtype"
         if "rope_theta" in (cfg_json.get("rope_parameters") or {}):
             cfg_json.setdefault("rope_theta", cfg_json["rope_parameters"]["rope_theta"])
+        cfg_json.update(extra_config or {})
         cfg_path.write_text(json.dumps(cfg_json, indent=2, sort_keys=True) + "\n")
         build_tokenizer(stage)
         (stage / _MARKER).write_text(json.dumps(recipe) + "\n")  # last: marks the build complete

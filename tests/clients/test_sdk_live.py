@@ -11,7 +11,7 @@ from steerserve_client import EosRamp, Logits, Rules, Steering
 from .schemas import differences, resolve
 
 CAPITAL = [{"role": "user", "content": "What is the capital of France?"}]
-RESERVED = {"experts"}  # families the server reserves and the SDK does not model yet
+RESERVED: set[str] = set()  # families the server reserves and the SDK does not model yet
 
 
 def forced(word: str) -> Steering:
@@ -86,6 +86,9 @@ def test_a_spec_the_model_cannot_apply_is_a_steering_error_naming_the_field(clie
     with pytest.raises(sc.SteeringError) as info:
         client.chat(CAPITAL, steering={"attention": {"sink": {"layers": [99]}}}, max_tokens=1)  # via a plain dict
     assert info.value.param == "steering.attention.sink.layers"
+    with pytest.raises(sc.SteeringError) as info:
+        client.chat(CAPITAL, steering={"experts": {"off": ["1.0"]}}, max_tokens=1)  # dense model, via a plain dict
+    assert info.value.param == "steering.experts"
     with pytest.raises(sc.SteeringError) as info:
         client.profiles.put("sdk-bad", Steering(logits=Logits(bias={"two words": 1.0})))
     assert info.value.param.startswith("profile.logits.bias")

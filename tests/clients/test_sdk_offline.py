@@ -17,6 +17,7 @@ from steerserve_client import (
     Attention,
     Conjugate,
     EosRamp,
+    Experts,
     KeyRange,
     Logits,
     Rules,
@@ -96,7 +97,7 @@ def client(wire: Wire) -> sc.SteerClient:
 def test_public_api_is_pinned():
     assert sc.__all__ == [
         "APIConnectionError", "Applied", "AsyncProfiles", "AsyncSteerClient", "AsyncSteeredStream", "Attention",
-        "AttentionMode", "AuthenticationError", "Conjugate", "EosRamp", "InvalidRequest", "KeyRange", "Logits",
+        "AttentionMode", "AuthenticationError", "Conjugate", "EosRamp", "Experts", "InvalidRequest", "KeyRange", "Logits",
         "NotFound", "PermissionDenied", "Profile", "ProfileNotFound", "Profiles", "Prompt", "Rules", "ServerError",
         "Sink", "Span", "SteerClient", "SteerServeError", "SteeredResponse", "SteeredStream", "Steering",
         "SteeringError", "Urial", "__version__",
@@ -136,7 +137,9 @@ def test_builders_read_naturally_and_serialise_without_unset_fields():
     lambda: Rules(diversity=-1),
     lambda: EosRamp(max=8, window=0),
     lambda: Steering(version=2),
-    lambda: Steering(experts={"off": ["1.0"]}),  # reserved families are not modelled
+    lambda: Steering(prompt={"urial": {}}),  # reserved families are not modelled
+    lambda: Experts(off=["1"]),
+    lambda: Experts(on=["1.2"], on_mode="strong"),
     lambda: Sink(gamma=0),
     lambda: Sink(per_head={"1-2": 2.0}),
     lambda: Span(target="tool", alpha=0.5),

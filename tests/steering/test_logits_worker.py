@@ -188,8 +188,9 @@ def test_row_operations_follow_the_persistent_batch():
 
     max_rows, rng = 6, random.Random(0)
     config = SimpleNamespace(scheduler_config=SimpleNamespace(max_num_seqs=max_rows),
-                             model_config=SimpleNamespace(get_vocab_size=lambda: VOCAB_SIZE, hf_text_config=SimpleNamespace(
-                                 num_hidden_layers=2, num_attention_heads=4)))
+                             model_config=SimpleNamespace(get_vocab_size=lambda: VOCAB_SIZE,
+                                                          hf_text_config=SimpleNamespace(num_hidden_layers=2,
+                                                                                         num_attention_heads=4)))
     proc = SteeringLogitsProcessor(config, torch.device("cpu"), False)
     choices = [None, *PLANS.values()]
     batch: list[tuple[Plan | None, list[int]] | None] = []  # row -> (plan, generated tokens)

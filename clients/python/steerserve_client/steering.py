@@ -1,12 +1,12 @@
 """Typed steering specs: the request field `steering` (and profile bodies) as pydantic models with builders.
 
-Only the families the server applies today are modelled (`logits`, `attention`, `prompt`); the reserved one
-(`experts`) joins when the server supports it. Names, types and bounds mirror the server's
-`GET /v1/steering/schema` exactly (tests/clients check it against the live server), so a spec that validates
+Every family the server applies is modelled (`logits`, `attention`, `experts`, `prompt`). Names, types and bounds
+mirror the server's `GET /v1/steering/schema` exactly (tests/clients check it against the live server), so a spec that validates
 here is only ever refused by the server for model-specific reasons (e.g. a bias key that is not one token).
 """
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator, model_validator
@@ -180,6 +180,36 @@ class Prompt(_Spec):
     conjugate: Conjugate | None = None
 
 
+Pairs = Annotated[list[str], Field(max_length=65536)]
+_PAIR = re.compile(r"^(\d{1,6})\.(\d{1,6})$")
+
+
+class Experts(_Spec):
+    """MoE expert steering: `Experts(off=["3.17"])` switches expert 17 of decoder layer 3 off (the next best
+    expert takes its slot), `Experts(on=["3.5"], on_mode="dominant", scope="generation")` forces one on.
+    Layers are decoder layer indices, not indices among MoE layers."""
+
+    off: Pairs | None = Field(None, description='Experts switched off, each "<layer>.<expert>" with <layer> the '
+                                                "decoder layer index (not the index among MoE layers).")
+    on: Pairs | None = Field(None, description='Experts forced on, each "<layer>.<expert>" (decoder layer index); '
+                                               "at most top-k per layer.")
+    off_mode: Literal["substitute", "drop"] | None = Field(
+        None, description="substitute (default): the next best expert takes the slot; drop: normal top-k, then the "
+                          "expert's weight is zeroed and the rest renormalised as the router does.")
+    on_mode: Literal["natural", "dominant"] | None = Field(
+        None, description="natural (default): weighted as the router weighs it; dominant: it takes all the weight.")
+    scope: Literal["all", "generation"] | None = Field(
+        None, description="all (default): every token; generation: only generated tokens.")
+
+    @field_validator("off", "on")
+    @classmethod
+    def _pairs(cls, value: list[str] | None) -> list[str] | None:
+        for key in value or ():
+            if not _PAIR.match(key):
+                raise ValueError(f'{key!r} is not "<layer>.<expert>" (decoder layer index, expert index)')
+        return value
+
+
 class Steering(_Spec):
     """A request's steering, e.g. `Steering(logits=Logits(bias={" Paris": 2.0}, rules=Rules.preset("hewitt2024")))`.
 
@@ -190,4 +220,5 @@ class Steering(_Spec):
     version: Literal[1] = 1
     logits: Logits | None = None
     attention: Attention | None = None
+    experts: Experts | None = None
     prompt: Prompt | None = None
