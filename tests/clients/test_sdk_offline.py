@@ -137,7 +137,7 @@ def test_builders_read_naturally_and_serialise_without_unset_fields():
     lambda: Rules(diversity=-1),
     lambda: EosRamp(max=8, window=0),
     lambda: Steering(version=2),
-    lambda: Steering(prompt={"urial": {}}),  # reserved families are not modelled
+    lambda: Steering(prompt={"urial": {"examples": -1}}),
     lambda: Experts(off=["1"]),
     lambda: Experts(on=["1.2"], on_mode="strong"),
     lambda: Sink(gamma=0),

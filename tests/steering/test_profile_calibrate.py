@@ -174,14 +174,10 @@ def scorer(tiny_dir):
 def test_scores_match_hf_eager_with_the_sink_scaled(scorer, tiny_dir, tmp_path):
     """Each item's answer distribution = HF eager with ln(gamma) on key 0 of the chosen heads, renormalised
     over the choices' first tokens."""
-    from transformers import AttentionInterface, AutoModelForCausalLM
-
     from steerserve.steering.tasks import choice_token_ids, render
-    from tests.steering.test_attention_engine import _BIAS, reference_bias, steered_eager
+    from tests import attention_reference as reference
 
-    AttentionInterface.register("steered_eager", steered_eager)
-    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32,
-                                                 attn_implementation="steered_eager").eval()
+    model = reference.load(tiny_dir)
     task = synthetic_task(tmp_path)
     ids = choice_token_ids(scorer.tokenizer, task)
     for sink in (None, {"gamma": 3.0, "heads": [1, 2]}, {"gamma": 0.3}):
@@ -189,10 +185,9 @@ def test_scores_match_hf_eager_with_the_sink_scaled(scorer, tiny_dir, tmp_path):
         got = scorer.probs(task, "calibration", spec)
         for item, row in zip(task.items, got, strict=True):
             prompt = render(scorer.tokenizer, task, item)
-            _BIAS["bias"] = reference_bias({"sink": sink} if sink else None, len(prompt))
-            with torch.no_grad():
-                logits = model(torch.tensor([prompt])).logits[0, -1, ids].double()
-            assert row == pytest.approx(logits.softmax(-1).tolist(), abs=1e-4), (sink, item)
+            bias = reference.reference_bias({"sink": sink} if sink else None, len(prompt), 2, 4)  # tiny: 2 x 4
+            logprobs = reference.logprobs(model, prompt, [], bias)[0, ids]
+            assert row == pytest.approx(logprobs.softmax(-1).tolist(), abs=1e-4), (sink, item)
 
 
 @pytest.mark.parametrize("mode", ["supervised", "unsupervised"])
