@@ -37,11 +37,10 @@ def main() -> None:
     from vllm import LLM, SamplingParams
 
     from steerserve.server import plugin
-    from steerserve.server.engine import _eos_token_ids
+    from steerserve.server.engine import model_facts
     from steerserve.server.models import fetch_smollm2
     from steerserve.server.worker import SteeringLogitsProcessor
     from steerserve.steering import spec as S
-    from steerserve.steering.model import ModelFacts
 
     os.environ[plugin.ENGINE_FLAG] = "1"
     plugin.register()
@@ -49,9 +48,7 @@ def main() -> None:
     llm = LLM(model=str(path), dtype="float32", enforce_eager=True, max_model_len=2048, max_num_seqs=args.batch,
               kv_cache_memory_bytes=1 << 30, logits_processors=[SteeringLogitsProcessor], seed=0)
     tok = llm.get_tokenizer()
-    hf = llm.llm_engine.model_config.hf_text_config
-    facts = ModelFacts(tok, llm.llm_engine.model_config.get_vocab_size(), _eos_token_ids(tok, path),
-                       num_layers=hf.num_hidden_layers, num_heads=hf.num_attention_heads)
+    facts = model_facts(tok, llm.llm_engine.model_config, path)
     filler = " ".join((FILLER * (1 + args.context_words // 10)).split()[: args.context_words])
     prompts = [tok.apply_chat_template([{"role": "user", "content": f"{filler} {PROMPTS[i % len(PROMPTS)]}"}],
                                        tokenize=False, add_generation_prompt=True) for i in range(args.batch)]

@@ -75,19 +75,13 @@ class Engine:
         )
         # Adapters: the engine's LoRA limits, or None when this engine serves the base model only.
         self.lora = lora_args(settings) or None
-        hf = config.hf_text_config
         # A model trained with another attention function (methods.md §3) gets it on every request, as the
         # first steering source; a request can still override it (that, like any per-request mode, is
         # reported as experimental).
         self.model_steering = ({"attention": {"mode": {"kind": settings.attention_mode,
                                                        "power": settings.attention_mode_power}}}
                                if settings.attention_mode != "softmax" else None)
-        self.facts = ModelFacts(
-            self.tokenizer, self.info.vocab_size, _eos_token_ids(self.tokenizer, model_path),
-            num_layers=hf.num_hidden_layers, num_heads=hf.num_attention_heads,
-            num_kv_heads=getattr(hf, "num_key_value_heads", hf.num_attention_heads),
-            attention_unsupported="MLA attention is not steerable yet" if config.use_mla else None,
-            **_moe_facts(hf))
+        self.facts = model_facts(self.tokenizer, config, model_path)
 
     def generate(self, prompt_ids: list[int], params, request_id: str, *, prompt_text: str | None = None,
                  cache_salt: str | None = None, lora_request=None) -> AsyncIterator:
@@ -178,6 +172,17 @@ def _eos_token_ids(tokenizer, model_path: Path) -> tuple[int, ...]:
         eos = json.loads(gen_config.read_text()).get("eos_token_id")
         ids += eos if isinstance(eos, list) else [eos] if eos is not None else []
     return tuple(dict.fromkeys(ids))
+
+
+def model_facts(tokenizer, model_config, model_path: Path) -> ModelFacts:
+    """What steering needs to know about a model vLLM has loaded (the server's engine, calibration, benchmarks)."""
+    hf = model_config.hf_text_config
+    return ModelFacts(
+        tokenizer, model_config.get_vocab_size(), _eos_token_ids(tokenizer, Path(model_path)),
+        num_layers=hf.num_hidden_layers, num_heads=hf.num_attention_heads,
+        num_kv_heads=getattr(hf, "num_key_value_heads", hf.num_attention_heads),
+        attention_unsupported="MLA attention is not steerable yet" if model_config.use_mla else None,
+        **_moe_facts(hf))
 
 
 def _moe_facts(hf) -> dict:

@@ -209,13 +209,6 @@ def open_engine(model_path: str, dtype: str = "float32", max_model_len: int = 10
 
 
 def model_facts(llm, model_path) -> ModelFacts:
-    from pathlib import Path
+    from steerserve.server.engine import model_facts as facts
 
-    from steerserve.server.engine import _eos_token_ids
-
-    tok = llm.get_tokenizer()
-    config = llm.llm_engine.model_config
-    hf = config.hf_text_config
-    return ModelFacts(tok, config.get_vocab_size(), _eos_token_ids(tok, Path(model_path)),
-                      num_layers=hf.num_hidden_layers, num_heads=hf.num_attention_heads,
-                      num_kv_heads=getattr(hf, "num_key_value_heads", hf.num_attention_heads))
+    return facts(llm.get_tokenizer(), llm.llm_engine.model_config, model_path)

@@ -1,7 +1,7 @@
 """What steering needs to know about the served model (tokenizer, sizes), and the error for specs it rejects."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
@@ -28,7 +28,6 @@ class ModelFacts:
     experts_top_k: int = 0  # experts the router selects per token
     router: str = ""  # the router's kind, e.g. "softmax_topk", "grouped_sigmoid_bias"
     experts_unsupported: str | None = None  # why expert steering cannot run on this MoE model, if it cannot
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def single_token(self, text: str) -> int | None:
         """The id of `text` if the tokenizer encodes it as exactly one token (no special tokens added)."""

@@ -7,7 +7,7 @@ import json
 
 import torch
 
-from steerserve.server import experts, ftri, plugin
+from steerserve.server import attention, experts, ftri, plugin
 from tests import experts_reference as reference
 from tests.tiny_models import build_tiny_moe
 
@@ -31,9 +31,7 @@ def test_ftri_ranks_experts_as_the_hf_routing_does(tmp_path, monkeypatch):
     finally:
         gc.collect()
         experts.unregister()
-        from vllm.v1.attention.backends.registry import _ATTN_OVERRIDES, AttentionBackendEnum
-
-        _ATTN_OVERRIDES.pop(AttentionBackendEnum.CPU_ATTN, None)
+        attention.unregister()  # later engines in this process get plain vLLM
     assert report["classes"] == {"licence": 3, "other": 3}
 
     # independently: HF routing, counted token by token over each prompt

@@ -71,12 +71,10 @@ def setup(request, tmp_path_factory):
 
 
 def _unregister_everything():
-    from vllm.v1.attention.backends.registry import _ATTN_OVERRIDES, AttentionBackendEnum
-
-    from steerserve.server import experts
+    from steerserve.server import attention, experts
 
     experts.unregister()
-    _ATTN_OVERRIDES.pop(AttentionBackendEnum.CPU_ATTN, None)  # later engines in this process get plain vLLM
+    attention.unregister()  # later engines in this process get plain vLLM
 
 
 def request(tok, facts, prompt_ids: list[int], spec, max_tokens: int):
