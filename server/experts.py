@@ -1,8 +1,8 @@
 """MoE expert steering inside vLLM: per-row expert masks, the per-step token tables, and the router hook.
 
 The steering processor (server/worker.py) publishes each expert-steered row's masks whenever the batch changes
-(`ExpertRows.rows`). Once per step, a wrapper around the model runner's `_model_forward` (which runs after the
-step's inputs are prepared) turns them into per-layer token tables from the runner's `query_start_loc` and the
+(`ExpertRows.rows`). Once per step, a step hook (server/step.py, run after the step's inputs are prepared)
+turns them into per-layer token tables from the runner's `query_start_loc` and the
 step's positions ('generation' scope: positions >= the row's prompt length). The hook on vLLM's
 `BaseRouter._select_experts`, the base of every router, then lets the router route all tokens as usual and
 re-routes only the steered tokens with `steering.experts.steered_routing`, so unsteered tokens keep vLLM's routing
@@ -20,6 +20,8 @@ import torch
 
 from steerserve.steering.experts import RouterConfig, steered_routing
 from steerserve.steering.plan import ExpertsPlan
+
+from . import step
 
 log = logging.getLogger("steerserve.experts")
 
@@ -185,13 +187,13 @@ def _layer_of(router) -> int | None:
 def _steered_select_experts(original):
     def select_experts(self, hidden_states, router_logits, topk_indices_dtype=None, **kwargs):
         weights, ids = original(self, hidden_states, router_logits, topk_indices_dtype, **kwargs)
-        step = _STEP
-        if step is None:
+        tables = _STEP
+        if tables is None:
             return weights, ids
         layer = _layer_of(self)
         if layer is None:
             return weights, ids
-        lt = step.layers.get(layer)
+        lt = tables.layers.get(layer)
         if lt is not None:
             if getattr(self, "eplb_state", None) is not None or getattr(self, "custom_routing_function", None):
                 raise RuntimeError("expert steering does not support this router (EPLB or a custom routing "
@@ -203,7 +205,7 @@ def _steered_select_experts(original):
             weights[tokens] = w.to(weights.dtype)
             ids[tokens] = i.to(ids.dtype)
             HOOK_CALLS[0] += 1
-        for tokens, m in step.counted:
+        for tokens, m in tables.counted:
             if layer < m.counts.shape[0]:
                 chosen = ids[tokens[tokens < ids.shape[0]]].flatten().long()
                 m.counts[layer] += torch.bincount(chosen, minlength=m.counts.shape[1])[: m.counts.shape[1]]
@@ -214,24 +216,20 @@ def _steered_select_experts(original):
     return select_experts
 
 
-def _steered_model_forward(original):
-    def model_forward(self, input_ids=None, positions=None, *args, **kwargs):
-        global _STEP
-        rows = _ENGINES.get(id(self.vllm_config))
-        if rows is None or not rows.rows or positions is None:
-            return original(self, input_ids, positions, *args, **kwargs)
-        num_reqs = self.input_batch.num_reqs
-        _STEP = rows.tables(self.query_start_loc.np[: num_reqs + 1].tolist(), positions)
-        try:
-            return original(self, input_ids, positions, *args, **kwargs)
-        finally:
-            step, _STEP = _STEP, None
-            if step is not None and step.counted:
-                _write_counts(step.counted)
+def _begin_step(runner, positions):
+    """Step hook (server/step.py): this forward's tables for the router hook; after it, publish counts."""
+    global _STEP
+    rows = _ENGINES.get(id(runner.vllm_config))
+    if rows is None or not rows.rows:
+        return None
+    _STEP = rows.tables(step.row_starts(runner), positions)
 
-    model_forward.__steerserve__ = True  # type: ignore[attr-defined]
-    model_forward.__wrapped__ = original  # type: ignore[attr-defined]
-    return model_forward
+    def done() -> None:
+        global _STEP
+        finished, _STEP = _STEP, None
+        if finished is not None and finished.counted:
+            _write_counts(finished.counted)
+    return done
 
 
 def _write_counts(counted: list[tuple[torch.Tensor, RowMasks]]) -> None:
@@ -262,22 +260,19 @@ def read_counts(key: str, moe_layers: tuple[int, ...]) -> dict[str, list[int]]:
 
 
 def register() -> None:
-    """Install both wrappers, once per process."""
+    """Install the router wrapper and the step hook, once per process."""
     from vllm.model_executor.layers.fused_moe.router.base_router import BaseRouter
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     if not getattr(BaseRouter._select_experts, "__steerserve__", False):
         BaseRouter._select_experts = _steered_select_experts(BaseRouter._select_experts)
-    if not getattr(GPUModelRunner._model_forward, "__steerserve__", False):
-        GPUModelRunner._model_forward = _steered_model_forward(GPUModelRunner._model_forward)
+    step.add(_begin_step)
 
 
 def unregister() -> None:
     """Undo `register` (tests)."""
     from vllm.model_executor.layers.fused_moe.router.base_router import BaseRouter
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-    for cls, name in ((BaseRouter, "_select_experts"), (GPUModelRunner, "_model_forward")):
-        fn = cls.__dict__[name]
-        if getattr(fn, "__steerserve__", False):
-            setattr(cls, name, fn.__wrapped__)
+    fn = BaseRouter.__dict__["_select_experts"]
+    if getattr(fn, "__steerserve__", False):
+        BaseRouter._select_experts = fn.__wrapped__
+    step.remove(_begin_step)

@@ -31,6 +31,8 @@ def register() -> None:
 
     from .attention import register as register_attention
     from .experts import register as register_experts
+    from .iapt import register as register_iapt
 
     register_attention()
     register_experts()
+    register_iapt()

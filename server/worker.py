@@ -19,10 +19,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
+from steerserve.steering.iapt import SOFT_TOKENS
 from steerserve.steering.plan import EosRamp, Plan
 
 from .attention import AttentionRows, RowSteer, row_steer
 from .experts import STATS_KEY, ExpertRows, RowMasks, row_masks
+from .iapt import ARGS_KEY as IAPT_KEY
+from .iapt import IaptRow, IaptRows
+from .iapt import load as load_iapt
 
 if TYPE_CHECKING:
     from vllm import SamplingParams
@@ -100,6 +104,7 @@ class _Row:
     output_ids: list[int]  # vLLM's live list of this request's generated tokens (appended after each step)
     attention: RowSteer | None = None  # per-layer key biases and attention mode (server/attention.py)
     experts: RowMasks | None = None  # per-layer expert masks (server/experts.py)
+    iapt: IaptRow | None = None  # the row's IAPT adapter and pooling state (server/iapt.py)
     eos_ids: tuple[int, ...] = ()
     eos_ramp: EosRamp | None = None
     diversity: float = 0.0  # also in the `diversity` buffer; here so the per-step loop can skip rows cheaply
@@ -125,12 +130,15 @@ class SteeringLogitsProcessor(LogitsProcessor):
         self.logits_active = self.rows.new(dtype=torch.bool)
         self.attention_active = self.rows.new(dtype=torch.bool)
         self.experts_active = self.rows.new(dtype=torch.bool)
+        self.iapt_active = self.rows.new(dtype=torch.bool)
         hf = vllm_config.model_config.hf_text_config
         self.num_layers, self.num_heads = hf.num_hidden_layers, hf.num_attention_heads
         self.attention = AttentionRows.for_engine(vllm_config)  # read by the attention backend
         self.attention.rows = []  # a new engine whose config reuses a dead one's id starts clean
         self.experts = ExpertRows.for_engine(vllm_config)  # read by the router hook
         self.num_experts = _num_experts(hf)
+        self.iapt = IaptRows.for_engine(vllm_config)  # read by the IAPT step and layer hooks
+        self.iapt.rows = []
         # Derived from the buffers above whenever the batch changes; read every step.
         self._active: list[int] = []
         self._active_idx = torch.zeros(0, dtype=torch.long, device=self.device)
@@ -145,6 +153,9 @@ class SteeringLogitsProcessor(LogitsProcessor):
             Plan.from_extra_args(sampling_params.extra_args)
         except (TypeError, KeyError, AttributeError) as e:  # a wrong shape inside the plan dict
             raise ValueError(f"malformed steerserve plan in extra_args: {e!r}") from e
+        iapt = (sampling_params.extra_args or {}).get(IAPT_KEY)
+        if iapt is not None and not (isinstance(iapt, dict) and isinstance(iapt.get("path"), str)):
+            raise ValueError(f"malformed {IAPT_KEY} in extra_args: expected {{'path': str}}")
 
     def is_argmax_invariant(self) -> bool:
         return False
@@ -158,6 +169,8 @@ class SteeringLogitsProcessor(LogitsProcessor):
                                for r in torch.nonzero(self.attention_active[:size]).flatten().tolist()]
         self.experts.rows = [(r, self.rows.records[r].experts)
                              for r in torch.nonzero(self.experts_active[:size]).flatten().tolist()]
+        self.iapt.rows = [(r, self.rows.records[r].iapt)
+                          for r in torch.nonzero(self.iapt_active[:size]).flatten().tolist()]
         self._active_idx = torch.nonzero(self.logits_active[:size]).flatten()
         self._active = self._active_idx.tolist()
         contiguous = bool(self._active) and self._active[-1] - self._active[0] + 1 == len(self._active)
@@ -174,11 +187,15 @@ class SteeringLogitsProcessor(LogitsProcessor):
         extra = params.extra_args if params is not None else None
         plan = Plan.from_extra_args(extra)
         stats_key = str((extra or {}).get(STATS_KEY) or "") if self.num_experts else ""
-        if not stats_key and (plan is None or (plan.logits.is_noop() and plan.attention.is_noop() and
-                                               plan.experts.is_noop())):
+        iapt = (extra or {}).get(IAPT_KEY)
+        if not stats_key and not iapt and (plan is None or (plan.logits.is_noop() and plan.attention.is_noop() and
+                                                            plan.experts.is_noop())):
             return False
         plan = plan or Plan("")
         rec = self.rows.records[i] = _Row(plan, output_ids)
+        if iapt:
+            rec.iapt = IaptRow(load_iapt(iapt["path"], self.device), prompt_len - SOFT_TOKENS)
+            self.iapt_active[i] = True
         if not plan.experts.is_noop() or stats_key:
             rec.experts = row_masks(plan.experts, prompt_len, self.num_experts, stats_key, self.num_layers)
             self.experts_active[i] = True

@@ -198,3 +198,28 @@ def build_tiny_lora(dir: str | Path, base_dir: str | Path, seed: int = 1, rank: 
                 p.copy_(std * torch.randn(p.shape, generator=gen))
     model.save_pretrained(out, safe_serialization=True)
     return out
+
+
+def build_tiny_iapt(dir: str | Path, base_dir: str | Path, seed: int = 1, bottleneck: int = 16,
+                    shared: bool = False, scale: float = 1.0) -> Path:
+    """A random IAPT adapter (steering/iapt.py) for the model in `base_dir`. Every tensor is random, with an
+    output projection large enough (`scale` ~ the stream's size) that the soft tokens visibly change the model."""
+    import json
+
+    import torch
+
+    from steerserve.steering.iapt import IaptConfig, IaptModel
+
+    out = Path(dir)
+    config = json.loads((Path(base_dir) / "config.json").read_text())
+    model = IaptModel(IaptConfig(str(base_dir), config["hidden_size"], config["num_hidden_layers"], bottleneck,
+                                 shared=shared))
+    gen = torch.Generator().manual_seed(seed)
+    model.reset_parameters(gen)
+    with torch.no_grad():
+        model.tensor("up.weight").normal_(0, scale / bottleneck ** 0.5, generator=gen)
+        model.tensor("up.bias").normal_(0, 0.1 * scale, generator=gen)
+        model.tensor("act.num").add_(0.1 * torch.randn(model.tensor("act.num").shape, generator=gen))
+        model.tensor("act.den").normal_(0, 0.1, generator=gen)
+    model.save(out)
+    return out
