@@ -18,9 +18,10 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
 from steerserve.steering import spec as steering_spec
+from steerserve.steering.iapt import PLACEHOLDER_ID, SOFT_TOKENS
 
 from . import generation as gen
-from . import prompting, steer
+from . import iapt, prompting, steer
 from .adapters import Adapter, AdapterInvalid, AdapterStore, ServedModel, validate_adapter_name
 from .auth import KeyStore, Principal, valid_tenant
 from .chat import render as render_chat
@@ -63,7 +64,8 @@ def create_app(engine_factory: Callable[[], Engine], keys: KeyStore, profiles: P
             if eng.lora is not None and adapters is not None:
                 state["base"] = await asyncio.to_thread(ServedModel.from_checkpoint, eng.info.path,
                                                         eng.info.name, eng.lora["max_lora_rank"])
-                state["pool"] = AdapterPool(eng, adapters, metrics, eng.lora["max_loras"])
+                state["pool"] = AdapterPool(eng, adapters, metrics, eng.lora["max_loras"],
+                                            eng.lora["max_cpu_loras"])
             state["engine"] = eng
             log.info("engine ready: serving %s", state["engine"].info.name)
         except Exception as exc:  # readiness reports it; the process stays up to say why
@@ -182,11 +184,13 @@ def create_app(engine_factory: Callable[[], Engine], keys: KeyStore, profiles: P
                 raise BadRequest("prompt must not be empty", param="prompt")
             if isinstance(p, list) and not all(0 <= t < eng.info.vocab_size for t in p):
                 raise BadRequest(f"prompt token ids must be in [0, {eng.info.vocab_size})", param="prompt")
-            prompts.append(gen.Prompt(ids, p if isinstance(p, str) else None))
+            prompts.append(gen.Prompt(served.prompt(ids, eng.info.max_model_len, "prompt"),
+                                      p if isinstance(p, str) else None))
         steering = steering.bind([len(p.ids) for p in prompts], None)
         stats = _stats_key(request, req, eng)
-        params = _params(eng, req, max(prompts, key=lambda p: len(p.ids)), req.logprobs, steering, stats_key=stats)
-        g = gen.Generation(eng, metrics, "/v1/completions", prompts, params, "cmpl", steering.salt_for,
+        params = _params(eng, req, max(prompts, key=lambda p: len(p.ids)), req.logprobs, steering, served,
+                         stats_key=stats)
+        g = gen.Generation(eng, metrics, "/v1/completions", prompts, params, "cmpl", served.salt(steering.salt_for),
                            served.acquire)
         top = req.logprobs or 0
 
@@ -223,12 +227,12 @@ def create_app(engine_factory: Callable[[], Engine], keys: KeyStore, profiles: P
         else:
             chat = render_chat(eng.tokenizer, [{"role": m.role, "content": m.text()} for m in req.messages],
                                req.add_generation_prompt)
-            prompt = gen.Prompt(chat.ids, chat.text)
+            prompt = gen.Prompt(served.prompt(chat.ids, eng.info.max_model_len, "messages"), chat.text)
             steering = steering.bind([len(prompt.ids)], chat.role_spans)
-            params = _params(eng, req, prompt, top if req.logprobs else None, steering,
+            params = _params(eng, req, prompt, top if req.logprobs else None, steering, served,
                              structured_output(req.response_format), stats)
             g = gen.Generation(eng, metrics, "/v1/chat/completions", [prompt], params, "chatcmpl",
-                               steering.salt_for, served.acquire)
+                               served.salt(steering.salt_for), served.acquire)
         head = {"id": g.id, "object": "chat.completion", "created": g.created, "model": served.model}
 
         def logprobs_json(c: gen.Choice | gen.Delta) -> dict | None:
@@ -323,14 +327,15 @@ def create_app(engine_factory: Callable[[], Engine], keys: KeyStore, profiles: P
 
     @app.put("/v1/adapters/{name}")
     async def put_adapter(request: Request, name: str, scope: str = "tenant") -> dict:
-        """Register (or replace) an adapter: JSON `{"path": "<dir on the server>", "kind": "lora"}`, or a
-        multipart upload of adapter_config.json and adapter_model.safetensors."""
+        """Register (or replace) an adapter: JSON `{"path": "<dir on the server>", "kind": "lora" | "iapt"}`, or
+        a multipart upload of its two files (the kind follows from their names)."""
         who = principal(request)
         validate_adapter_name(name)
         owner = scope_of(who, scope, writing=True, what="adapters")
         adapter_pool = pool()
         if request.headers.get("content-type", "").startswith("multipart/form-data"):
-            kind, path, owned = "lora", await _save_upload(request, adapters.upload_dir()), True
+            kind, path = await _save_upload(request, adapters.upload_dir())
+            owned = True
         else:
             kind, path, owned = *_path_registration(await request.body(), who, adapter_root), False
         try:
@@ -416,30 +421,37 @@ def create_app(engine_factory: Callable[[], Engine], keys: KeyStore, profiles: P
     return app
 
 
-UPLOAD_FILES = ("adapter_config.json", "adapter_model.safetensors")
+UPLOAD_FILES = {"lora": ("adapter_config.json", "adapter_model.safetensors"),
+                "iapt": ("iapt_config.json", "iapt_model.safetensors")}
+_EXPECTED = " or ".join(" and ".join(files) for files in UPLOAD_FILES.values())
 
 
-async def _save_upload(request: Request, into: Path) -> Path:
-    """The multipart upload's adapter files written into `into` (a fresh directory, removed on failure)."""
+async def _save_upload(request: Request, into: Path) -> tuple[str, Path]:
+    """The multipart upload's adapter files written into `into` (a fresh directory, removed on failure), and
+    the adapter kind their names say."""
+    known = {name for files in UPLOAD_FILES.values() for name in files}
     try:
         form = await request.form()
-        seen = set()
+        seen: set[str] = set()
         for field, value in form.multi_items():
             filename = getattr(value, "filename", None)
             if filename is None:
                 raise BadRequest(f"form field {field!r} is not a file", param=field)
-            target = Path(filename).name if Path(filename).name in UPLOAD_FILES else field
-            if target not in UPLOAD_FILES or target in seen:
-                raise BadRequest(f"unexpected upload {filename!r}: send {' and '.join(UPLOAD_FILES)}", param=field)
+            target = Path(filename).name if Path(filename).name in known else field
+            if target not in known or target in seen:
+                raise BadRequest(f"unexpected upload {filename!r}: send {_EXPECTED}", param=field)
             seen.add(target)
             with (into / target).open("wb") as out:
                 while chunk := await value.read(1 << 20):
                     out.write(chunk)
         await form.close()
+        kinds = [kind for kind, files in UPLOAD_FILES.items() if seen <= set(files)]
+        if not kinds:
+            raise BadRequest(f"the uploaded files mix adapter kinds: send {_EXPECTED}", param="files")
     except BaseException:
         shutil.rmtree(into, ignore_errors=True)
         raise
-    return into
+    return kinds[0], into
 
 
 def _path_registration(raw: bytes, who: Principal, adapter_root: Path | None) -> tuple[str, Path]:
@@ -448,8 +460,8 @@ def _path_registration(raw: bytes, who: Principal, adapter_root: Path | None) ->
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BadRequest(f"the request body is not valid JSON: {exc}", code="invalid_json") from None
     if not isinstance(body, dict) or not isinstance(body.get("path"), str):
-        raise BadRequest("expected {\"path\": \"<adapter directory on the server>\", \"kind\": \"lora\"} or a "
-                         "multipart upload", param="path")
+        raise BadRequest("expected {\"path\": \"<adapter directory on the server>\", \"kind\": \"lora\" | \"iapt\"} "
+                         "or a multipart upload", param="path")
     unknown = sorted(set(body) - {"path", "kind"})
     if unknown:
         raise BadRequest(f"unknown field {unknown[0]!r}", param=unknown[0])
@@ -522,6 +534,29 @@ class Served:
             headers["X-Adapter-Applied"] = f"{self.adapter.name}; scope={self.adapter.scope}"
         return headers
 
+    # IAPT adapters (server/iapt.py): 4 placeholders after the instruction, the adapter in extra_args, no
+    # prefix-cache reads, and a salt so no other request reads their blocks.
+    @property
+    def iapt(self) -> bool:
+        return self.adapter is not None and self.adapter.kind == "iapt"
+
+    def prompt(self, ids: list[int], max_model_len: int, param: str) -> list[int]:
+        if not self.iapt:
+            return ids
+        if len(ids) + SOFT_TOKENS >= max_model_len:
+            raise BadRequest(f"This model's maximum context length is {max_model_len} tokens; the prompt has "
+                             f"{len(ids)} tokens and the IAPT adapter adds {SOFT_TOKENS} soft tokens, which leaves no "
+                             "room to generate.", param=param, code="context_length_exceeded")
+        return ids + [PLACEHOLDER_ID] * SOFT_TOKENS
+
+    def extra_args(self) -> dict:
+        return iapt.extra_args(self.adapter.path, self.adapter.engine_name) if self.iapt else {}
+
+    def salt(self, salt_for: Callable[[int], str | None]) -> Callable[[int], str | None]:
+        if not self.iapt:
+            return salt_for
+        return lambda prompt_len: f"iapt:{self.adapter.engine_name}|{salt_for(prompt_len) or ''}"
+
 
 def _stats(g) -> dict:
     """The response's `steering_stats` (intermediate texts of prompt methods), when asked for and present."""
@@ -529,14 +564,12 @@ def _stats(g) -> dict:
     return {"steering_stats": stats} if stats else {}
 
 
-def _params(eng: Engine, req, prompt: gen.Prompt, logprobs: int | None, steering: steer.Steering, structured=None,
-            stats_key: str | None = None):
-    extra = steering.extra_args()
-    if stats_key:
-        extra = {**(extra or {}), STATS_KEY: stats_key}
+def _params(eng: Engine, req, prompt: gen.Prompt, logprobs: int | None, steering: steer.Steering, served: Served,
+            structured=None, stats_key: str | None = None):
+    extra = {**(steering.extra_args() or {}), **served.extra_args(), **({STATS_KEY: stats_key} if stats_key else {})}
     return sampling_params(req, prompt_len=len(prompt.ids), max_model_len=eng.info.max_model_len,
                            vocab_size=eng.info.vocab_size, logprobs=logprobs, structured=structured,
-                           extra_args=extra)
+                           extra_args=extra or None, skip_prefix_cache=served.iapt)
 
 
 def _stats_key(request: Request, req, eng: Engine) -> str | None:

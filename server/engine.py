@@ -11,9 +11,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from steerserve.steering.experts import moe_layout
+from steerserve.steering.iapt import PLACEHOLDER_ID, SOFT_TOKENS
 from steerserve.steering.model import ModelFacts
 from steerserve.steering.plan import AttentionPlan, ExpertsPlan, LogitsPlan, Plan
 
+from . import iapt
 from .experts import STATS_DIR
 from .settings import Settings
 
@@ -48,6 +50,8 @@ class Engine:
         if not os.environ.get(STATS_DIR):
             shm = Path("/dev/shm")
             os.environ[STATS_DIR] = tempfile.mkdtemp(prefix="steerserve-stats-", dir=shm if shm.is_dir() else None)
+        if settings.enable_lora:  # IAPT adapters each worker keeps loaded, like vLLM's LoRA host cache
+            os.environ[iapt.CACHE_ENV] = str(lora_args(settings)["max_cpu_loras"])
         name = settings.served_model_name or model_path.name
         args = AsyncEngineArgs(
             model=str(model_path),
@@ -82,6 +86,8 @@ class Engine:
                                                        "power": settings.attention_mode_power}}}
                                if settings.attention_mode != "softmax" else None)
         self.facts = model_facts(self.tokenizer, config, model_path)
+        # Why IAPT adapters cannot be served here (None: they can); set by the start-up self-test.
+        self.iapt_unsupported: str | None = None if self.lora else "adapters are off"
 
     def generate(self, prompt_ids: list[int], params, request_id: str, *, prompt_text: str | None = None,
                  cache_salt: str | None = None, lora_request=None) -> AsyncIterator:
@@ -97,9 +103,11 @@ class Engine:
         it get a 400) and everything else is served."""
         from vllm.sampling_params import SamplingParams
 
-        async def first_token(prompt: list[int], plan: Plan | None = None) -> tuple[int, float]:
-            params = SamplingParams(max_tokens=1, temperature=0, logprobs=0,
-                                    extra_args=plan.to_extra_args() if plan else None)
+        async def first_token(prompt: list[int], plan: Plan | None = None, extra: dict | None = None
+                              ) -> tuple[int, float]:
+            args = {**(plan.to_extra_args() if plan else {}), **(extra or {})}
+            params = SamplingParams(max_tokens=1, temperature=0, logprobs=0, extra_args=args or None,
+                                    skip_reading_prefix_cache=bool(extra))
             async for out in self.generate(prompt, params, f"steerserve-selftest-{uuid.uuid4().hex}"):
                 c = out.outputs[0]
             return c.token_ids[0], c.logprobs[0][c.token_ids[0]].logprob
@@ -123,6 +131,8 @@ class Engine:
                 log.warning("attention steering is OFF: its self-test request was not steered")
         if self.facts.moe_layers:
             await self._verify_experts(first_token)
+        if self.iapt_unsupported is None:
+            await self._verify_iapt(first_token)
         log.info("steering self-test passed: worker hooks are active")
 
     async def _verify_experts(self, first_token) -> None:
@@ -145,6 +155,21 @@ class Engine:
         if not moved:
             self.facts = replace(self.facts, experts_unsupported="its start-up self-test was not steered")
             log.warning("expert steering is OFF: its self-test request was not steered")
+
+    async def _verify_iapt(self, first_token) -> None:
+        """IAPT adapters are served only if a random adapter with large soft tokens changes the output."""
+        hf = self.llm.model_config.hf_text_config
+        with tempfile.TemporaryDirectory(prefix="steerserve-iapt-probe-") as where:
+            try:
+                iapt.write_probe_adapter(Path(where), hf.hidden_size, hf.num_hidden_layers)
+                probe = list(range(1, 9)) + [PLACEHOLDER_ID] * SOFT_TOKENS
+                moved = await first_token(probe) != await first_token(probe, extra=iapt.extra_args(Path(where)))
+            except Exception as exc:  # noqa: BLE001 - any failure means: not available
+                log.warning("IAPT self-test failed: %s", exc)
+                moved = False
+        if not moved:
+            self.iapt_unsupported = "its start-up self-test was not steered"
+            log.warning("IAPT adapters are OFF: their self-test request was not changed by the adapter")
 
     def num_unfinished_requests(self) -> int:
         return self.llm.get_num_unfinished_requests()

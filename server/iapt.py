@@ -24,11 +24,11 @@ from pathlib import Path
 
 import torch
 
-from steerserve.steering.iapt import SOFT_TOKENS, IaptModel, Pool, merge_pools
+from steerserve.steering.iapt import SOFT_TOKENS, IaptConfig, IaptModel, Pool, merge_pools
 
 from . import step
 
-ARGS_KEY = "steerserve_iapt"  # extra_args: {"path": adapter directory, "name": engine name}
+ARGS_KEY = "steerserve_iapt"  # extra_args: {"path": adapter directory, "key": unique per registration}
 CACHE_ENV = "STEERSERVE_IAPT_CACHE"  # env: adapters each worker keeps loaded (LRU)
 
 _ENGINES: dict[int, IaptRows] = {}  # id(VllmConfig) -> that engine's rows
@@ -56,14 +56,29 @@ class RowWork:
     first_slot: int  # the soft slot (0..3) of the first soft token in `soft`
 
 
-def load(path: str, device: torch.device) -> IaptModel:
-    """The adapter in `path`, from this worker's LRU of loaded adapters."""
-    model = _MODELS.get(path)
+def extra_args(path: Path, key: str | None = None) -> dict:
+    """What a request's SamplingParams.extra_args carry for its IAPT adapter; `key` names this registration of
+    it in the workers' caches (default: the path)."""
+    return {ARGS_KEY: {"path": str(path), "key": key or str(path)}}
+
+
+def write_probe_adapter(path: Path, hidden_size: int, num_layers: int) -> None:
+    """A random adapter whose soft tokens are far from anything the model has seen: the start-up self-test."""
+    model = IaptModel(IaptConfig("self-test", hidden_size, num_layers, bottleneck=8))
+    with torch.no_grad():
+        model.tensor("up.bias").normal_(0, 10.0, generator=torch.Generator().manual_seed(0))
+    model.save(path)
+
+
+def load(args: dict, device: torch.device) -> IaptModel:
+    """The adapter a request's `extra_args[ARGS_KEY]` names, from this worker's LRU of loaded adapters."""
+    key = args.get("key") or args["path"]
+    model = _MODELS.get(key)
     if model is None:
-        model = _MODELS[path] = IaptModel.load(Path(path), device)
+        model = _MODELS[key] = IaptModel.load(Path(args["path"]), device)
         while len(_MODELS) > max(1, int(os.environ.get(CACHE_ENV, "8"))):
             _MODELS.popitem(last=False)
-    _MODELS.move_to_end(path)
+    _MODELS.move_to_end(key)
     return model
 
 

@@ -11,13 +11,21 @@ engine's resident set is re-read after each load, so an adapter that disappeared
 counts as one eviction. An adapter evicted and reloaded by vLLM on its own between two of our reads (possible
 when more adapters are wanted at once than `max_cpu_loras`) is not seen: loads and evictions are lower bounds.
 A deleted or replaced adapter leaves the engine, and its uploaded files the disk, once its last request is done.
+
+IAPT adapters (server/iapt.py) need no engine slot: each worker loads them on first use into its own LRU of
+`max_cpu_loras` adapters, keyed by registration. The pool keeps the same LRU here, so residency, loads and
+evictions read the same for both kinds; a cold IAPT adapter is loaded once here first (in a thread), so that
+broken files fail this request cleanly instead of inside an engine step.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
+
+from steerserve.steering.iapt import IaptModel
 
 from .adapters import Adapter, AdapterStore
 from .errors import APIError, BadRequest
@@ -70,10 +78,12 @@ class Lease:
 
 
 class AdapterPool:
-    def __init__(self, engine, store: AdapterStore, metrics, max_loras: int):
+    def __init__(self, engine, store: AdapterStore, metrics, max_loras: int, max_cpu_loras: int):
         self.engine, self.store, self.metrics, self.max_loras = engine, store, metrics, max_loras
+        self.max_cpu_loras = max_cpu_loras
         self._states: dict[int, _State] = {}
-        self._resident: set[int] = set()
+        self._resident: set[int] = set()  # LoRA adapters in the engine (vLLM's LRU, re-read after each load)
+        self._iapt: OrderedDict[int, None] = OrderedDict()  # IAPT adapters in the workers' LRU, oldest first
         self._loading: dict[int, asyncio.Future] = {}
         self._load_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task] = set()
@@ -81,7 +91,7 @@ class AdapterPool:
 
     # --- what the metrics read ---------------------------------------------------------------------------------
     def loaded(self) -> int:
-        return len(self._resident)
+        return len(self._resident) + len(self._iapt)
 
     def active(self) -> int:
         return sum(1 for s in self._states.values() if s.in_flight)
@@ -95,20 +105,26 @@ class AdapterPool:
 
     def status(self, adapter: Adapter) -> dict:
         state = self._states.get(adapter.id)
-        return {"loaded": adapter.id in self._resident, "in_flight": state.in_flight if state else 0}
+        return {"loaded": adapter.id in self._resident or adapter.id in self._iapt,
+                "in_flight": state.in_flight if state else 0}
 
     # --- requests ----------------------------------------------------------------------------------------------
     async def acquire(self, adapter: Adapter, tenant: str) -> Lease:
         """A lease on `adapter` for one request, after loading it into the engine if it is cold."""
         from vllm.lora.request import LoRARequest
 
-        if adapter.kind != "lora":
+        if adapter.kind not in ("lora", "iapt"):
             raise BadRequest(f"adapter kind {adapter.kind!r} cannot be served yet", param="model")
+        if adapter.kind == "iapt" and self.engine.iapt_unsupported:
+            raise BadRequest(f"IAPT adapters cannot be served by this engine: {self.engine.iapt_unsupported}",
+                             param="model", code="adapter_unsupported")
         state = self._states.setdefault(adapter.id, _State(adapter))
         state.in_flight += 1  # counted before the load, so a concurrent delete waits for this request too
-        request = LoRARequest(adapter.engine_name, adapter.id, str(adapter.path))
+        request = LoRARequest(adapter.engine_name, adapter.id, str(adapter.path)) if adapter.kind == "lora" else None
         try:
-            if adapter.id not in self._resident:
+            if adapter.id in self._iapt:
+                self._iapt.move_to_end(adapter.id)
+            elif adapter.id not in self._resident:
                 await self._load(adapter, request)
         except BaseException:
             state.in_flight -= 1
@@ -128,13 +144,22 @@ class AdapterPool:
         async with self._load_lock:  # one load at a time: the engine loads between steps anyway
             start = time.perf_counter()
             try:
-                await self.engine.llm.add_lora(request)
+                if request is None:
+                    await asyncio.to_thread(IaptModel.load, adapter.path)
+                else:
+                    await self.engine.llm.add_lora(request)
             except Exception as exc:
                 log.warning("adapter %s failed to load: %s", adapter.engine_name, exc)
                 raise AdapterLoadFailed(adapter, exc) from None
             self.metrics.adapter_load_seconds.observe(time.perf_counter() - start)
             self.metrics.adapter_loads.inc()
-            await self._refresh()
+            if request is None:
+                self._iapt[adapter.id] = None
+                while len(self._iapt) > self.max_cpu_loras:
+                    self._iapt.popitem(last=False)
+                    self.metrics.adapter_evictions.inc()
+            else:
+                await self._refresh()
 
     async def _refresh(self) -> None:
         # A fresh read of the engine's resident set (engine steps may have run since the load, loading and
@@ -161,6 +186,7 @@ class AdapterPool:
         task.add_done_callback(self._tasks.discard)
 
     async def _drop(self, adapter: Adapter) -> None:
+        self._iapt.pop(adapter.id, None)
         try:
             if adapter.id in self._resident:
                 await self.engine.llm.remove_lora(adapter.id)

@@ -157,8 +157,10 @@ class ChatCompletionRequest(SamplingRequest):
 
 
 def sampling_params(req: SamplingRequest, *, prompt_len: int, max_model_len: int, vocab_size: int,
-                    logprobs: int | None, structured=None, extra_args: dict | None = None):
-    """Translate a validated request into vLLM SamplingParams, checking what only the served model can decide."""
+                    logprobs: int | None, structured=None, extra_args: dict | None = None,
+                    skip_prefix_cache: bool = False):
+    """Translate a validated request into vLLM SamplingParams, checking what only the served model can decide.
+    `skip_prefix_cache`: compute the whole prompt even if a cached prefix exists (IAPT adapters need that)."""
     room = max_model_len - prompt_len
     if room < 1:
         raise BadRequest(
@@ -191,6 +193,7 @@ def sampling_params(req: SamplingRequest, *, prompt_len: int, max_model_len: int
             ignore_eos=req.ignore_eos,
             structured_outputs=structured,
             extra_args=extra_args,
+            skip_reading_prefix_cache=True if skip_prefix_cache else None,
             # deltas even for non-streaming requests: the server times every token (TTFT, ITL) the same way
             output_kind=RequestOutputKind.DELTA,
         )

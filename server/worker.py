@@ -194,7 +194,7 @@ class SteeringLogitsProcessor(LogitsProcessor):
         plan = plan or Plan("")
         rec = self.rows.records[i] = _Row(plan, output_ids)
         if iapt:
-            rec.iapt = IaptRow(load_iapt(iapt["path"], self.device), prompt_len - SOFT_TOKENS)
+            rec.iapt = IaptRow(load_iapt(iapt, self.device), prompt_len - SOFT_TOKENS)
             self.iapt_active[i] = True
         if not plan.experts.is_noop() or stats_key:
             rec.experts = row_masks(plan.experts, prompt_len, self.num_experts, stats_key, self.num_layers)
