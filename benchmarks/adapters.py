@@ -94,13 +94,15 @@ def scrape(base: str) -> dict[str, float]:
     return out
 
 
-async def phase(base: str, model: str, a: argparse.Namespace, adapters: list[int | None], label: str) -> dict:
+async def phase(base: str, model: str, a: argparse.Namespace, adapters: list[int | None], label: str,
+                prefix: str = "a") -> dict:
+    """One closed-loop run; request i names adapter `<prefix><adapters[i]>` (None: the base model)."""
     reqs = draw_requests(a.requests, a.seed, a.min_tokens, a.max_tokens)
     url, records, todo = f"{base}/v1/chat/completions", [], iter(enumerate(reqs))
 
     async def worker(client: httpx.AsyncClient) -> None:
         for i, req in todo:
-            name = model if adapters[i] is None else f"{model}:a{adapters[i]}"
+            name = model if adapters[i] is None else f"{model}:{prefix}{adapters[i]}"
             body = {"model": name, "messages": [{"role": "user", "content": req.prompt}],
                     "max_tokens": req.max_tokens, "temperature": 0, "ignore_eos": True, "stream": True,
                     "stream_options": {"include_usage": True}}
