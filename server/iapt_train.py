@@ -156,6 +156,18 @@ class Prefixes:
                                         [layer.values[0] for layer in cache.layers])
         return self._cache[instruction]
 
+    def init_soft_states(self, iapt: IaptModel, examples: Sequence[Example]) -> None:
+        """Start each layer's soft tokens (up.bias; per-layer projections only) at the mean state of the
+        instructions' last token at that layer: the untrained adapter then barely changes the model (SmolLM2
+        demo: loss 1.80 with it, 1.80 without soft tokens, 4.96 with the soft states at ~0), whereas the residual
+        stream's scale grows ~200x with depth, which no data-free init matches."""
+        import torch
+
+        last = [self._get(e.ids[:e.instruction_len])[0] for e in examples]
+        with torch.no_grad():
+            for layer in range(self.num_layers):
+                iapt.tensor("up.bias")[layer] = torch.stack([states[layer][-1] for states in last]).mean(0)
+
     def loss(self, iapt: IaptModel, batch: Sequence[Example], pad_id: int):
         """Mean cross-entropy over the batch's target tokens, differentiable in `iapt`'s parameters."""
         import torch
@@ -226,12 +238,14 @@ def train(model, examples: Sequence[Example], config: IaptConfig, *, steps: int,
     model.eval()  # no dropout; gradients still flow to the generators through the frozen layers
     iapt = IaptModel(config)
     iapt.reset_parameters(torch.Generator().manual_seed(seed))
+    prefixes = Prefixes(model)
+    if not config.shared:
+        prefixes.init_soft_states(iapt, examples)
     iapt.train()
     optimizer = torch.optim.AdamW(iapt.parameters(), lr=lr, weight_decay=weight_decay)
     warmup = max(1, steps // 10)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min((s + 1) / warmup, 0.1 + 0.45 * (
         1 + math.cos(math.pi * max(0, s - warmup) / max(1, steps - warmup)))))
-    prefixes = Prefixes(model)
     order: list[int] = []
     shuffler = random.Random(seed)
     result = TrainResult(iapt)

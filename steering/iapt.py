@@ -127,7 +127,9 @@ class IaptModel(nn.Module):
             self.tensor("queries").normal_(0, 1.0, generator=generator)
             self.tensor("up.weight").normal_(0, 0.02 / math.sqrt(m), generator=generator)
             self.tensor("up.bias").zero_()
-            self.tensor("act.num").zero_()[:, 1] = 1.0  # identity
+            self.tensor("act.num").zero_()
+            if self.config.degrees[0] >= 1:
+                self.tensor("act.num")[:, 1] = 1.0  # identity
             self.tensor("act.den").zero_()
 
     def tensor(self, name: str) -> nn.Parameter:
