@@ -310,11 +310,12 @@ def train_iapt(model_path: Path, data: Path, out: Path, *, bottleneck: int = 32,
     """The whole `train-iapt` command: read and check the data, train, write `out` atomically."""
     from tqdm import tqdm
 
+    pairs = read_pairs(data)  # before the minutes of loading: bad data fails at once
     model, tok = load_base(model_path)
     hidden, layers = model_shape(model)
     config = IaptConfig(base_model=base_model or str(model_path), hidden_size=hidden, num_layers=layers,
                         bottleneck=bottleneck, degrees=tuple(degrees), shared=shared)  # type: ignore[arg-type]
-    examples = encode_pairs(tok, read_pairs(data), getattr(model.config, "max_position_embeddings", None))
+    examples = encode_pairs(tok, pairs, getattr(model.config, "max_position_embeddings", None))
     pad = tok.pad_token_id if tok.pad_token_id is not None else end_of_turn_id(tok)
     with tqdm(total=steps, desc="train-iapt", unit="step", disable=not show_progress) as bar:
         def tick(_step: int, loss: float) -> None:
