@@ -4,7 +4,6 @@ data; and the trained demo's behaviour when it has been built (not built here: m
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
