@@ -216,9 +216,9 @@ def train_iapt_command(args: argparse.Namespace) -> int:
     except (DataError, ModelFetchError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    losses = result.losses
+    losses, last = result.losses, result.losses[-5:]
     print(f"{args.out}: {result.iapt.num_parameters():,} parameters, {len(losses)} steps in {result.seconds:.0f} s, "
-          f"loss {losses[0]:.3f} -> {sum(losses[-5:]) / len(losses[-5:]):.3f} (mean of the last 5 steps)")
+          f"loss {losses[0]:.3f} -> {sum(last) / len(last):.3f} (mean of the last {len(last)} steps)")
     return 0
 
 

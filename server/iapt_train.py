@@ -280,7 +280,8 @@ def save_atomically(iapt: IaptModel, target: Path, extra_files: dict[str, str] |
         iapt.save(stage)
         for name, text in (extra_files or {}).items():
             (stage / name).write_text(text)
-        stage.chmod(0o755)  # mkdtemp's 0700 would hide the adapter from a server running as another user
+        for item in (stage, *stage.iterdir()):  # mkdtemp's 0700 (and safetensors' 0600) would hide the adapter
+            item.chmod(0o755 if item.is_dir() else 0o644)  # from a server running as another user
         if target.exists():
             shutil.rmtree(target)
         stage.rename(target)

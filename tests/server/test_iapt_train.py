@@ -80,19 +80,20 @@ def test_untrained_adapter_starts_close_to_the_base_model(base, tiny):
     assert abs(started - without) < abs(prefixes.loss(zero_init, examples, tok.pad_token_id).item() - without)
 
 
-def test_train_iapt_command_lowers_the_loss_and_writes_a_valid_adapter(tiny, tmp_path, capsys):
+@pytest.mark.parametrize("shared", [False, True])
+def test_train_iapt_command_lowers_the_loss_and_writes_a_valid_adapter(tiny, tmp_path, capsys, shared):
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps({"instruction": i, "response": r}) + "\n" for i, r in PAIRS) + "\n")
     out = tmp_path / "adapter"
     assert main(["adapters", "train-iapt", "--model", str(tiny), "--data", str(data), "--out", str(out),
                  "--bottleneck", "8", "--degrees", "3", "2", "--steps", "25", "--lr", "1e-2", "--batch-size",
-                 "4"]) == 0
+                 "4", *(["--shared"] if shared else [])]) == 0
     printed = capsys.readouterr().out
     first, last = (float(x) for x in printed.split("loss ")[1].split(" (")[0].split(" -> "))
     assert last < 0.7 * first, printed
     assert sorted(p.name for p in out.iterdir()) == ["iapt_config.json", "iapt_model.safetensors"]
     loaded = IaptModel.load(out)
-    assert loaded.config == IaptConfig(str(tiny), 128, 2, bottleneck=8, degrees=(3, 2))
+    assert loaded.config == IaptConfig(str(tiny), 128, 2, bottleneck=8, degrees=(3, 2), shared=shared)
     meta = inspect_iapt(out, ServedModel.from_checkpoint(tiny, "tiny", 8))
     assert meta["parameters"] == loaded.num_parameters() and meta["degrees"] == [3, 2]
 
