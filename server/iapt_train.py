@@ -1,8 +1,9 @@
 """Training IAPT adapters (steering/iapt.py) on instruction/response pairs: `steerserve adapters train-iapt`.
 
 The base model is a Hugging Face causal LM in fp32 with every weight frozen; only the IaptModel's generators are
-trained (AdamW), through `hf_soft_prompts`, i.e. the same module and the same placement the server uses. One
-example is exactly what the server will run for that chat:
+trained (AdamW), with the same module and the same placement as `hf_soft_prompts` and the server (the training
+forward is an exact, cheaper rearrangement of `hf_soft_prompts`'s: see `Prefixes`). One example is exactly what the
+server will run for that chat:
 
     render(tokenizer, [user: instruction], add_generation_prompt=True).ids  +  4 x PLACEHOLDER_ID
     + response tokens  +  the end-of-turn token (the tokenizer's EOS, at which the server stops)
@@ -13,7 +14,6 @@ the first response token). Batches are right-padded; each row has its own instru
 from __future__ import annotations
 
 import json
-import logging
 import math
 import random
 import shutil
@@ -27,8 +27,7 @@ from typing import Any
 from steerserve.steering.iapt import PLACEHOLDER_ID, SOFT_TOKENS, IaptConfig, IaptModel, hf_soft_prompts
 
 from .chat import render
-
-log = logging.getLogger("steerserve.iapt_train")
+from .errors import BadRequest
 
 
 class DataError(ValueError):
@@ -99,7 +98,10 @@ def encode_pairs(tokenizer, pairs: Sequence[tuple[str, str]], max_len: int | Non
     end = end_of_turn_id(tokenizer)
     examples = []
     for i, (instruction, response) in enumerate(pairs):
-        prompt = instruction_ids(tokenizer, instruction)
+        try:
+            prompt = instruction_ids(tokenizer, instruction)
+        except BadRequest as exc:
+            raise DataError(f"example {i + 1}: {exc.message}") from None
         example = Example.build(prompt, [*tokenizer(response, add_special_tokens=False).input_ids, end])
         if max_len is not None and len(example.ids) > max_len:
             raise DataError(f"example {i + 1} is {len(example.ids)} tokens with the soft tokens, more than the "
