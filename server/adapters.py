@@ -4,7 +4,9 @@ An adapter is a directory of files plus a kind. Kind "lora" is a PEFT LoRA adapt
 adapter_model.safetensors); other kinds (IAPT) add an inspector to `INSPECTORS` and a way to reach the engine in
 the pool. A registration is checked once, here, so that a bad adapter is a 400 naming the failed check, never a
 failure inside the engine: base model, architecture (every LoRA matrix fits the served model's layer), rank
-within --max-lora-rank, target modules the engine supports, and files that parse.
+within --max-lora-rank, target modules the engine supports, and files that parse. Kind "iapt" (steering/iapt.py:
+iapt_config.json + iapt_model.safetensors): files that parse, a valid config, the base model's name, its hidden size
+and layer count, and every tensor's shape.
 """
 from __future__ import annotations
 
