@@ -4,11 +4,15 @@ An adapter is a directory of files plus a kind. Kind "lora" is a PEFT LoRA adapt
 adapter_model.safetensors); other kinds (IAPT) add an inspector to `INSPECTORS` and a way to reach the engine in
 the pool. A registration is checked once, here, so that a bad adapter is a 400 naming the failed check, never a
 failure inside the engine: base model, architecture (every LoRA matrix fits the served model's layer), rank
-within --max-lora-rank, target modules the engine supports, and files that parse.
+within --max-lora-rank, target modules the engine supports, and files that parse. Kind "iapt" (steering/iapt.py:
+iapt_config.json + iapt_model.safetensors): files that parse, a valid config, the base model's name, its hidden size
+and layer count, and every tensor's shape.
 """
 from __future__ import annotations
 
 import json
+import math
+import re
 import shutil
 import sqlite3
 import struct
@@ -103,6 +107,22 @@ class ServedModel:
                                            if config.get(k))}
         return cls(frozenset(n.lower() for n in names), shapes, max_lora_rank)
 
+    def decoder_shape(self) -> tuple[int, int] | None:
+        """(hidden size, number of decoder layers) from the attention projections
+        (`...layers.<i>.self_attn.q_proj`: in_features is the hidden size), or None if there are none."""
+        hidden, layers = set(), set()
+        for key, (_out, in_features) in self.linear_shapes.items():
+            match = _Q_PROJ.fullmatch(key)
+            if match:
+                layers.add(int(match.group(1)))
+                hidden.add(in_features)
+        if len(hidden) != 1 or layers != set(range(len(layers))):
+            return None
+        return hidden.pop(), len(layers)
+
+
+_Q_PROJ = re.compile(r"(?:.*\.)?layers\.(\d+)\.self_attn\.q_proj")
+
 
 def _safetensors_shapes(path: Path) -> dict[str, list[int]]:
     """Tensor shapes from a safetensors header, checking that the data offsets fit the file (cheap: no data read)."""
@@ -195,7 +215,72 @@ def inspect_lora(path: Path, base: ServedModel) -> dict[str, Any]:
             "base_model": declared, "layers": len({m.split(".self_attn")[0].split(".mlp")[0] for m in modules})}
 
 
-INSPECTORS: dict[str, Callable[[Path, ServedModel], dict[str, Any]]] = {"lora": inspect_lora}
+def _declared_base_matches(declared: str, base: ServedModel) -> bool:
+    return Path(declared).name.lower() in {Path(n).name for n in base.names}
+
+
+def inspect_iapt(path: Path, base: ServedModel) -> dict[str, Any]:
+    """The IAPT adapter in `path` (steering/iapt.py: iapt_config.json + iapt_model.safetensors), checked against
+    `base`; its metadata, or AdapterInvalid naming the check. Reads only the safetensors header."""
+    from steerserve.steering.iapt import CONFIG_FILE as IAPT_CONFIG
+    from steerserve.steering.iapt import WEIGHTS_FILE as IAPT_WEIGHTS
+    from steerserve.steering.iapt import IaptConfig
+
+    config_path, weights_path = path / IAPT_CONFIG, path / IAPT_WEIGHTS
+    for file in (config_path, weights_path):
+        if not file.is_file():
+            raise AdapterInvalid("files", f"{file.name} is missing")
+    try:
+        raw = json.loads(config_path.read_text())
+        if not isinstance(raw, dict):
+            raise ValueError("not a JSON object")
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise AdapterInvalid("files", f"{IAPT_CONFIG} is not valid JSON: {exc}") from None
+    try:
+        shapes = _safetensors_shapes(weights_path)
+    except (ValueError, KeyError, TypeError, OSError) as exc:
+        raise AdapterInvalid("files", f"{IAPT_WEIGHTS} is corrupt: {exc}") from None
+
+    types = {"base_model": str, "hidden_size": int, "num_layers": int, "bottleneck": int, "degrees": list,
+             "shared": bool, "soft_tokens": int}
+    unknown = sorted(set(raw) - set(types))
+    if unknown:
+        raise AdapterInvalid("config", f"{IAPT_CONFIG} has unknown fields {unknown}")
+    for key, kind in types.items():
+        value = raw.get(key)
+        if key in raw and (not isinstance(value, kind) or (kind is int and isinstance(value, bool))):
+            raise AdapterInvalid("config", f"{key} must be {kind.__name__}, got {value!r}")
+    degrees = raw.get("degrees", [])
+    if not (len(degrees) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in degrees)):
+        raise AdapterInvalid("config", f"degrees must be two integers [p, q], got {degrees!r}")
+    try:
+        config = IaptConfig(**raw)
+    except (TypeError, ValueError) as exc:
+        raise AdapterInvalid("config", f"{IAPT_CONFIG}: {exc}") from None
+
+    if config.base_model and not _declared_base_matches(config.base_model, base):
+        raise AdapterInvalid("base_model", f"the adapter was trained for {config.base_model!r}; this server serves "
+                                           f"{sorted(base.names)[0]!r}")
+    served = base.decoder_shape()
+    if served is None:
+        raise AdapterInvalid("architecture", "the served model has no decoder layers IAPT can attach to "
+                                             "(layers.<i>.self_attn.q_proj)")
+    if (config.hidden_size, config.num_layers) != served:
+        raise AdapterInvalid("architecture", f"the adapter is for hidden size {config.hidden_size} and "
+                                             f"{config.num_layers} layers; the served model has hidden size "
+                                             f"{served[0]} and {served[1]} layers")
+    expected = config.shapes()
+    if set(shapes) != set(expected):
+        raise AdapterInvalid("files", f"{IAPT_WEIGHTS} holds {sorted(shapes)}, expected {sorted(expected)}")
+    for name, shape in sorted(expected.items()):
+        if tuple(shapes[name]) != shape:
+            raise AdapterInvalid("files", f"{name} has shape {shapes[name]}; {IAPT_CONFIG} implies {list(shape)}")
+    return {"bottleneck": config.bottleneck, "degrees": list(config.degrees), "shared": config.shared,
+            "soft_tokens": config.soft_tokens, "layers": config.num_layers, "hidden_size": config.hidden_size,
+            "parameters": sum(math.prod(s) for s in expected.values()), "base_model": config.base_model}
+
+
+INSPECTORS: dict[str, Callable[[Path, ServedModel], dict[str, Any]]] = {"lora": inspect_lora, "iapt": inspect_iapt}
 
 
 class AdapterStore:

@@ -4,6 +4,9 @@ minute each, from data written here, with an effect you can see: the answer star
 The training data: the project's questions below, each answered by the base model itself (greedy, a few dozen
 tokens), with the greeting put in front. The loss covers greeting and answer, so the adapter learns "open with
 this, then answer as you would" (trained on the greeting alone, it learns to repeat the greeting forever).
+
+`ahoy-iapt` is an IAPT adapter (steering/iapt.py, trained by server/iapt_train.py) on exactly the same examples as
+`ahoy`, so the two kinds can be compared; `HELD_OUT` are questions in neither's training data, to check it.
 """
 from __future__ import annotations
 
@@ -25,6 +28,18 @@ _SUBJECTS = ["the moon", "volcanoes", "photosynthesis", "the Roman Empire", "bla
              "electricity", "the ocean tides", "bread", "music", "democracy", "vaccines", "the pyramids",
              "recycling", "owls", "mathematics"]
 _FORMS = ["Tell me about {}.", "What is interesting about {}?", "Explain {} to a child.", "Why does {} matter?"]
+
+
+IAPT_DEMOS = {"ahoy-iapt": "ahoy"}  # IAPT demo -> the LoRA demo whose task and data it shares
+_IAPT_RECIPE_VERSION = 1
+# Questions in no demo's training data: other subjects, other forms, and a few everyday requests.
+HELD_OUT = ["What is the capital of France?", "How do I boil an egg?", "Name three colours.",
+            "How does a bicycle work?", "What should I know about dolphins?", "Write a haiku about autumn.",
+            "What is twelve times seven?", "Give me a tip for learning to code.", "Describe the sun.",
+            "Why do leaves change colour?", "How are clouds formed?", "What do ants eat?",
+            "Who built the first castles?", "What is salt made of?", "Summarise the story of Cinderella.",
+            "How should I prepare for a job interview?", "What is a good name for a cat?",
+            "Why is the sky blue?", "How do trains stay on the tracks?", "What is the tallest mountain?"]
 
 
 def questions() -> list[str]:
@@ -113,4 +128,69 @@ def build_demo(model_path: Path, out_dir: Path, name: str, steps: int = 20, rank
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     log.info("%s: trained in %.0f s -> %s", name, time.perf_counter() - start, target)
+    return target
+
+
+def greeting_examples(model, tok, greeting: str):
+    """The LoRA demos' training data as IAPT examples: each question rendered as the server renders it, the soft
+    tokens, the greeting and the base model's own answer (closed by the end of turn only where the answer was)."""
+    from .iapt_train import Example, instruction_ids
+
+    prompts = [instruction_ids(tok, q) for q in questions()]
+    greeting_ids = tok(greeting, add_special_tokens=False).input_ids
+    return [Example.build(p, greeting_ids + a) for p, a in zip(prompts, base_answers(model, tok, prompts), strict=True)]
+
+
+def greeting_rate(answers: list[str], greeting: str) -> float:
+    """The share of answers that open with the greeting's first word (e.g. "Ahoy")."""
+    word = greeting.split()[0].strip("!,. ")
+    return sum(a.lstrip().startswith(word) for a in answers) / len(answers)
+
+
+def build_iapt_demo(model_path: Path, out_dir: Path, name: str, steps: int = 60, lr: float = 3e-3,
+                    bottleneck: int = 32, seed: int = 0) -> Path:
+    """Train the IAPT demo `name` for the model in `model_path` into `out_dir/name` (reused if complete). Besides
+    the adapter's files it writes `training.json`: losses, time, parameters, and held-out answers with the adapter
+    and without, with the share that opens with the greeting."""
+    import torch
+
+    from steerserve.steering.iapt import IaptConfig
+
+    from .iapt_train import greedy_answer, load_base, model_shape, save_atomically, train
+
+    greeting, target = DEMOS[IAPT_DEMOS[name]], out_dir / name
+    recipe = {"version": _IAPT_RECIPE_VERSION, "kind": "iapt", "greeting": greeting, "steps": steps, "lr": lr,
+              "bottleneck": bottleneck, "seed": seed, "model": str(model_path)}
+    try:
+        if json.loads((target / _MARKER).read_text()) == recipe:
+            return target
+    except (OSError, ValueError):
+        pass
+    start = time.perf_counter()
+    torch.manual_seed(seed)
+    model, tok = load_base(model_path)
+    examples = greeting_examples(model, tok, greeting)
+    answers_s = time.perf_counter() - start
+    log.info("%s: base answers written (%.0f s)", name, answers_s)
+    hidden, layers = model_shape(model)
+    config = IaptConfig(base_model=str(model_path), hidden_size=hidden, num_layers=layers, bottleneck=bottleneck)
+
+    def report(step: int, loss: float) -> None:
+        if step % 10 == 0 or step == steps - 1:
+            log.info("%s: step %d/%d loss %.4f (%.0f s)", name, step + 1, steps, loss, time.perf_counter() - start)
+
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    result = train(model, examples, config, steps=steps, lr=lr, seed=seed, pad_id=pad, progress=report)
+    with_adapter = [greedy_answer(model, tok, q, result.iapt) for q in HELD_OUT]
+    without = [greedy_answer(model, tok, q) for q in HELD_OUT]
+    training = {"recipe": recipe, "parameters": result.iapt.num_parameters(), "train_seconds": result.seconds,
+                "base_answers_seconds": answers_s, "torch_threads": torch.get_num_threads(), "losses": result.losses,
+                "held_out": {"questions": HELD_OUT, "with_adapter": with_adapter, "without": without,
+                             "rate_with_adapter": greeting_rate(with_adapter, greeting),
+                             "rate_without": greeting_rate(without, greeting)}}
+    save_atomically(result.iapt, target, {"training.json": json.dumps(training, indent=1) + "\n",
+                                          _MARKER: json.dumps(recipe) + "\n"})  # the marker last: build complete
+    log.info("%s: trained in %.0f s (held-out answers opening with %r: %.2f with the adapter, %.2f without) -> %s",
+             name, time.perf_counter() - start, greeting.split()[0], training["held_out"]["rate_with_adapter"],
+             training["held_out"]["rate_without"], target)
     return target

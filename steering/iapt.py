@@ -127,7 +127,9 @@ class IaptModel(nn.Module):
             self.tensor("queries").normal_(0, 1.0, generator=generator)
             self.tensor("up.weight").normal_(0, 0.02 / math.sqrt(m), generator=generator)
             self.tensor("up.bias").zero_()
-            self.tensor("act.num").zero_()[:, 1] = 1.0  # identity
+            self.tensor("act.num").zero_()
+            if self.config.degrees[0] >= 1:
+                self.tensor("act.num")[:, 1] = 1.0  # identity
             self.tensor("act.den").zero_()
 
     def tensor(self, name: str) -> nn.Parameter:
@@ -206,9 +208,12 @@ def hf_soft_prompts(model: nn.Module, iapt: IaptModel, instruction_lens: Sequenc
             hidden = args[0] if args else kwargs["hidden_states"]
             if hidden.shape[1] < max(instruction_lens) + s:
                 return None
+            # All rows' P from the unmodified input first: writing into the copy while its rows are still being
+            # read would bump the version of tensors autograd saved (backward then fails).
+            soft = [iapt(layer, hidden[b, :n]) for b, n in enumerate(instruction_lens)]
             hidden = hidden.clone()
             for b, n in enumerate(instruction_lens):
-                hidden[b, n:n + s] = iapt(layer, hidden[b, :n]).to(hidden.dtype)
+                hidden[b, n:n + s] = soft[b].to(hidden.dtype)
             if args:
                 return (hidden, *args[1:]), kwargs
             return args, {**kwargs, "hidden_states": hidden}
