@@ -30,7 +30,7 @@ def dirs(server, smollm2_path, tmp_path_factory) -> dict[str, Path]:
     return {"i0": build_tiny_iapt(root / "iapt-i0", smollm2_path, seed=1),
             "i1": build_tiny_iapt(root / "iapt-i1", smollm2_path, seed=2, bottleneck=8, shared=True),
             "i2": build_tiny_iapt(root / "iapt-i2", smollm2_path, seed=3),
-            "lora": build_tiny_lora(root / "iapt-lora", smollm2_path, seed=4, rank=8, std=0.05,
+            "lora": build_tiny_lora(root / "iapt-lora", smollm2_path, seed=4, rank=8, std=0.2,
                                     targets=("q_proj", "v_proj")),
             "tiny": build_tiny_iapt(root / "iapt-tiny", tiny, seed=5)}
 
