@@ -147,7 +147,7 @@ def greeting_rate(answers: list[str], greeting: str) -> float:
     return sum(a.lstrip().startswith(word) for a in answers) / len(answers)
 
 
-def build_iapt_demo(model_path: Path, out_dir: Path, name: str, steps: int = 60, lr: float = 3e-3,
+def build_iapt_demo(model_path: Path, out_dir: Path, name: str, steps: int = 20, lr: float = 3e-3,
                     bottleneck: int = 32, seed: int = 0) -> Path:
     """Train the IAPT demo `name` for the model in `model_path` into `out_dir/name` (reused if complete). Besides
     the adapter's files it writes `training.json`: losses, time, parameters, and held-out answers with the adapter
