@@ -150,3 +150,38 @@ def test_upload_and_residency(registered, http, ops, model_name, dirs, server):
         http.delete("/v1/adapters/mine")
     metrics = httpx.get(f"{server.url}/metrics").text
     assert "steerserve_adapter_loads_total" in metrics
+
+
+@pytest.fixture(scope="module")
+def demo(ops, smollm2_path):
+    """The trained demo `ahoy-iapt` (built once into the cache: about 3 minutes of CPU), registered globally."""
+    from steerserve.server.demo_adapters import build_iapt_demo
+    from steerserve.server.models import cache_root
+
+    path = build_iapt_demo(smollm2_path, cache_root() / "adapters", "ahoy-iapt")
+    r = ops.put("/v1/adapters/ahoy-iapt", params={"scope": "global"}, json={"path": str(path), "kind": "iapt"})
+    assert r.status_code == 200, r.text
+    yield
+    ops.delete("/v1/adapters/ahoy-iapt", params={"scope": "global"})
+
+
+def test_trained_demo_shows_its_behaviour_over_http(demo, http, model_name):
+    """Held-out questions (in neither training set): with the adapter the answers open with "Ahoy"; the same
+    questions to the base model, sent at the same time, get exactly the base model's answers."""
+    from steerserve.server.demo_adapters import HELD_OUT
+
+    def answer(item):
+        question, model = item
+        r = http.post("/v1/chat/completions", json={"model": model, "temperature": 0, "max_tokens": 12,
+                                                    "messages": [{"role": "user", "content": question}]})
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["message"]["content"]
+
+    questions = HELD_OUT[:8]
+    base_alone = [answer((q, model_name)) for q in questions]
+    with ThreadPoolExecutor(8) as pool:
+        mixed = list(pool.map(answer, [(q, m) for q in questions for m in (f"{model_name}:ahoy-iapt", model_name)]))
+    with_adapter, base_mixed = mixed[0::2], mixed[1::2]
+    assert base_mixed == base_alone
+    assert sum(a.startswith("Ahoy") for a in with_adapter) >= 7, with_adapter
+    assert not any(a.startswith("Ahoy") for a in base_alone), base_alone
