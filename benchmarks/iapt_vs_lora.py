@@ -49,7 +49,7 @@ def run(a: argparse.Namespace) -> dict:
     lora = write_adapters(a.model, a.out_dir / "lora", max(a.n), a.rank)
     iapt = write_iapt(a.model, a.out_dir / "iapt", max(a.n), a.bottleneck)
     flags = ["--enable-lora", "--max-loras", str(a.max_loras), "--max-cpu-loras", str(a.max_cpu_loras),
-             "--max-lora-rank", str(a.rank), "--data-dir", str(a.out_dir / "data")]
+             "--max-lora-rank", str(next(r for r in (8, 16, 32, 64) if r >= a.rank)), "--data-dir", str(a.out_dir / "data")]
     results = []
     with running_server("steerserve", a, {**os.environ}, RESULTS / f"{a.name}.log", flags) as (base, startup, cmd):
         model = httpx.get(f"{base}/v1/models", timeout=30).json()["data"][0]["id"]
