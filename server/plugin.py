@@ -36,3 +36,13 @@ def register() -> None:
     register_attention()
     register_experts()
     register_iapt()
+
+
+def unregister() -> None:
+    """Undo the steering hooks of `register` (tests: later engines in the process get plain vLLM; the LoRA fix
+    stays, it only fixes vLLM)."""
+    from . import attention, experts, iapt
+
+    experts.unregister()
+    iapt.unregister()
+    attention.unregister()

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from steerserve.server import attention, experts
+from steerserve.server import experts
 from steerserve.server.engine import Engine
 from steerserve.server.settings import Settings
 from steerserve.server.worker import SteeringLogitsProcessor
@@ -37,11 +37,12 @@ def test_expert_steering_is_served_only_if_the_router_hook_fires(tmp_path, hook)
         finally:
             engine.shutdown()
 
+    from steerserve.server import plugin
+
     try:
         facts = asyncio.run(start())
     finally:
-        experts.unregister()
-        attention.unregister()  # later engines in this process get plain vLLM
+        plugin.unregister()  # later engines in this process get plain vLLM
     assert facts.moe_layers == (0, 1) and facts.num_experts == 8 and facts.experts_top_k == 2
     spec = S.merge([S.parse({"experts": {"off": ["1.3"]}}, "steering")])
     if hook:

@@ -7,7 +7,7 @@ import json
 
 import torch
 
-from steerserve.server import attention, experts, ftri, plugin
+from steerserve.server import experts, ftri, plugin
 from tests import experts_reference as reference
 from tests.tiny_models import build_tiny_moe
 
@@ -30,8 +30,7 @@ def test_ftri_ranks_experts_as_the_hf_routing_does(tmp_path, monkeypatch):
                           top_k=3, chat=False)
     finally:
         gc.collect()
-        experts.unregister()
-        attention.unregister()  # later engines in this process get plain vLLM
+        plugin.unregister()  # later engines in this process get plain vLLM
     assert report["classes"] == {"licence": 3, "other": 3}
 
     # independently: HF routing, counted token by token over each prompt

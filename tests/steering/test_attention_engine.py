@@ -72,7 +72,7 @@ def tiny_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def llm(tiny_dir):
-    from steerserve.server import attention, plugin
+    from steerserve.server import plugin
     from steerserve.server.worker import SteeringLogitsProcessor
 
     os.environ[plugin.ENGINE_FLAG] = "1"  # our attention backend, as the server's engine gets it
@@ -87,7 +87,7 @@ def llm(tiny_dir):
     yield engine
     del engine
     gc.collect()
-    attention.unregister()  # later engines in this process get plain vLLM
+    plugin.unregister()  # later engines in this process get plain vLLM
 
 
 @pytest.fixture(scope="module")

@@ -67,14 +67,7 @@ def setup(request, tmp_path_factory):
     yield kind, engine, reference.load(path, kind), tok, facts, layout
     del engine
     gc.collect()
-    _unregister_everything()
-
-
-def _unregister_everything():
-    from steerserve.server import attention, experts
-
-    experts.unregister()
-    attention.unregister()  # later engines in this process get plain vLLM
+    plugin.unregister()  # later engines in this process get plain vLLM
 
 
 def request(tok, facts, prompt_ids: list[int], spec, max_tokens: int):

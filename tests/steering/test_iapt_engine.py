@@ -39,7 +39,7 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def llm(tiny):
-    from steerserve.server import attention, iapt, lora_fix, plugin
+    from steerserve.server import lora_fix, plugin
     from steerserve.server.worker import SteeringLogitsProcessor
 
     os.environ[plugin.ENGINE_FLAG] = "1"  # our hooks, as the server's engine gets them
@@ -54,8 +54,7 @@ def llm(tiny):
     yield engine
     del engine
     gc.collect()
-    iapt.unregister()
-    attention.unregister()
+    plugin.unregister()  # later engines in this process get plain vLLM
     lora_fix.remove()
 
 
