@@ -1,7 +1,8 @@
 """The "ahoy" demo as a LoRA and as an IAPT adapter, trained on the same examples (server/demo_adapters.py): the share
 of greedy answers to the held-out questions (`HELD_OUT`, in neither training set) that open with "Ahoy", for the
 base model, the LoRA and the IAPT adapter, with parameter counts and training times. HF transformers, fp32, 24 new
-tokens; both demos are built first if they are not in the cache.
+tokens; both demos are built first if they are not in the cache. Two IAPT variants are trained here on the same
+examples and budget (not saved): m = 21 (about the LoRA's parameter count) and m = 32 with shared projections.
 
     OMP_NUM_THREADS=1 python -m benchmarks.iapt_demo [--out benchmarks/results/iapt_demo.json]
 """
@@ -28,11 +29,18 @@ def main(argv: list[str] | None = None) -> int:
     from peft import PeftModel
     from safetensors import safe_open
 
-    from steerserve.server.demo_adapters import DEMOS, HELD_OUT, build_demo, build_iapt_demo, greeting_rate
-    from steerserve.server.iapt_train import greedy_answer, load_base
+    from steerserve.server.demo_adapters import (
+        DEMOS,
+        HELD_OUT,
+        build_demo,
+        build_iapt_demo,
+        greeting_examples,
+        greeting_rate,
+    )
+    from steerserve.server.iapt_train import greedy_answer, load_base, model_shape, train
     from steerserve.server.models import resolve_model
     from steerserve.server.settings import Settings
-    from steerserve.steering.iapt import IaptModel
+    from steerserve.steering.iapt import IaptConfig, IaptModel
 
     model_path = resolve_model(a.model, Settings.load().cache)
     out_dir = Settings.load().cache / "adapters"
@@ -52,6 +60,17 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     answers["base"] = [greedy_answer(model, tok, q) for q in HELD_OUT]
     answers["iapt"] = [greedy_answer(model, tok, q, iapt) for q in HELD_OUT]
+    variants = {}
+    examples = greeting_examples(model, tok, DEMOS["ahoy"])
+    recipe = training["recipe"]
+    for label, bottleneck, shared in (("iapt_m21", 21, False), ("iapt_m32_shared", 32, True)):
+        config = IaptConfig(str(model_path), *model_shape(model), bottleneck=bottleneck, shared=shared)
+        result = train(model, examples, config, steps=recipe["steps"], lr=recipe["lr"], seed=recipe["seed"],
+                       pad_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+        answers[label] = [greedy_answer(model, tok, q, result.iapt) for q in HELD_OUT]
+        variants[label] = {"bottleneck": bottleneck, "shared": shared, "parameters": result.iapt.num_parameters(),
+                           "train_seconds": round(result.seconds, 1),
+                           "loss_first_last5": [result.losses[0], sum(result.losses[-5:]) / 5]}
     lora = PeftModel.from_pretrained(model, lora_dir).eval()  # changes `model` in place: last
     answers["lora"] = [greedy_answer(lora, tok, q) for q in HELD_OUT]
     greeting = DEMOS["ahoy"]
@@ -64,13 +83,13 @@ def main(argv: list[str] | None = None) -> int:
         "iapt_recipe": training["recipe"], "iapt_train_seconds": round(training["train_seconds"], 1),
         "iapt_base_answers_seconds": round(training["base_answers_seconds"], 1),
         "iapt_loss_first_last5": [training["losses"][0], sum(training["losses"][-5:]) / 5],
-        "iapt_train_torch_threads": training.get("torch_threads"), "built": built,
+        "iapt_train_torch_threads": training.get("torch_threads"), "built": built, "iapt_variants": variants,
         "eval_seconds": round(time.perf_counter() - start, 1),
         "answers": {q: {k: v[i] for k, v in answers.items()} for i, q in enumerate(HELD_OUT)},
     }
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(report, indent=1) + "\n")
-    print(json.dumps({k: report[k] for k in ("rate", "parameters", "iapt_train_seconds")}))
+    print(json.dumps({k: report[k] for k in ("rate", "parameters", "iapt_train_seconds", "iapt_variants")}))
     return 0
 
 
