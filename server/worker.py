@@ -2,8 +2,9 @@
 
 `SteeringLogitsProcessor` is registered with the engine (`LLM(logits_processors=[...])`) and lives in the model
 runner of every worker. vLLM calls its `update_state` before each step's forward (vllm-notes.md §3, route (ii)),
-so it is also where per-row buffers for other steering hooks belong; `apply` then steers the logits of that step.
-The per-request input is the compiled `Plan` in `SamplingParams.extra_args` (steering/plan.py).
+so it is also where per-row state for the other hooks is set up (attention, experts, IAPT adapters); `apply` then
+steers the logits of that step. The per-request input is the compiled `Plan` in `SamplingParams.extra_args`
+(steering/plan.py), plus an IAPT adapter's path (server/iapt.py).
 
 Logits rules (methods.md §7, with the EOS ramp held at its max past the window as plan.py specifies):
     logits[row] += bias                                    (plain bias and constant rule deltas, merged)
