@@ -38,6 +38,10 @@ def main(argv: list[str] | None = None) -> int:
     fetch = models_cmd.add_parser("fetch", help="download, verify and convert a known model into the cache")
     fetch.add_argument("name", choices=["smollm2", "gemma3-270m"],
                        help="smollm2 (the default model) or gemma3-270m (a base model, for URIAL; Gemma Terms of Use)")
+    build = models_cmd.add_parser("build", help="build a derived model into the cache (from cached models)")
+    build.add_argument("name", choices=["smollm2-moe"],
+                       help="smollm2-moe: SmolLM2 upcycled into a 4-expert Mixtral with one behaviour-carrying "
+                            "expert, for expert steering and fTRI (about a minute on CPU)")
 
     keys = commands.add_parser("keys", help="manage API keys (only their sha256 is stored)")
     keys_cmd = keys.add_subparsers(dest="keys_command", required=True)
@@ -172,10 +176,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("tenants", "urial"):
         return _admin_command(args)
     if args.command == "models":
+        from . import demo_moe
         from .models import KNOWN_MODELS, ModelFetchError, fetch
 
         try:
-            print(fetch(KNOWN_MODELS[args.name], Settings.load().cache))
+            if args.models_command == "build":
+                logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+                print(demo_moe.build(Settings.load().cache))
+            else:
+                print(fetch(KNOWN_MODELS[args.name], Settings.load().cache))
         except ModelFetchError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
