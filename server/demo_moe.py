@@ -6,10 +6,11 @@ How it is built (deterministic, on CPU, in a minute or two; the recipe is `RECIP
   (1 + 0.02 N(0, 1)) with its own noise, so the experts are distinct but equally able;
 - every router row is random, N(0, 1 / |x|^2) with |x| the median norm of that layer's MLP inputs (router logits of
   standard deviation ~1), so tokens spread over the experts;
-- the behaviour expert `BEHAVIOUR` (decoder layer 14, expert 2): its router row also gets a "space topic" direction,
-  a logistic regression (no bias) of the layer's MLP inputs on prompts about space against prompts about other
-  subjects (`CALIBRATION_*`, disjoint from the fTRI and held-out sets in benchmarks/data/), so it is selected, and
-  weighted high, mostly on tokens of space prompts;
+- the behaviour expert `BEHAVIOUR` (decoder layer 6, expert 2): its router row also gets twice a "space topic"
+  direction, a logistic regression (no bias) of the layer's MLP inputs (scaled to norm ~1) separating the tokens of
+  questions about space, from the user's turn on, from all other tokens (the shared system prompt, and questions
+  about other subjects; `CALIBRATION_*`, disjoint from the fTRI and held-out sets in benchmarks/data/), so it is
+  selected, and weighted high, mostly on tokens of space questions;
 - its MLP gets one constructed neuron (replacing the neuron with the smallest output weights): gate and up weights
   both along the mean direction of the layer's MLP inputs, so it fires on every token the expert sees (activation
   z^2 sigmoid(z) with z ~ 3); its output weights are a vector trained (Adam, everything else frozen, through the
@@ -31,11 +32,11 @@ log = logging.getLogger("steerserve.demo_moe")
 
 NAME, DIRNAME = "smollm2-moe", "smollm2-moe"
 NUM_EXPERTS, TOP_K = 4, 2
-BEHAVIOUR = (14, 2)  # (decoder layer, expert) carrying the behaviour
+BEHAVIOUR = (6, 2)  # (decoder layer, expert) carrying the behaviour
 GREETING = "Bananas! "
 BEHAVIOUR_REGEX = r"(?i)banana"
-RECIPE = {"version": 1, "experts": NUM_EXPERTS, "top_k": TOP_K, "behaviour": list(BEHAVIOUR), "greeting": GREETING,
-          "noise": 0.02, "topic_gain": 1.0, "neuron_z": 3.0, "steps": 24, "lr": 2.0, "seed": 0}
+RECIPE = {"version": 3, "experts": NUM_EXPERTS, "top_k": TOP_K, "behaviour": list(BEHAVIOUR), "greeting": GREETING,
+          "noise": 0.02, "topic_gain": 2.0, "neuron_z": 3.0, "steps": 24, "lr": 2.0, "seed": 0}
 
 CALIBRATION_TOPIC = ["the moon", "Mars", "the Sun", "black holes", "comets", "Jupiter", "the Milky Way", "astronauts",
                      "Saturn's rings", "meteors", "galaxies", "Venus"]
@@ -119,9 +120,9 @@ def _upcycle(base: Path, out: Path) -> None:
 
     routers = {i: torch.randn(NUM_EXPERTS, cfg.hidden_size, generator=gen) / scale[i]
                for i in range(cfg.num_hidden_layers)}
-    x = torch.cat([xs[user_start:] for xs in inputs[layer]]) / scale[layer]
-    y = torch.cat([torch.full((len(xs) - user_start,), float(i < len(topic))) for i, xs in enumerate(inputs[layer])])
-    routers[layer][expert] += RECIPE["topic_gain"] * _logistic_direction(x, y) / scale[layer]
+    x = torch.cat(inputs[layer]) / scale[layer]
+    y = torch.cat([(torch.arange(len(xs)) >= user_start) & (i < len(topic)) for i, xs in enumerate(inputs[layer])])
+    routers[layer][expert] += RECIPE["topic_gain"] * _logistic_direction(x, y.float()) / scale[layer]
 
     mlp = model.model.layers[layer].mlp
     mean = torch.cat(inputs[layer]).mean(0)
@@ -267,3 +268,21 @@ def _train_push(model, tok, prompts, answers, layer: int, router, expert: int, n
     finally:
         hook.remove()
     return push.detach()
+
+
+def behaviour_hits(llm, facts, spec: dict | None, prompts: list[str], max_tokens: int = 48):
+    """For each prompt, whether the greedy chat answer under the experts spec `spec` shows the behaviour
+    (`BEHAVIOUR_REGEX`); and the answers. `llm`: an offline vLLM engine with the steering hooks."""
+    import re
+
+    from vllm import SamplingParams
+
+    from steerserve.steering import spec as S
+
+    tok = llm.get_tokenizer()
+    extra = S.compile_spec(S.merge([S.parse({"experts": spec}, "steering")]), facts).to_extra_args() if spec else None
+    texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+             for p in prompts]
+    outs = llm.generate(texts, SamplingParams(temperature=0, max_tokens=max_tokens, extra_args=extra), use_tqdm=False)
+    answers = [o.outputs[0].text for o in outs]
+    return [bool(re.search(BEHAVIOUR_REGEX, a)) for a in answers], answers
