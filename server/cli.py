@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
 
     ftri = commands.add_parser("ftri", help="rank MoE experts by how their routing separates a behaviour class "
                                             "(fTRI); writes a ranked list, a heatmap and a steering profile")
-    ftri.add_argument("--model", type=Path, required=True, help="a local HF MoE checkpoint directory")
+    ftri.add_argument("--model", required=True, help="a local HF MoE checkpoint directory, or smollm2-moe")
     ftri.add_argument("--sets", type=Path, nargs="+", required=True,
                       help='JSONL prompt sets, one {"prompt": ..., "label"?: ...} per line; label: the file stem')
     ftri.add_argument("--target", required=True, help="the class whose experts to find")
@@ -134,8 +134,14 @@ def main(argv: list[str] | None = None) -> int:
         return calibrate_sink(args)
     if args.command == "ftri":
         from .ftri import run as run_ftri
+        from .models import ModelFetchError, resolve_model
 
-        report = run_ftri(args.model, args.sets, args.target, args.out, classify_rules=args.classify,
+        try:
+            model_path = resolve_model(str(args.model), Settings.load().cache)
+        except (ModelFetchError, ValueError, OSError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        report = run_ftri(model_path, args.sets, args.target, args.out, classify_rules=args.classify,
                           generated_tokens=args.generated_tokens, max_tokens=args.max_tokens, top_k=args.top_k,
                           chat=not args.no_chat)
         for r in report["ranked"][:args.top_k]:
