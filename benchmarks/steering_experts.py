@@ -1,12 +1,14 @@
 """Engine throughput with 0 % vs 100 % of rows carrying expert masks (K = 1 and K = 32 distinct configs), one run.
 
-    python -m benchmarks.steering_experts [--batch 32] [--tokens 64] [--repeats 3]
+    python -m benchmarks.steering_experts [--model random|demo] [--batch 32] [--tokens 64] [--repeats 3]
 
 Offline vLLM (in-process, like the server's engine), fp32, greedy, `ignore_eos` so every row decodes exactly
-`--tokens` tokens, on a small random Mixtral (8 decoder layers, hidden 384, 8 experts, top-2; built by
-tests/tiny_models.py in seconds; the SmolLM2 demo MoE of issue #6 is not built yet). Steered rows switch off two
-experts in every MoE layer (substitute) and force one on (natural), compiled by the server's code. Workloads run
-interleaved, repeated, best kept. Writes JSON and a PNG under benchmarks/results/.
+`--tokens` tokens, on a small random Mixtral (`random`: 8 decoder layers, hidden 384, 8 experts, top-2; built by
+tests/tiny_models.py in seconds) or on the SmolLM2 demo MoE (`demo`: 30 layers, hidden 576, 4 experts, top-2;
+`steerserve models build smollm2-moe`). Steered rows switch off two experts in every MoE layer (substitute) and
+force one other on (natural), drawn per layer from a seed (config k: seed k), compiled by the server's code.
+Workloads run interleaved, repeated, best kept. Writes JSON and a PNG under benchmarks/results/
+(steering_experts.* for the random model, steering_experts_demo.* for the demo).
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import tempfile
 import time
 from pathlib import Path
@@ -30,6 +33,7 @@ PROMPTS = ["The licence grants you", "You may convey a work", "THERE IS NO WARRA
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", choices=["random", "demo"], default="random")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
@@ -38,27 +42,33 @@ def main() -> None:
     from vllm import LLM, SamplingParams
 
     from steerserve.server import plugin
+    from steerserve.server.demo_moe import build as build_demo_moe
+    from steerserve.server.engine import model_facts
     from steerserve.server.worker import SteeringLogitsProcessor
     from steerserve.steering import spec as S
-    from steerserve.steering.model import ModelFacts
     from tests.tiny_models import build_tiny_moe
 
-    path = build_tiny_moe(Path(tempfile.gettempdir()) / "steerserve-bench-mixtral", "mixtral", **MODEL)
+    if args.model == "demo":
+        path, label = build_demo_moe(), "SmolLM2 demo MoE (Mixtral, 30 layers, 4 experts top-2)"
+    else:
+        path = build_tiny_moe(Path(tempfile.gettempdir()) / "steerserve-bench-mixtral", "mixtral", **MODEL)
+        label = f"random Mixtral {MODEL}, 8 experts top-2"
     os.environ[plugin.ENGINE_FLAG] = "1"
     plugin.register()
     llm = LLM(model=str(path), dtype="float32", enforce_eager=True, max_model_len=512, max_num_seqs=args.batch,
               kv_cache_memory_bytes=256 << 20, logits_processors=[SteeringLogitsProcessor], seed=0)
-    tok = llm.get_tokenizer()
-    layers, E = MODEL["num_hidden_layers"], 8
-    facts = ModelFacts(tok, 2048, num_layers=layers, moe_layers=tuple(range(layers)), num_experts=E,
-                       experts_top_k=2, router="softmax_topk")
+    facts = model_facts(llm.get_tokenizer(), llm.llm_engine.model_config, path)
 
     def plan(k: int):
-        spec = {"off": [f"{la}.{(k + j) % E}" for la in range(layers) for j in (0, 1)],
-                "on": [f"{la}.{(k + 2 + la % (E - 2)) % E}" for la in range(layers)]}
+        rng, spec = random.Random(k), {"off": [], "on": []}
+        for la in facts.moe_layers:
+            off_a, off_b, on = rng.sample(range(facts.num_experts), 3)
+            spec["off"] += [f"{la}.{off_a}", f"{la}.{off_b}"]
+            spec["on"].append(f"{la}.{on}")
         return S.compile_spec(S.merge([S.parse({"experts": spec}, "bench")]), facts).to_extra_args()
 
     configs = {"unsteered": [None], "K=1": [plan(0)], "K=32": [plan(k) for k in range(32)]}
+    assert len({json.dumps(c, sort_keys=True, default=str) for c in configs["K=32"]}) == 32
 
     def run(name: str) -> float:
         extra = configs[name]
@@ -84,20 +94,21 @@ def main() -> None:
 
     RESULTS.mkdir(exist_ok=True)
     load = os.getloadavg()
-    report = {"conditions": {"model": f"random Mixtral {MODEL}, 8 experts top-2", "dtype": "float32",
+    report = {"conditions": {"model": label, "dtype": "float32",
                              "batch": args.batch, "tokens_per_row": args.tokens, "repeats": args.repeats,
                              "statistic": "best of repeats", "cpu_cores": os.cpu_count(),
                              "load_average_at_end": load,
                              "machine": platform.processor() or platform.machine(),
                              "engine": "vLLM offline, in-process, enforce_eager",
-                             "steering": "every steered row: 2 experts off + 1 on in each of the 8 MoE layers; "
-                                         "K = distinct configs over the batch"},
+                             "steering": f"every steered row: 2 experts off + 1 on in each of the "
+                                         f"{len(facts.moe_layers)} MoE layers; K = distinct configs over the batch"},
               "results": rows}
-    (RESULTS / "steering_experts.json").write_text(json.dumps(report, indent=2))
-    plot(rows, RESULTS / "steering_experts.png")
+    stem = "steering_experts" + ("_demo" if args.model == "demo" else "")
+    (RESULTS / f"{stem}.json").write_text(json.dumps(report, indent=2))
+    plot(rows, RESULTS / f"{stem}.png", label)
 
 
-def plot(rows: list[dict], out: Path) -> None:
+def plot(rows: list[dict], out: Path, model: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -108,7 +119,7 @@ def plot(rows: list[dict], out: Path) -> None:
     for i, r in enumerate(rows):
         ax.text(i, r["tok_s"], f"{r['ratio']:.2f}x", ha="center", va="bottom")
     ax.set_ylabel("output tokens / s")
-    ax.set_title("Expert steering overhead, random Mixtral fp32, 2-core CPU")
+    ax.set_title(f"Expert steering overhead, {model.split(' (')[0].split(' {')[0]}, fp32, 2-core CPU", fontsize=9)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
 

@@ -38,6 +38,10 @@ def main(argv: list[str] | None = None) -> int:
     fetch = models_cmd.add_parser("fetch", help="download, verify and convert a known model into the cache")
     fetch.add_argument("name", choices=["smollm2", "gemma3-270m"],
                        help="smollm2 (the default model) or gemma3-270m (a base model, for URIAL; Gemma Terms of Use)")
+    build = models_cmd.add_parser("build", help="build a derived model into the cache (from cached models)")
+    build.add_argument("name", choices=["smollm2-moe"],
+                       help="smollm2-moe: SmolLM2 upcycled into a 4-expert Mixtral with one behaviour-carrying "
+                            "expert, for expert steering and fTRI (about a minute on CPU)")
 
     keys = commands.add_parser("keys", help="manage API keys (only their sha256 is stored)")
     keys_cmd = keys.add_subparsers(dest="keys_command", required=True)
@@ -125,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
 
     ftri = commands.add_parser("ftri", help="rank MoE experts by how their routing separates a behaviour class "
                                             "(fTRI); writes a ranked list, a heatmap and a steering profile")
-    ftri.add_argument("--model", type=Path, required=True, help="a local HF MoE checkpoint directory")
+    ftri.add_argument("--model", required=True, help="a local HF MoE checkpoint directory, or smollm2-moe")
     ftri.add_argument("--sets", type=Path, nargs="+", required=True,
                       help='JSONL prompt sets, one {"prompt": ..., "label"?: ...} per line; label: the file stem')
     ftri.add_argument("--target", required=True, help="the class whose experts to find")
@@ -145,8 +149,14 @@ def main(argv: list[str] | None = None) -> int:
         return calibrate_sink(args)
     if args.command == "ftri":
         from .ftri import run as run_ftri
+        from .models import ModelFetchError, resolve_model
 
-        report = run_ftri(args.model, args.sets, args.target, args.out, classify_rules=args.classify,
+        try:
+            model_path = resolve_model(str(args.model), Settings.load().cache)
+        except (ModelFetchError, ValueError, OSError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        report = run_ftri(model_path, args.sets, args.target, args.out, classify_rules=args.classify,
                           generated_tokens=args.generated_tokens, max_tokens=args.max_tokens, top_k=args.top_k,
                           chat=not args.no_chat)
         for r in report["ranked"][:args.top_k]:
@@ -194,10 +204,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("tenants", "urial"):
         return _admin_command(args)
     if args.command == "models":
+        from . import demo_moe
         from .models import KNOWN_MODELS, ModelFetchError, fetch
 
         try:
-            print(fetch(KNOWN_MODELS[args.name], Settings.load().cache))
+            if args.models_command == "build":
+                logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+                print(demo_moe.build(Settings.load().cache))
+            else:
+                print(fetch(KNOWN_MODELS[args.name], Settings.load().cache))
         except ModelFetchError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1

@@ -36,23 +36,33 @@ def classify(text: str, classes: list[tuple[str, re.Pattern]]) -> str:
     return next((name for name, rx in classes if rx.search(text)), "other")
 
 
-def run(model: Path, sets: list[Path], target: str, out: Path, *, classify_rules: list[str] = (),
-        generated_tokens: int = 0, max_tokens: int = 32, top_k: int = 10, chat: bool = True) -> dict:
+def open_engine(model: Path):
+    """An in-process fp32 vLLM engine on `model` with the steering hooks (expert masks, routing counts)."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    import torch
-    from vllm import LLM, SamplingParams
-
-    from steerserve.steering.experts import moe_layout
+    from vllm import LLM
 
     from . import plugin
-    from .experts import STATS_DIR, STATS_KEY, read_counts
+    from .experts import STATS_DIR
     from .worker import SteeringLogitsProcessor
 
     os.environ.setdefault(STATS_DIR, tempfile.mkdtemp(prefix="steerserve-ftri-"))
     os.environ[plugin.ENGINE_FLAG] = "1"
     plugin.register()
-    llm = LLM(model=str(model), dtype="float32", enforce_eager=True, max_model_len=1024, seed=0,
-              kv_cache_memory_bytes=512 << 20, logits_processors=[SteeringLogitsProcessor])
+    return LLM(model=str(model), dtype="float32", enforce_eager=True, max_model_len=1024, seed=0,
+               kv_cache_memory_bytes=512 << 20, logits_processors=[SteeringLogitsProcessor])
+
+
+def run(model: Path, sets: list[Path], target: str, out: Path, *, classify_rules: list[str] = (),
+        generated_tokens: int = 0, max_tokens: int = 32, top_k: int = 10, chat: bool = True, llm=None) -> dict:
+    """Rank the experts (see the module docstring) on `llm`, else on a fresh `open_engine(model)`."""
+    import torch
+    from vllm import SamplingParams
+
+    from steerserve.steering.experts import moe_layout
+
+    from .experts import STATS_KEY, read_counts
+
+    llm = llm or open_engine(model)
     layout = moe_layout(llm.llm_engine.model_config.hf_text_config)
     if layout is None:
         raise SystemExit(f"{model} has no routed experts")

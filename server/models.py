@@ -98,9 +98,15 @@ def cache_root() -> Path:
 def resolve_model(spec: str | None, cache: Path | None = None) -> Path:
     """`None` or "smollm2" -> the cached SmolLM2 checkpoint (fetched on first use); another known model's name ->
     its cached checkpoint (fetched by `steerserve models fetch <name>`, not implicitly: it may carry terms);
-    otherwise a local HF model dir."""
+    "smollm2-moe" -> the demo MoE (built by `steerserve models build smollm2-moe`); otherwise a local HF model dir."""
     if spec is None or spec.strip().lower() == "smollm2":
         return fetch_smollm2(cache)
+    if spec.strip().lower() == "smollm2-moe":
+        from . import demo_moe
+
+        if (built := demo_moe.cached(cache)) is None:
+            raise ModelFetchError("the demo MoE is not in the cache yet: run `steerserve models build smollm2-moe`")
+        return built
     if (known := KNOWN_MODELS.get(spec.strip().lower())) is not None:
         target = Path(cache or cache_root()) / "models" / known.dirname
         if not _is_complete(target, known):

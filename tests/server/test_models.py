@@ -226,3 +226,8 @@ def test_a_model_split_over_wheels_is_reassembled_in_order(tmp_path, monkeypatch
     assert (target / "GEMMA_TERMS.html").read_text() == "<html>terms</html>"
     assert resolve_model("gemma3-270m", tmp_path) == target
     assert json.loads((target / models.MARKER).read_text())["wheel_sha256"] == [w.sha256 for w in fake.wheels]
+
+
+def test_demo_moe_is_named_but_not_built_implicitly(tmp_path):
+    with pytest.raises(ModelFetchError, match="steerserve models build smollm2-moe"):
+        resolve_model("smollm2-moe", tmp_path)

