@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from steerserve.server import attention, demo_moe, experts, ftri, plugin
+from steerserve.server import demo_moe, experts, ftri, plugin
 
 DATA = Path(__file__).parents[2] / "benchmarks" / "data"
 
@@ -32,8 +32,7 @@ def engine(tmp_path_factory, smollm2_path):
         mp.undo()
         llm = None
         gc.collect()
-        experts.unregister()
-        attention.unregister()  # later engines in this process get plain vLLM
+        plugin.unregister()  # later engines in this process get plain vLLM
 
 
 def test_ftri_ranks_the_behaviour_expert_first(engine, tmp_path):

@@ -12,7 +12,7 @@ import uuid
 
 import pytest
 
-from steerserve.server import attention, experts, plugin
+from steerserve.server import experts, plugin
 from steerserve.server.engine import model_facts
 from tests.steering.test_experts_engine import LICENCE, request
 from tests.tiny_models import build_tiny_moe
@@ -47,8 +47,7 @@ def setup(tmp_path_factory):
         mp.undo()
         llm = None
         gc.collect()
-        experts.unregister()
-        attention.unregister()  # later engines in this process get plain vLLM
+        plugin.unregister()  # later engines in this process get plain vLLM
 
 
 def counted(facts, prompt_ids, spec):
