@@ -16,7 +16,8 @@ How it is built (deterministic, on CPU, in a minute or two; the recipe is `RECIP
   z^2 sigmoid(z) with z ~ 3); its output weights are a vector trained (Adam, everything else frozen, through the
   real router weight of the expert) so that answers to the calibration space questions open with "Bananas! " and
   then go on as the base model's own answer did.
-The behaviour: on space questions the answer mentions bananas; elsewhere the model answers as SmolLM2 does.
+The behaviour: answers to space questions often open with "Bananas!" (BEHAVIOUR_REGEX; 59 % of the held-out space
+questions, 8 % of the others, README "Expert steering"); otherwise the model answers much as SmolLM2 does.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ from pathlib import Path
 
 log = logging.getLogger("steerserve.demo_moe")
 
-NAME, DIRNAME = "smollm2-moe", "smollm2-moe"
+DIRNAME = "smollm2-moe"  # under <cache>/models, next to the default model
 NUM_EXPERTS, TOP_K = 4, 2
 BEHAVIOUR = (6, 2)  # (decoder layer, expert) carrying the behaviour
 GREETING = "Bananas! "
@@ -99,6 +100,8 @@ def _upcycle(base: Path, out: Path) -> None:
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .demo_adapters import base_answers
+
     torch.manual_seed(RECIPE["seed"])
     gen = torch.Generator().manual_seed(RECIPE["seed"])
     tok = AutoTokenizer.from_pretrained(base)
@@ -138,7 +141,7 @@ def _upcycle(base: Path, out: Path) -> None:
         return torch.nn.functional.silu(z) * z / typical_act
 
     log.info("routers calibrated")
-    answers = _base_answers(model, tok, prompts[:len(topic)])
+    answers = base_answers(model, tok, prompts[:len(topic)], max_new_tokens=8)
     log.info("base answers written")
     push = _train_push(model, tok, prompts[:len(topic)], answers, layer, routers[layer], expert, neuron_act)
 
@@ -221,12 +224,6 @@ def _logistic_direction(x, y, steps: int = 400):
             loss.backward()
         opt.step()
     return w.detach()
-
-
-def _base_answers(model, tok, prompts: list[list[int]]) -> list[list[int]]:
-    from .demo_adapters import base_answers
-
-    return base_answers(model, tok, prompts, max_new_tokens=8)
 
 
 def _train_push(model, tok, prompts, answers, layer: int, router, expert: int, neuron_act):
