@@ -203,15 +203,8 @@ def plot(out: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--n", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 64],
-                   help="adapters registered")
-    p.add_argument("--regimes", type=lambda s: s.split(","), default=["distinct", "uniform", "skewed"])
-    p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--max-loras", type=int, default=4)
-    p.add_argument("--max-cpu-loras", type=int, default=6)
+def add_traffic_args(p: argparse.ArgumentParser) -> None:
+    """The closed-loop traffic and server options the adapter benchmarks share."""
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--requests", type=int, default=32)
     p.add_argument("--min-tokens", type=int, default=16)
@@ -225,6 +218,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-num-seqs", type=int, default=32)
     p.add_argument("--kv-cache-gib", type=float, default=1.0)
     p.add_argument("--startup-timeout", type=float, default=600)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--n", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 64],
+                   help="adapters registered")
+    p.add_argument("--regimes", type=lambda s: s.split(","), default=["distinct", "uniform", "skewed"])
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--max-loras", type=int, default=4)
+    p.add_argument("--max-cpu-loras", type=int, default=6)
+    add_traffic_args(p)
     p.add_argument("--skip-no-lora", action="store_true", help="no second server without LoRA")
     p.add_argument("--out-dir", type=Path, default=Path("/tmp/steerserve-bench-adapters"))
     p.add_argument("--name", default="adapters")

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import httpx
 
-from .adapters import assignment, phase, write_adapters
-from .common import MODEL_DIR, RESULTS, running_server
+from .adapters import add_traffic_args, assignment, phase, write_adapters
+from .common import RESULTS, running_server
 
 
 def write_iapt(model: Path, out: Path, n: int, bottleneck: int, seed: int = 0) -> list[Path]:
@@ -123,19 +123,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--bottleneck", type=int, default=32, help="IAPT bottleneck m")
     p.add_argument("--max-loras", type=int, default=8)
     p.add_argument("--max-cpu-loras", type=int, default=16)
-    p.add_argument("--concurrency", type=int, default=8)
-    p.add_argument("--requests", type=int, default=32)
-    p.add_argument("--min-tokens", type=int, default=16)
-    p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument("--warmup", type=int, default=4)
-    p.add_argument("--timeout", type=float, default=600)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--model", type=Path, default=MODEL_DIR)
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--max-model-len", type=int, default=1024)
-    p.add_argument("--max-num-seqs", type=int, default=32)
-    p.add_argument("--kv-cache-gib", type=float, default=1.0)
-    p.add_argument("--startup-timeout", type=float, default=600)
+    add_traffic_args(p)
     p.add_argument("--out-dir", type=Path, default=Path("/tmp/steerserve-bench-iapt"))
     p.add_argument("--name", default="iapt_vs_lora")
     p.add_argument("--quick", action="store_true", help="smoke run: N=8, 8 requests, 8 tokens")

@@ -148,22 +148,27 @@ def _safetensors_shapes(path: Path) -> dict[str, list[int]]:
     return shapes
 
 
-def inspect_lora(path: Path, base: ServedModel) -> dict[str, Any]:
-    """The PEFT LoRA adapter in `path`, checked against `base`; its metadata, or AdapterInvalid naming the check."""
-    config_path, weights_path = path / CONFIG_FILE, path / WEIGHTS_FILE
-    for file in (config_path, weights_path):
-        if not file.is_file():
-            raise AdapterInvalid("files", f"{file.name} is missing")
+def _read_files(path: Path, config_file: str, weights_file: str) -> tuple[dict, dict[str, list[int]]]:
+    """An adapter's JSON config and its weights' tensor shapes; AdapterInvalid("files") if either is missing or
+    does not parse."""
+    for name in (config_file, weights_file):
+        if not (path / name).is_file():
+            raise AdapterInvalid("files", f"{name} is missing")
     try:
-        config = json.loads(config_path.read_text())
+        config = json.loads((path / config_file).read_text())
         if not isinstance(config, dict):
             raise ValueError("not a JSON object")
     except (ValueError, UnicodeDecodeError) as exc:
-        raise AdapterInvalid("files", f"{CONFIG_FILE} is not valid JSON: {exc}") from None
+        raise AdapterInvalid("files", f"{config_file} is not valid JSON: {exc}") from None
     try:
-        shapes = _safetensors_shapes(weights_path)
+        return config, _safetensors_shapes(path / weights_file)
     except (ValueError, KeyError, TypeError, OSError) as exc:
-        raise AdapterInvalid("files", f"{WEIGHTS_FILE} is corrupt: {exc}") from None
+        raise AdapterInvalid("files", f"{weights_file} is corrupt: {exc}") from None
+
+
+def inspect_lora(path: Path, base: ServedModel) -> dict[str, Any]:
+    """The PEFT LoRA adapter in `path`, checked against `base`; its metadata, or AdapterInvalid naming the check."""
+    config, shapes = _read_files(path, CONFIG_FILE, WEIGHTS_FILE)
 
     if config.get("peft_type", "LORA") != "LORA":
         raise AdapterInvalid("format", f"peft_type is {config.get('peft_type')!r}; this kind needs 'LORA'")
@@ -226,20 +231,7 @@ def inspect_iapt(path: Path, base: ServedModel) -> dict[str, Any]:
     from steerserve.steering.iapt import WEIGHTS_FILE as IAPT_WEIGHTS
     from steerserve.steering.iapt import IaptConfig
 
-    config_path, weights_path = path / IAPT_CONFIG, path / IAPT_WEIGHTS
-    for file in (config_path, weights_path):
-        if not file.is_file():
-            raise AdapterInvalid("files", f"{file.name} is missing")
-    try:
-        raw = json.loads(config_path.read_text())
-        if not isinstance(raw, dict):
-            raise ValueError("not a JSON object")
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise AdapterInvalid("files", f"{IAPT_CONFIG} is not valid JSON: {exc}") from None
-    try:
-        shapes = _safetensors_shapes(weights_path)
-    except (ValueError, KeyError, TypeError, OSError) as exc:
-        raise AdapterInvalid("files", f"{IAPT_WEIGHTS} is corrupt: {exc}") from None
+    raw, shapes = _read_files(path, IAPT_CONFIG, IAPT_WEIGHTS)
 
     types = {"base_model": str, "hidden_size": int, "num_layers": int, "bottleneck": int, "degrees": list,
              "shared": bool, "soft_tokens": int}
