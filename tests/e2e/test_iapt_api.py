@@ -124,11 +124,14 @@ def test_rejections(registered, ops, http, model_name, dirs, smollm2_path):
     r = ops.put("/v1/adapters/iapt-test-bad", params={"scope": "global"},
                 json={"path": str(dirs["tiny"]), "kind": "iapt"})
     assert r.status_code == 400 and r.json()["error"]["code"] in ("adapter_base_model", "adapter_architecture")
-    too_long = [{"role": "user", "content": "word " * 2100}]
-    r = http.post("/v1/chat/completions", json={"model": f"{model_name}:iapt-test-i0", "messages": too_long,
-                                                "max_tokens": 1})
+    # A prompt that leaves the base model room for one token, but none once the 4 soft tokens are added.
+    context = http.get("/v1/models").json()["data"][0]["max_model_len"]
+    ids = [100 + i % 1000 for i in range(context - 2)]
+    base = http.post("/v1/completions", json={"model": model_name, "prompt": ids, "max_tokens": 1})
+    assert base.status_code == 200, base.text
+    r = http.post("/v1/completions", json={"model": f"{model_name}:iapt-test-i0", "prompt": ids, "max_tokens": 1})
     assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text
-    assert "soft tokens" in r.json()["error"]["message"] or "context" in r.json()["error"]["message"]
+    assert "4 soft tokens" in r.json()["error"]["message"] and r.json()["error"]["param"] == "prompt"
     r = http.post("/v1/chat/completions", json={"model": f"{model_name}:iapt-test-i0", "messages": MESSAGES,
                                                 "steering": {"prompt": {"urial": {}}}})
     assert r.status_code == 400 and r.json()["error"]["param"] == "steering.prompt", r.text
