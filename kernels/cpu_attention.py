@@ -9,43 +9,77 @@ Unsteered rows never come here.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
 QUERY_CHUNK = 256  # prefill queries per score matrix, to bound memory at [heads, 256, keys]
 
 
-def block_layout(write_block, block_size: int, head_size: int, dtype: torch.dtype) -> tuple[str | None, ...]:
-    """How the backend's cache writer stores one block of one KV head, for keys and for values, found by
-    writing known values: "plain" ([block_size, head_size] row-major), "transposed" ([head_size, block_size]),
-    or None (anything else: the caller must not read such a cache). `write_block(key, value, key_cache,
-    value_cache, slot_mapping)` is the backend's cache writer."""
-    t, d = torch.meshgrid(torch.arange(block_size), torch.arange(head_size), indexing="ij")
-    written = []
-    for probe in (t, d):  # small integers: exact in every float dtype a cache may use
-        data = probe[:, None, :].to(dtype).contiguous()
-        caches = torch.zeros(1, 1, block_size, head_size, dtype=dtype), torch.zeros(1, 1, block_size, head_size,
-                                                                                    dtype=dtype)
+@dataclass(frozen=True)
+class BlockLayout:
+    """How a cache writer stores one block of one KV head ([block_size * head_size] elements).
+
+    `kind` is "plain" ([block_size, head_size] row-major), "transposed" ([head_size, block_size]) or "packed" (any
+    other arrangement of the same elements, e.g. the pairs-of-channels tiles of vLLM-CPU's AMX kernel in bf16).
+    For "packed", `source[i]` is the storage position of logical element i = slot * head_size + channel."""
+
+    kind: str
+    source: torch.Tensor | None = None
+
+
+PLAIN, TRANSPOSED = BlockLayout("plain"), BlockLayout("transposed")
+_DIGIT = 128  # probe values are base-128 digits: small integers, exact in every float dtype a cache may use
+
+
+def block_layout(write_block, block_size: int, head_size: int, dtype: torch.dtype
+                 ) -> tuple[BlockLayout | None, BlockLayout | None]:
+    """The layouts of keys and of values as the backend's cache writer stores them, found by writing each
+    element's own logical index (as base-128 digits) and reading where it landed. None: the writer does not store
+    a permutation of the block (scaled, quantised or padded): the caller must not read such a cache.
+    `write_block(key, value, key_cache, value_cache, slot_mapping)` is the backend's cache writer."""
+    n = block_size * head_size
+    index = torch.arange(n)
+    digits = max(1, math.ceil(math.log(n, _DIGIT)))
+    landed = [torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.long)]
+    for place in range(digits):
+        data = (index // _DIGIT**place % _DIGIT).view(block_size, 1, head_size).to(dtype)
+        caches = [torch.zeros(1, 1, block_size, head_size, dtype=dtype) for _ in range(2)]
         write_block(data, data.clone(), *caches, torch.arange(block_size))
-        written.append([c[0, 0].float().flatten() for c in caches])
-    layouts = []
-    for which in (0, 1):
-        tok, chan = written[0][which], written[1][which]
-        if torch.equal(tok, t.flatten().float()) and torch.equal(chan, d.flatten().float()):
-            layouts.append("plain")
-        elif torch.equal(tok, t.T.flatten().float()) and torch.equal(chan, d.T.flatten().float()):
-            layouts.append("transposed")
-        else:
-            layouts.append(None)
-    return tuple(layouts)
+        for which in (0, 1):
+            landed[which] += caches[which].flatten().float().round().long() * _DIGIT**place
+    return tuple(_layout_of(stored, block_size, head_size) for stored in landed)
 
 
-def gather_keys_t(key_cache: torch.Tensor, blocks: torch.Tensor, layout: str, n_max: int) -> torch.Tensor:
+def _layout_of(stored: torch.Tensor, block_size: int, head_size: int) -> BlockLayout | None:
+    """`stored[i]`: the logical index found at storage position i."""
+    n = block_size * head_size
+    if not torch.equal(torch.sort(stored).values, torch.arange(n)):
+        return None
+    if torch.equal(stored, torch.arange(n)):
+        return PLAIN
+    if torch.equal(stored, torch.arange(n).view(block_size, head_size).T.flatten()):
+        return TRANSPOSED
+    return BlockLayout("packed", torch.argsort(stored))
+
+
+def _unpacked(cache: torch.Tensor, blocks: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
+    """The blocks of a "packed" cache in logical order: [rows, kv_heads, blocks * block_size, head_size]."""
+    R, nb = blocks.shape
+    _, Hkv, bs, D = cache.shape
+    stored = cache.flatten(2).index_select(0, blocks.flatten())  # [R * nb, Hkv, bs * D]; copies the used blocks
+    logical = stored.index_select(2, layout.source).view(R, nb, Hkv, bs, D)
+    return logical.permute(0, 2, 1, 3, 4).reshape(R, Hkv, nb * bs, D)
+
+
+def gather_keys_t(key_cache: torch.Tensor, blocks: torch.Tensor, layout: BlockLayout, n_max: int) -> torch.Tensor:
     """K transposed for a batch of rows: [rows, kv_heads, head_size, keys] with keys >= n_max (the most keys any
     row has), from a [num_blocks, kv_heads, block_size, head_size] cache view and a [rows, blocks] block table."""
     R, nb = blocks.shape
     _, Hkv, bs, D = key_cache.shape
-    if layout == "transposed":
+    if layout.kind == "packed":
+        return _unpacked(key_cache, blocks, layout).transpose(2, 3)
+    if layout.kind == "transposed":
         cache = key_cache.view(-1, Hkv, D, bs)  # a view: never copy the whole cache
         if nb == 1:  # copy only the used slots of the one block (the common decode case)
             return cache[..., :n_max].index_select(0, blocks[:, 0])
@@ -55,11 +89,14 @@ def gather_keys_t(key_cache: torch.Tensor, blocks: torch.Tensor, layout: str, n_
     return key_cache[blocks.flatten()].view(R, nb, Hkv, bs, D).permute(0, 2, 4, 1, 3).reshape(R, Hkv, D, nb * bs)
 
 
-def gather_values(value_cache: torch.Tensor, blocks: torch.Tensor, layout: str, n_max: int) -> torch.Tensor:
+def gather_values(value_cache: torch.Tensor, blocks: torch.Tensor, layout: BlockLayout, n_max: int
+                  ) -> torch.Tensor:
     """V for a batch of rows: [rows, kv_heads, keys, head_size] with keys >= n_max."""
     R, nb = blocks.shape
     _, Hkv, bs, D = value_cache.shape
-    if layout == "transposed":
+    if layout.kind == "packed":
+        return _unpacked(value_cache, blocks, layout)
+    if layout.kind == "transposed":
         cache = value_cache.view(-1, Hkv, D, bs)
         if nb == 1:
             return cache[..., :n_max].index_select(0, blocks[:, 0]).transpose(2, 3)

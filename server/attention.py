@@ -3,7 +3,9 @@
 The steering processor (server/worker.py) sees every batch change before the step's forward and publishes the
 steered rows here (`AttentionRows`); the backend then recomputes those rows' attention with their key biases
 (kernels/cpu_attention.py) and overwrites the native kernel's output for them. Unsteered rows keep the native
-kernel's output untouched. Registered by the plugin for `CPU_ATTN`, the backend every non-MLA model gets on CPU.
+kernel's output untouched. The cache layout of every kernel vLLM-CPU picks (plain, transposed, or the AMX kernel's
+packed tiles in bf16) is found by probing its cache writer. A steered row that cannot be computed never raises in
+the engine step: attention steering is switched off for the engine and the fault reported (server/faults.py). Registered by the plugin for `CPU_ATTN`, the backend every non-MLA model gets on CPU.
 """
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ import torch
 
 from steerserve.kernels import cpu_attention
 from steerserve.steering.plan import AttentionPlan
+
+from . import faults
 
 BACKEND_PATH = "steerserve.server.attention.SteeringCPUBackend"
 _ENGINES: dict[int, AttentionRows] = {}  # id(VllmConfig) -> that engine's rows; one engine per config object
@@ -77,6 +81,13 @@ class AttentionRows:
         self._rows: list[tuple[int, RowSteer]] = []  # (batch row, its steering)
         self._step: tuple[object, list[RowGroup]] | None = None
         self._biases: dict[tuple[int, ...], list[torch.Tensor | None]] = {}  # stacked per row set, until rows change
+        self.off: str | None = None  # why attention steering is switched off in this engine (None: it is on)
+
+    def switch_off(self, reason: str) -> None:
+        """A steered row could not be computed: no more attention steering in this engine (see server/faults.py)."""
+        if self.off is None:
+            self.off = reason
+            faults.report("attention", reason)
 
     @staticmethod
     def for_engine(vllm_config) -> AttentionRows:
@@ -152,22 +163,25 @@ class SteeringCPUImpl(_CPUImpl):
 
         self._rows = AttentionRows.for_engine(get_current_vllm_config())
         self._layer: int | None = None
-        self._layouts: tuple[str | None, ...] | None = None
+        self._layouts: tuple[cpu_attention.BlockLayout, ...] | None = None
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
         output = super().forward(layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs)
-        if attn_metadata is None or not self._rows.rows or self.attn_type != "decoder":
+        if attn_metadata is None or not self._rows.rows or self._rows.off or self.attn_type != "decoder":
             return output
         if self._layer is None:
             from vllm.model_executor.models.utils import extract_layer_index
 
             self._layer = extract_layer_index(layer.layer_name)
-        for group in self._rows.groups(attn_metadata):
-            if group.steers(self._layer):
-                self._steer(layer, query, kv_cache, attn_metadata, output, group)
+        try:
+            for group in self._rows.groups(attn_metadata):
+                if group.steers(self._layer):
+                    self._steer(layer, query, kv_cache, attn_metadata, output, group)
+        except Exception as exc:  # noqa: BLE001 - never kill the engine: switch the method off, report why
+            self._rows.switch_off(f"{type(exc).__name__}: {exc}")
         return output
 
-    def _cache_layouts(self, layer, kv_cache: torch.Tensor) -> tuple[str | None, ...]:
+    def _cache_layouts(self, layer, kv_cache: torch.Tensor) -> tuple[cpu_attention.BlockLayout, ...]:
         if self._layouts is None:
             from vllm import _custom_ops as ops
 
@@ -175,10 +189,12 @@ class SteeringCPUImpl(_CPUImpl):
                 ops.cpu_attn_reshape_and_cache(k, v, kc, vc, slots, layer.isa, k_scale=1.0, v_scale=1.0,
                                                kv_cache_dtype="auto")
 
-            self._layouts = cpu_attention.block_layout(write, kv_cache.shape[2], self.head_size, kv_cache.dtype)
-            if None in self._layouts or self.is_fp8_kv_cache or self.alibi_slopes is not None:
+            layouts = cpu_attention.block_layout(write, kv_cache.shape[2], self.head_size, kv_cache.dtype)
+            if None in layouts or self.is_fp8_kv_cache or self.alibi_slopes is not None:
                 raise RuntimeError(f"attention steering cannot read this KV cache (isa {layer.isa}, layouts "
-                                   f"{self._layouts}, kv dtype {self.kv_cache_dtype})")
+                                   f"{[lay and lay.kind for lay in layouts]}, kv dtype {self.kv_cache_dtype}, "
+                                   f"alibi {self.alibi_slopes is not None})")
+            self._layouts = layouts
         return self._layouts
 
     def _steer(self, layer, query, kv_cache, md, output, group: RowGroup) -> None:

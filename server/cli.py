@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import typing
 from pathlib import Path
@@ -357,6 +358,9 @@ def _admin_command(args: argparse.Namespace) -> int:
 
 
 def serve_forever(settings: Settings) -> int:
+    # vLLM logs to stdout by default; a server's diagnostics belong on stderr, where a supervisor looks for why it
+    # stopped (the engine's own traceback included). Set before vLLM is imported, inherited by its processes.
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
     import uvicorn
 
     from .adapters import AdapterStore

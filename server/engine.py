@@ -15,11 +15,15 @@ from steerserve.steering.iapt import PLACEHOLDER_ID, SOFT_TOKENS
 from steerserve.steering.model import ModelFacts
 from steerserve.steering.plan import AttentionPlan, ExpertsPlan, LogitsPlan, Plan
 
-from . import iapt
+from . import faults, iapt
 from .experts import STATS_DIR
 from .settings import Settings
 
 log = logging.getLogger("steerserve.engine")
+
+
+class EngineDied(RuntimeError):
+    """The engine died while the server was starting: the process must exit, not serve."""
 
 
 @dataclass(frozen=True)
@@ -99,9 +103,12 @@ class Engine:
 
     async def verify_steering(self) -> None:
         """Fail closed: prove on real requests that the worker-side hooks fire. Without the logits hook the server
-        refuses to serve; without the attention hook, attention steering is switched off (requests that ask for
-        it get a 400) and everything else is served."""
+        refuses to serve. Every other method's probe runs guarded (`_guarded`): if it fails or does not move the
+        output, that method is switched off with its reason (its requests get a 400 that says why) and everything
+        else is served. If the engine itself dies, `EngineDied` is raised: the server must not stay up."""
         from vllm.sampling_params import SamplingParams
+
+        faults.clear()
 
         async def first_token(prompt: list[int], plan: Plan | None = None, extra: dict | None = None
                               ) -> tuple[int, float]:
@@ -113,63 +120,75 @@ class Engine:
             return c.token_ids[0], c.logprobs[0][c.token_ids[0]].logprob
 
         probe = [self.facts.eos_token_ids[0] if self.facts.eos_token_ids else 0]
-        plain = (await first_token(probe))[0]
-        target = (plain + 1) % self.info.vocab_size
-        plan = Plan("selftest", LogitsPlan(bias_ids=(target,), bias_values=(100.0,)))
-        if (await first_token(probe, plan))[0] != target:
+        try:
+            plain = (await first_token(probe))[0]
+            target = (plain + 1) % self.info.vocab_size
+            plan = Plan("selftest", LogitsPlan(bias_ids=(target,), bias_values=(100.0,)))
+            steered = (await first_token(probe, plan))[0]
+        except Exception as exc:
+            self._raise_if_dead(exc)
+            raise
+        if steered != target:
             raise RuntimeError("steering hooks are not active in this vLLM model runner; refusing to serve")
         if self.facts.attention_unsupported is None:
             probe = list(range(1, 9))
             cut = (-20.0,) * (self.facts.num_layers * self.facts.num_heads)  # gamma = e^-20 on every head
-            try:
-                moved = await first_token(probe) != await first_token(probe, Plan("selftest", attention=AttentionPlan(cut)))
-            except Exception as exc:  # noqa: BLE001 - any failure means: not available
-                log.warning("attention steering self-test failed: %s", exc)
-                moved = False
-            if not moved:
-                self.facts = replace(self.facts, attention_unsupported="its start-up self-test was not steered")
-                log.warning("attention steering is OFF: its self-test request was not steered")
+
+            async def attention_moves() -> bool:
+                return await first_token(probe) != await first_token(probe, Plan("selftest", attention=AttentionPlan(cut)))
+
+            if reason := await self._guarded("attention", attention_moves):
+                self.facts = replace(self.facts, attention_unsupported=reason)
         if self.facts.moe_layers:
-            await self._verify_experts(first_token)
+            if reason := await self._guarded("experts", lambda: self._experts_move(first_token)):
+                self.facts = replace(self.facts, experts_unsupported=reason)
         if self.iapt_unsupported is None:
-            await self._verify_iapt(first_token)
+            self.iapt_unsupported = await self._guarded("iapt", lambda: self._iapt_moves(first_token))
         log.info("steering self-test passed: worker hooks are active")
 
-    async def _verify_experts(self, first_token) -> None:
-        """Expert steering is served only if switching experts off changes the output. Two probes (the first and
-        the last E - k experts off in every MoE layer) route every token to disjoint expert sets, so at least one
-        differs from the natural routing unless the router hook never fired."""
+    async def _guarded(self, method: str, moves) -> str | None:
+        """Run one method's start-up probe (`moves()`: whether steering changed the output). Returns why the
+        method must be switched off, or None if it works. Re-raises only if the engine died."""
+        try:
+            moved, error = await moves(), None
+        except Exception as exc:  # noqa: BLE001 - any failure of the probe means: not available
+            self._raise_if_dead(exc)
+            moved, error = False, f"{type(exc).__name__}: {exc}"
+        fault = faults.reported().get(method)
+        if moved and fault is None:
+            return None
+        reason = f"its start-up self-test {'failed: ' + (fault or error) if fault or error else 'was not steered'}"
+        log.warning("%s steering is OFF: %s", method, reason)
+        return reason
+
+    def _raise_if_dead(self, exc: Exception) -> None:
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        if isinstance(exc, EngineDeadError) or self.llm.errored:
+            raise EngineDied(f"the engine died during the start-up self-test: {type(exc).__name__}: {exc}") from exc
+
+    async def _experts_move(self, first_token) -> bool:
+        """Whether switching experts off changes the output. Two probes (the first and the last E - k experts off
+        in every MoE layer) route every token to disjoint expert sets, so at least one differs from the natural
+        routing unless the router hook never fired."""
         f = self.facts
         probe = list(range(1, 9))
         plain = await first_token(probe)
         n_off = f.num_experts - f.experts_top_k
         moved = False
-        try:
-            for experts in (range(n_off), range(f.experts_top_k, f.num_experts)):
-                plan = Plan("selftest", experts=ExpertsPlan(off=tuple((layer, e) for layer in f.moe_layers
-                                                                      for e in experts)))
-                moved |= await first_token(probe, plan) != plain
-        except Exception as exc:  # noqa: BLE001 - any failure means: not available
-            log.warning("expert steering self-test failed: %s", exc)
-            moved = False
-        if not moved:
-            self.facts = replace(self.facts, experts_unsupported="its start-up self-test was not steered")
-            log.warning("expert steering is OFF: its self-test request was not steered")
+        for experts in (range(n_off), range(f.experts_top_k, f.num_experts)):
+            plan = Plan("selftest", experts=ExpertsPlan(off=tuple((layer, e) for layer in f.moe_layers
+                                                                  for e in experts)))
+            moved |= await first_token(probe, plan) != plain
+        return moved
 
-    async def _verify_iapt(self, first_token) -> None:
-        """IAPT adapters are served only if a random adapter with large soft tokens changes the output."""
+    async def _iapt_moves(self, first_token) -> bool:
+        """Whether a random adapter with large soft tokens changes the output."""
         hf = self.llm.model_config.hf_text_config
         with tempfile.TemporaryDirectory(prefix="steerserve-iapt-probe-") as where:
-            try:
-                iapt.write_probe_adapter(Path(where), hf.hidden_size, hf.num_hidden_layers)
-                probe = list(range(1, 9)) + [PLACEHOLDER_ID] * SOFT_TOKENS
-                moved = await first_token(probe) != await first_token(probe, extra=iapt.extra_args(Path(where)))
-            except Exception as exc:  # noqa: BLE001 - any failure means: not available
-                log.warning("IAPT self-test failed: %s", exc)
-                moved = False
-        if not moved:
-            self.iapt_unsupported = "its start-up self-test was not steered"
-            log.warning("IAPT adapters are OFF: their self-test request was not changed by the adapter")
+            iapt.write_probe_adapter(Path(where), hf.hidden_size, hf.num_hidden_layers)
+            probe = list(range(1, 9)) + [PLACEHOLDER_ID] * SOFT_TOKENS
+            return await first_token(probe) != await first_token(probe, extra=iapt.extra_args(Path(where)))
 
     def num_unfinished_requests(self) -> int:
         return self.llm.get_num_unfinished_requests()

@@ -21,7 +21,7 @@ import torch
 from steerserve.steering.experts import RouterConfig, steered_routing
 from steerserve.steering.plan import ExpertsPlan
 
-from . import step
+from . import faults, step
 
 log = logging.getLogger("steerserve.experts")
 
@@ -77,6 +77,7 @@ class Step:
 
     layers: dict[int, LayerTokens]
     counted: list[tuple[torch.Tensor, RowMasks]]
+    owner: ExpertRows | None = None  # the engine's rows this step was built from
 
 
 class ExpertRows:
@@ -86,6 +87,13 @@ class ExpertRows:
     def __init__(self) -> None:
         self._rows: list[tuple[int, RowMasks]] = []
         self._stacks: list[tuple[list[int], LayerStack]] = []  # per distinct set of rows, the layers they steer
+        self.off: str | None = None  # why expert steering is switched off in this engine (None: it is on)
+
+    def switch_off(self, reason: str) -> None:
+        """A steered step could not be routed: no more expert steering in this engine (server/faults.py)."""
+        if self.off is None:
+            self.off = reason
+            faults.report("experts", reason)
 
     @staticmethod
     def for_engine(vllm_config) -> ExpertRows:
@@ -190,39 +198,54 @@ def _steered_select_experts(original):
         tables = _STEP
         if tables is None:
             return weights, ids
-        layer = _layer_of(self)
-        if layer is None:
-            return weights, ids
-        lt = tables.layers.get(layer)
-        if lt is not None:
-            if getattr(self, "eplb_state", None) is not None or getattr(self, "custom_routing_function", None):
-                raise RuntimeError("expert steering does not support this router (EPLB or a custom routing "
-                                   "function)")
-            keep = lt.tokens < router_logits.shape[0]
-            tokens = lt.tokens[keep]
-            w, i = steered_routing(router_logits[tokens], _router_config(self), lt.off[keep], lt.on[keep],
-                                   lt.drop[keep], lt.dominant[keep])
-            weights[tokens] = w.to(weights.dtype)
-            ids[tokens] = i.to(ids.dtype)
-            HOOK_CALLS[0] += 1
-        for tokens, m in tables.counted:
-            if layer < m.counts.shape[0]:
-                chosen = ids[tokens[tokens < ids.shape[0]]].flatten().long()
-                m.counts[layer] += torch.bincount(chosen, minlength=m.counts.shape[1])[: m.counts.shape[1]]
-        return weights, ids
+        try:
+            return _steer(self, tables, router_logits, weights, ids)
+        except Exception as exc:  # noqa: BLE001 - never kill the engine: switch the method off, report why
+            if tables.owner is not None:
+                tables.owner.switch_off(f"{type(exc).__name__}: {exc}")
+            return original(self, hidden_states, router_logits, topk_indices_dtype, **kwargs)
 
     select_experts.__steerserve__ = True  # type: ignore[attr-defined]
     select_experts.__wrapped__ = original  # type: ignore[attr-defined]
     return select_experts
 
 
+def _steer(router, tables: Step, router_logits, weights, ids):
+    """The router hook's work: re-route this layer's steered tokens, count the counted rows' choices."""
+    layer = _layer_of(router)
+    if layer is None:
+        return weights, ids
+    lt = tables.layers.get(layer)
+    if lt is not None:
+        if getattr(router, "eplb_state", None) is not None or getattr(router, "custom_routing_function", None):
+            raise RuntimeError("expert steering does not support this router (EPLB or a custom routing function)")
+        keep = lt.tokens < router_logits.shape[0]
+        tokens = lt.tokens[keep]
+        w, i = steered_routing(router_logits[tokens], _router_config(router), lt.off[keep], lt.on[keep],
+                               lt.drop[keep], lt.dominant[keep])
+        weights[tokens] = w.to(weights.dtype)
+        ids[tokens] = i.to(ids.dtype)
+        HOOK_CALLS[0] += 1
+    for tokens, m in tables.counted:
+        if layer < m.counts.shape[0]:
+            chosen = ids[tokens[tokens < ids.shape[0]]].flatten().long()
+            m.counts[layer] += torch.bincount(chosen, minlength=m.counts.shape[1])[: m.counts.shape[1]]
+    return weights, ids
+
+
 def _begin_step(runner, positions):
     """Step hook (server/step.py): this forward's tables for the router hook; after it, publish counts."""
     global _STEP
     rows = _ENGINES.get(id(runner.vllm_config))
-    if rows is None or not rows.rows:
+    if rows is None or not rows.rows or rows.off:
         return None
-    _STEP = rows.tables(step.row_starts(runner), positions)
+    try:
+        _STEP = rows.tables(step.row_starts(runner), positions)
+    except Exception as exc:  # noqa: BLE001 - never kill the engine: switch the method off, report why
+        rows.switch_off(f"{type(exc).__name__}: {exc}")
+        return None
+    if _STEP is not None:
+        _STEP.owner = rows
 
     def done() -> None:
         global _STEP

@@ -26,13 +26,14 @@ import torch
 
 from steerserve.steering.iapt import SOFT_TOKENS, IaptConfig, IaptModel, Pool, merge_pools
 
-from . import step
+from . import faults, step
 
 ARGS_KEY = "steerserve_iapt"  # extra_args: {"path": adapter directory, "key": unique per registration}
 CACHE_ENV = "STEERSERVE_IAPT_CACHE"  # env: adapters each worker keeps loaded (LRU)
 
 _ENGINES: dict[int, IaptRows] = {}  # id(VllmConfig) -> that engine's rows
 _STEP: list[RowWork] | None = None  # this forward's IAPT work; None: none
+_STEP_ROWS: IaptRows | None = None  # the engine's rows that work came from
 _MODELS: OrderedDict[str, IaptModel] = OrderedDict()  # this worker's loaded adapters, least recently used first
 LAYER_CALLS = [0]  # layer hooks that changed a forward (for tests and diagnostics)
 
@@ -87,6 +88,13 @@ class IaptRows:
 
     def __init__(self) -> None:
         self.rows: list[tuple[int, IaptRow]] = []
+        self.off: str | None = None  # why IAPT is switched off in this engine (None: it is on)
+
+    def switch_off(self, reason: str) -> None:
+        """A step could not apply its adapters: no more IAPT in this engine (server/faults.py)."""
+        if self.off is None:
+            self.off = reason
+            faults.report("iapt", reason)
 
     @staticmethod
     def for_engine(vllm_config) -> IaptRows:
@@ -114,19 +122,24 @@ class IaptRows:
 
 def _begin_step(runner, positions):
     """Step hook: this forward's IAPT work for the layer hooks (attached to the model on first use)."""
-    global _STEP
+    global _STEP, _STEP_ROWS
     rows = _ENGINES.get(id(runner.vllm_config))
-    if rows is None or not rows.rows:
+    if rows is None or not rows.rows or rows.off:
         return None
-    work = rows.work(step.row_starts(runner), positions.cpu())
+    try:
+        work = rows.work(step.row_starts(runner), positions.cpu())
+        if work:
+            _attach(runner.get_model())
+    except Exception as exc:  # noqa: BLE001 - never kill the engine: switch the method off, report why
+        rows.switch_off(f"{type(exc).__name__}: {exc}")
+        return None
     if not work:
         return None
-    _attach(runner.get_model())
-    _STEP = work
+    _STEP, _STEP_ROWS = work, rows
 
     def done() -> None:
-        global _STEP
-        _STEP = None
+        global _STEP, _STEP_ROWS
+        _STEP = _STEP_ROWS = None
     return done
 
 
@@ -150,29 +163,41 @@ def _attach(model) -> None:
 
 def _layer_hook(layer: int):
     def pre(module, args):
+        global _STEP
         work = _STEP
         if work is None:
             return None
-        positions, hidden, residual, *rest = args
-        soft = [w for w in work if w.soft.start < w.soft.stop]
-        if soft:
-            hidden = hidden.clone()
-            residual = residual.clone() if residual is not None else None
-        for w in work:
-            if w.instruction.start < w.instruction.stop:
-                stream = hidden[w.instruction] if residual is None else hidden[w.instruction] + residual[w.instruction]
-                w.row.pools[layer] = merge_pools(w.row.pools.get(layer), w.row.model.pool_partial(layer, stream))
-        for w in soft:
-            p = w.row.model.finish(layer, w.row.pools[layer])
-            count = w.soft.stop - w.soft.start
-            hidden[w.soft] = p[w.first_slot:w.first_slot + count].to(hidden.dtype)
-            if residual is not None:
-                residual[w.soft] = 0
-        if not soft:
+        try:
+            return _apply(layer, work, args)
+        except Exception as exc:  # noqa: BLE001 - never kill the engine: switch the method off, report why
+            if _STEP_ROWS is not None:
+                _STEP_ROWS.switch_off(f"{type(exc).__name__}: {exc}")
+            _STEP = None  # the later layers of this forward too
             return None
-        LAYER_CALLS[0] += 1
-        return (positions, hidden, residual, *rest)
     return pre
+
+
+def _apply(layer: int, work: list[RowWork], args: tuple):
+    """Fold this layer's instruction tokens into their rows' pools; overwrite the soft tokens (new args or None)."""
+    positions, hidden, residual, *rest = args
+    soft = [w for w in work if w.soft.start < w.soft.stop]
+    if soft:
+        hidden = hidden.clone()
+        residual = residual.clone() if residual is not None else None
+    for w in work:
+        if w.instruction.start < w.instruction.stop:
+            stream = hidden[w.instruction] if residual is None else hidden[w.instruction] + residual[w.instruction]
+            w.row.pools[layer] = merge_pools(w.row.pools.get(layer), w.row.model.pool_partial(layer, stream))
+    for w in soft:
+        p = w.row.model.finish(layer, w.row.pools[layer])
+        count = w.soft.stop - w.soft.start
+        hidden[w.soft] = p[w.first_slot:w.first_slot + count].to(hidden.dtype)
+        if residual is not None:
+            residual[w.soft] = 0
+    if not soft:
+        return None
+    LAYER_CALLS[0] += 1
+    return (positions, hidden, residual, *rest)
 
 
 def register() -> None:

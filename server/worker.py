@@ -136,10 +136,12 @@ class SteeringLogitsProcessor(LogitsProcessor):
         self.num_layers, self.num_heads = hf.num_hidden_layers, hf.num_attention_heads
         self.attention = AttentionRows.for_engine(vllm_config)  # read by the attention backend
         self.attention.rows = []  # a new engine whose config reuses a dead one's id starts clean
+        self.attention.off = None
         self.experts = ExpertRows.for_engine(vllm_config)  # read by the router hook
+        self.experts.rows, self.experts.off = [], None
         self.num_experts = _num_experts(hf)
         self.iapt = IaptRows.for_engine(vllm_config)  # read by the IAPT step and layer hooks
-        self.iapt.rows = []
+        self.iapt.rows, self.iapt.off = [], None
         # Derived from the buffers above whenever the batch changes; read every step.
         self._active: list[int] = []
         self._active_idx = torch.zeros(0, dtype=torch.long, device=self.device)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 
 import pytest
 import torch
@@ -41,3 +42,111 @@ def test_engine_without_active_hooks_refuses_to_serve(tmp_path):
 
     with pytest.raises(RuntimeError, match="steering hooks are not active"):
         asyncio.run(start())
+
+
+SITE_HOOK = """
+import importlib.util
+import sys
+
+
+class PatchOnImport:
+    # Runs `patch(module)` right after `{module}` is imported, wherever and whenever the process imports it.
+    def find_spec(self, name, path, target=None):
+        if name != "{module}":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        run = spec.loader.exec_module
+
+        def exec_module(module):
+            run(module)
+            patch(module)
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+sys.meta_path.insert(0, PatchOnImport())
+"""
+
+
+def injected(tmp_path, module: str, patch: str) -> dict[str, str]:
+    """An environment whose Python processes (the engine's, which vLLM spawns, included) apply `patch` (source
+    defining `patch(module)`) to `module` when they import it: a fault injected from outside the code under test,
+    through a `sitecustomize` module. (Importing the module eagerly there would import torch before vLLM sets up
+    its threads, which slows the engine down a hundredfold.)"""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(patch + SITE_HOOK.replace("{module}", module))
+    return {"PYTHONPATH": os.pathsep.join(p for p in (str(hook), os.environ.get("PYTHONPATH")) if p)}
+
+
+UNREADABLE_CACHE = """
+def patch(module):
+    module.block_layout = lambda *args, **kwargs: (None, None)  # a KV cache layout nobody can read
+"""
+
+
+def test_a_probe_that_cannot_run_switches_only_its_method_off(tmp_path, monkeypatch):
+    """An attention probe that fails inside the engine step (here: a KV cache layout it cannot read) must not kill
+    the engine: attention steering is switched off with the reason, and plain and logits-steered requests serve."""
+    from vllm.sampling_params import SamplingParams
+
+    from steerserve.steering import spec as S
+    from steerserve.steering.plan import LogitsPlan, Plan
+
+    for name, value in injected(tmp_path, "steerserve.kernels.cpu_attention", UNREADABLE_CACHE).items():
+        monkeypatch.setenv(name, value)
+    model = build_tiny_llama(tmp_path / "tiny")
+    settings = Settings.load(dtype="float32", max_model_len=128, kv_cache_gib=0.05, max_num_seqs=4)
+
+    async def start():
+        engine = Engine(settings, model)
+        try:
+            await engine.verify_steering()
+            outs = []
+            for plan in (None, Plan("t", LogitsPlan(bias_ids=(7,), bias_values=(100.0,)))):
+                params = SamplingParams(max_tokens=3, temperature=0, extra_args=plan.to_extra_args() if plan else None)
+                finished = [out async for out in engine.generate([1, 2, 3], params, f"r{len(outs)}")][-1]
+                outs.append(list(finished.outputs[0].token_ids))
+            return engine.facts, outs, engine.llm.errored
+        finally:
+            engine.shutdown()
+
+    facts, outs, errored = asyncio.run(start())
+    assert not errored
+    assert "cannot read this KV cache" in (facts.attention_unsupported or ""), facts.attention_unsupported
+    assert outs[1] == [7, 7, 7] and outs[0] != outs[1]  # logits steering still applies; the plain row is plain
+    with pytest.raises(S.SpecError, match="attention steering is not available on this model: .*cannot read"):
+        S.compile_spec(S.merge([S.parse({"attention": {"sink": {"gamma": 0.5}}}, "steering")]), facts)
+
+
+DYING_ENGINE = """
+def patch(module):
+    def apply(self, logits):  # the steering processor crashes the step at the first logits-steered row
+        if self._active:
+            raise RuntimeError("injected engine fault")
+        return logits
+
+    module.SteeringLogitsProcessor.apply = apply
+"""
+
+
+def test_an_engine_that_dies_during_start_up_ends_the_process(tmp_path):
+    """A supervisor must see a dead engine: the server exits non-zero within seconds, with the reason on stderr,
+    instead of answering /ready 503 forever."""
+    import subprocess
+    import sys
+    import time
+
+    model = build_tiny_llama(tmp_path / "tiny")
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "steerserve.server", "serve", "--model", str(model), "--port", "0",
+                           "--dtype", "float32", "--max-model-len", "128", "--kv-cache-gib", "0.05",
+                           "--data-dir", str(tmp_path / "data")],
+                          env={**os.environ, **injected(tmp_path, "steerserve.server.worker", DYING_ENGINE)}, capture_output=True, text=True,
+                          timeout=240)
+    elapsed = time.monotonic() - started
+    assert proc.returncode != 0
+    assert "injected engine fault" in proc.stderr and "died" in proc.stderr, proc.stderr[-3000:]
+    print(f"server exited {proc.returncode} after {elapsed:.1f} s (start-up included)")
