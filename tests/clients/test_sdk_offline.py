@@ -27,6 +27,8 @@ from steerserve_client import (
     Urial,
 )
 
+from steerserve.steering.spec import SteeringSpec
+
 from .schemas import differences, family, resolve
 
 BASE = "http://steer.test"
@@ -339,12 +341,65 @@ def test_schema_comparison_catches_added_removed_renamed_and_retyped_fields():
         "type": "integer"}
 
 
-def test_schema_agrees_with_the_server_source():
-    """Offline twin of the live drift test, for a fast failure: the server's own model, where importable."""
-    spec = pytest.importorskip("steerserve.steering.spec")
-    for name in ("logits", "prompt"):
-        assert differences(family(Steering.model_json_schema(), name),
-                           family(spec.SteeringSpec.model_json_schema(), name)) == [], name
+def whole(schema: dict) -> dict:
+    return resolve(schema, schema.get("$defs", {}))
+
+
+def server_schema() -> dict:
+    """What the server publishes at GET /v1/steering/schema: its spec model's JSON schema."""
+    return SteeringSpec.model_json_schema()
+
+
+def test_sdk_models_every_family_and_field_of_the_server_schema():
+    """Drift guard, offline twin of the live one: the whole schema, every family and every field (name, type,
+    required or not, default, bounds, enums, patterns, nested models), recursively; only titles and
+    descriptions may differ."""
+    server, sdk = server_schema(), Steering.model_json_schema()
+    assert set(sdk["properties"]) == set(server["properties"]) >= {"version", "logits", "attention", "experts",
+                                                                   "prompt"}
+    assert differences(whole(sdk), whole(server)) == []
+
+
+def server_mutations(server: dict):
+    """(what, schema) for each single change the server's spec could make: on every model (each $def and the
+    top level), a field added; on every field, the field removed, its requiredness flipped, a bound added."""
+    def variant(edit) -> dict:
+        copy = json.loads(json.dumps(server))
+        edit(copy)
+        return copy
+
+    def node(schema: dict, name: str | None) -> dict:
+        return schema if name is None else schema["$defs"][name]
+
+    for name in [None, *server["$defs"]]:
+        model, label = node(server, name), name or "SteeringSpec"
+        if "properties" not in model:
+            continue
+        yield f"{label}: field added", variant(lambda s, n=name: node(s, n)["properties"].update(new={"type": "integer"}))
+        for field in model["properties"]:
+            def drop(s, n=name, f=field):
+                m = node(s, n)
+                del m["properties"][f]
+                m["required"] = [r for r in m.get("required", []) if r != f]
+
+            def flip(s, n=name, f=field):
+                m = node(s, n)
+                req = m.get("required", [])
+                m["required"] = [r for r in req if r != f] if f in req else [*req, f]
+
+            yield f"{label}.{field}: removed", variant(drop)
+            yield f"{label}.{field}: required flipped", variant(flip)
+            yield f"{label}.{field}: bound changed", variant(
+                lambda s, n=name, f=field: node(s, n)["properties"][f].update(maximum=12345.5))
+
+
+def test_the_drift_guard_sees_any_change_to_any_server_model():
+    server, sdk = server_schema(), Steering.model_json_schema()
+    mutations = list(server_mutations(server))
+    models = {what.split(":")[0].split(".")[0] for what, _ in mutations}
+    assert models == {"SteeringSpec", *server["$defs"]} and len(server["$defs"]) >= 10  # every model, every family
+    missed = [what for what, mutated in mutations if not differences(whole(sdk), whole(mutated))]
+    assert missed == []
 
 
 # --- asyncio ------------------------------------------------------------------------------------------------

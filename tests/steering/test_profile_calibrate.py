@@ -8,13 +8,11 @@ import math
 import os
 
 import pytest
+import torch
 
 from steerserve.steering import spec as S
 from steerserve.steering.tasks import SHIPPED, TaskFileError, load_tasks
 from tests.tiny_models import build_tiny_llama
-
-torch = pytest.importorskip("torch")
-
 
 # ---- the statistics on hand-made attention matrices ------------------------------------------------------------
 
@@ -156,7 +154,8 @@ def synthetic_task(tmp_path):
 
 @pytest.fixture(scope="module")
 def scorer(tiny_dir):
-    vllm = pytest.importorskip("vllm")
+    import vllm
+
     from steerserve.server import plugin
     from steerserve.server.worker import SteeringLogitsProcessor
     from steerserve.steering.calibrate import Scorer, model_facts
