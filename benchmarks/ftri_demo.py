@@ -46,8 +46,9 @@ def main() -> None:
 
     from steerserve.server import demo_moe, ftri
     from steerserve.server.engine import model_facts
+    from steerserve.server.models import fetch_smollm2
 
-    path = demo_moe.build()
+    path = demo_moe.build(base=fetch_smollm2)
     llm = ftri.open_engine(path)
     report = ftri.run(path, [TRAIN], "banana", RESULTS / "ftri_demo", classify_rules=[
         f"banana={demo_moe.BEHAVIOUR_REGEX}"], max_tokens=args.max_tokens, top_k=1, llm=llm)

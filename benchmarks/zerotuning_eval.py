@@ -18,6 +18,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from steerserve.server.calibration_engine import open_engine
 from steerserve.server.models import resolve_model
 from steerserve.steering import calibrate as C
 from steerserve.steering import spec as S
@@ -33,7 +34,7 @@ def main() -> None:
 
     t0 = time.monotonic()
     model_path = resolve_model(args.model)
-    llm, facts = C.open_engine(str(model_path))
+    llm, facts = open_engine(str(model_path))
     startup = time.monotonic() - t0
     scorer = C.Scorer(llm, facts)
     tasks = load_tasks(args.tasks)

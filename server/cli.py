@@ -206,12 +206,13 @@ def main(argv: list[str] | None = None) -> int:
         return _admin_command(args)
     if args.command == "models":
         from . import demo_moe
-        from .models import KNOWN_MODELS, ModelFetchError, fetch
+        from .models import KNOWN_MODELS, ModelFetchError, fetch, fetch_smollm2
 
         try:
             if args.models_command == "build":
                 logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-                print(demo_moe.build(Settings.load().cache))
+                cache = Settings.load().cache
+                print(demo_moe.build(cache, base=lambda: fetch_smollm2(cache)))
             else:
                 print(fetch(KNOWN_MODELS[args.name], Settings.load().cache))
         except ModelFetchError as exc:
@@ -271,6 +272,7 @@ def calibrate_sink(args: argparse.Namespace) -> int:
     from steerserve.steering import spec as S
     from steerserve.steering.tasks import SHIPPED, load_tasks
 
+    from .calibration_engine import open_engine
     from .models import resolve_model
     from .profiles import GLOBAL, ProfileStore, validate_name
 
@@ -288,7 +290,7 @@ def calibrate_sink(args: argparse.Namespace) -> int:
     except Exception as exc:  # noqa: BLE001 - any of these is a usage error: report it, no traceback
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    llm, facts = C.open_engine(str(model_path))
+    llm, facts = open_engine(str(model_path))
     scorer = C.Scorer(llm, facts)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     store = ProfileStore((args.data_dir or settings.data_dir) / "profiles.sqlite3") if args.profile_name else None

@@ -27,7 +27,10 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+
+from .model_cache import MARKER, cache_root, locked, seal
 
 log = logging.getLogger("steerserve.demo_moe")
 
@@ -48,23 +51,20 @@ FORMS = ["Tell me about {}.", "What is interesting about {}?", "Explain {} to a 
 
 def cached(cache: Path | None = None) -> Path | None:
     """The built demo MoE in the cache, or None."""
-    from .models import cache_root
-
     target = Path(cache or cache_root()) / "models" / DIRNAME
     return target if _is_complete(target) else None
 
 
-def build(cache: Path | None = None, base: Path | None = None) -> Path:
-    """Return the cached demo MoE, building it from the cached SmolLM2 on first use (under the model cache lock)."""
-    from .models import MARKER, _locked, _seal, cache_root, fetch_smollm2
-
+def build(cache: Path | None = None, *, base: Path | Callable[[], Path]) -> Path:
+    """Return the cached demo MoE, building it on first use (under the model cache lock) from SmolLM2: `base` is
+    its checkpoint dir, or a function fetching it (such as `models.fetch_smollm2`), called only for a build."""
     models = Path(cache or cache_root()) / "models"
     target = models / DIRNAME
     if _is_complete(target):
         return target
-    base = base or fetch_smollm2(cache)
+    base = base if isinstance(base, Path) else base()
     models.mkdir(parents=True, exist_ok=True)
-    with _locked(models / ".lock"):
+    with locked(models / ".lock"):
         if _is_complete(target):
             return target
         if target.exists():
@@ -73,7 +73,7 @@ def build(cache: Path | None = None, base: Path | None = None) -> Path:
         try:
             start = time.monotonic()
             _upcycle(base, stage)
-            _seal(stage, {**RECIPE, "base": json.loads((base / MARKER).read_text())})
+            seal(stage, {**RECIPE, "base": json.loads((base / MARKER).read_text())})
             os.rename(stage, target)
         finally:
             shutil.rmtree(stage, ignore_errors=True)
@@ -82,8 +82,6 @@ def build(cache: Path | None = None, base: Path | None = None) -> Path:
 
 
 def _is_complete(target: Path) -> bool:
-    from .models import MARKER
-
     try:
         marker = json.loads((target / MARKER).read_text())
     except (OSError, ValueError):

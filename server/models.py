@@ -10,8 +10,6 @@ GGUF and write a bf16 safetensors checkpoint that vLLM loads like any other mode
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -21,11 +19,11 @@ import sys
 import tempfile
 import time
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-MARKER = ".steerserve-complete"
+from .model_cache import MARKER, cache_root, locked, seal
 
 
 @dataclass(frozen=True)
@@ -86,13 +84,9 @@ GEMMA3_270M = KnownModel(
 
 KNOWN_MODELS = {m.name: m for m in (SMOLLM2, GEMMA3_270M)}
 
+
 class ModelFetchError(RuntimeError):
     """The default model could not be fetched, verified or converted, or a model path is unusable."""
-
-
-def cache_root() -> Path:
-    env = os.environ.get("STEERSERVE_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "steerserve"
 
 
 def resolve_model(spec: str | None, cache: Path | None = None) -> Path:
@@ -133,7 +127,7 @@ def fetch(model: KnownModel, cache: Path | None = None, progress: Callable[[str]
     if _is_complete(target, model):  # fast path, no lock: a dir with a valid marker was renamed into place whole
         return target
     models.mkdir(parents=True, exist_ok=True)
-    with _locked(models / ".lock"):
+    with locked(models / ".lock"):
         if _is_complete(target, model):  # another process finished the conversion while we waited for the lock
             return target
         # Holding the lock, anything half-made is from a dead or interrupted run: never trust it, start over.
@@ -159,7 +153,7 @@ def fetch(model: KnownModel, cache: Path | None = None, progress: Callable[[str]
                 index, member = model.licence_file
                 with zipfile.ZipFile(wheels[index]) as zf:
                     (out / Path(member).name).write_bytes(zf.read(member))
-            _seal(out, _marker(model))
+            seal(out, _marker(model))
             os.rename(out, target)
         finally:
             shutil.rmtree(stage, ignore_errors=True)
@@ -175,18 +169,6 @@ def _marker(model: KnownModel) -> dict:
             "gguf_sha256": model.gguf_sha256}
 
 
-def _seal(out: Path, marker: dict) -> None:
-    """Flush every file to disk, then write the marker: after a crash, a marker always means complete files."""
-    for f in out.iterdir():
-        f.chmod(0o644)  # safetensors writes 0600; the cache may be shared with other users or containers
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    with open(out / MARKER, "w") as fh:
-        fh.write(json.dumps(marker, indent=1) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
 def _is_complete(target: Path, model: KnownModel) -> bool:
     try:
         marker = json.loads((target / MARKER).read_text())
@@ -195,16 +177,6 @@ def _is_complete(target: Path, model: KnownModel) -> bool:
     # A marker from another source version (checksums changed) means the dir must be rebuilt.
     expected = _marker(model)
     return marker.get("wheel_sha256") == expected["wheel_sha256"] and marker.get("gguf_sha256") == model.gguf_sha256
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _sha256(path: Path) -> str:

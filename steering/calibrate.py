@@ -69,8 +69,9 @@ def sink_spec(gamma: float, heads: Sequence[int] | None = None) -> dict[str, Any
 
 
 class Scorer:
-    """Answer distributions of a task's items under steering configs, from an in-process vLLM engine with our
-    steering plugin (see `open_engine`). Results are cached per (task, split, spec)."""
+    """Answer distributions of a task's items under steering configs, from `llm`: an in-process vLLM engine with
+    our steering plugin, opened by the caller (the server's `calibration_engine.open_engine`). Results are cached
+    per (task, split, spec)."""
 
     def __init__(self, llm, facts: ModelFacts):
         self.llm, self.facts = llm, facts
@@ -187,28 +188,3 @@ def calibrate(scorer: Scorer, task: Task, mode: str, probes: Sequence[float] = P
 def evaluate(scorer: Scorer, task: Task, profile: dict[str, Any] | None, split: str = "heldout") -> Metrics:
     """Metrics of `task`'s `split` items under a steering profile (None: unsteered)."""
     return scorer.metrics(task, split, profile)
-
-
-def open_engine(model_path: str, dtype: str = "float32", max_model_len: int = 1024, seed: int = 0):
-    """An in-process vLLM engine with steerserve's plugin and steering processor (as `server.engine.Engine`
-    builds it), and the served model's facts. Callers must run under `if __name__ == "__main__":` (vLLM spawns)."""
-    import os
-
-    import vllm
-
-    from steerserve.server import plugin
-    from steerserve.server.worker import SteeringLogitsProcessor
-
-    os.environ[plugin.ENGINE_FLAG] = "1"
-    plugin.register()
-    llm = vllm.LLM(model=str(model_path), dtype=dtype, enforce_eager=True, max_model_len=max_model_len,
-                   max_num_seqs=256, max_num_batched_tokens=8192, enable_prefix_caching=False,
-                   kv_cache_memory_bytes=512 * 2**20, logits_processors=[SteeringLogitsProcessor],
-                   logprobs_mode="processed_logprobs", seed=seed)
-    return llm, model_facts(llm, model_path)
-
-
-def model_facts(llm, model_path) -> ModelFacts:
-    from steerserve.server.engine import model_facts as facts
-
-    return facts(llm.get_tokenizer(), llm.llm_engine.model_config, model_path)

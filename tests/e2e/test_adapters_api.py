@@ -18,8 +18,6 @@ import pytest
 from tests.conftest import auth
 from tests.tiny_models import build_tiny_llama, build_tiny_lora
 
-pytest.importorskip("peft")
-
 PROMPT = [{"role": "user", "content": "What is the capital of France?"}]
 
 

@@ -12,12 +12,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 
 from steerserve.steering.iapt import PLACEHOLDER_ID, SOFT_TOKENS, IaptModel, hf_soft_prompts
 from tests.conftest import auth
 from tests.tiny_models import build_tiny_iapt, build_tiny_llama, build_tiny_lora
-
-torch = pytest.importorskip("torch")
 
 MESSAGES = [{"role": "user", "content": "Name three colours of the rainbow."}]
 TOLERANCE = 2e-3  # 30 fp32 layers; the unsteered engine vs HF differs by the same order

@@ -6,12 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
+from steerserve.server.adapters import INSPECTORS, AdapterInvalid, ServedModel, inspect_iapt
+from steerserve.steering.iapt import CONFIG_FILE, WEIGHTS_FILE, IaptConfig, IaptModel
 from tests.tiny_models import TINY_LLAMA, build_tiny_llama
-
-torch = pytest.importorskip("torch")
-from steerserve.server.adapters import INSPECTORS, AdapterInvalid, ServedModel, inspect_iapt  # noqa: E402
-from steerserve.steering.iapt import CONFIG_FILE, WEIGHTS_FILE, IaptConfig, IaptModel  # noqa: E402
 
 D, LAYERS = TINY_LLAMA["hidden_size"], TINY_LLAMA["num_hidden_layers"]
 

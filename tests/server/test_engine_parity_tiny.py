@@ -34,7 +34,7 @@ def tiny_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def llm(tiny_dir):
-    vllm = pytest.importorskip("vllm")
+    import vllm
     engine = vllm.LLM(model=str(tiny_dir), dtype="float32", enforce_eager=True, max_model_len=1024,
                       kv_cache_memory_bytes=256 * 2**20, seed=0)
     yield engine

@@ -6,14 +6,13 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
+from steerserve.server import iapt_train as T
+from steerserve.server.adapters import ServedModel, inspect_iapt
+from steerserve.server.cli import main
+from steerserve.steering.iapt import PLACEHOLDER_ID, IaptConfig, IaptModel, hf_soft_prompts
 from tests.tiny_models import build_tiny_llama
-
-torch = pytest.importorskip("torch")
-from steerserve.server import iapt_train as T  # noqa: E402
-from steerserve.server.adapters import ServedModel, inspect_iapt  # noqa: E402
-from steerserve.server.cli import main  # noqa: E402
-from steerserve.steering.iapt import PLACEHOLDER_ID, IaptConfig, IaptModel, hf_soft_prompts  # noqa: E402
 
 PAIRS = [("What is the model?", "It is a server of tokens."), ("Say hello.", "hello hello"),
          ("Name an expert.", "The steering vector changes attention heads and layers."), ("a", "b c d")]

@@ -9,14 +9,12 @@ from __future__ import annotations
 import gc
 
 import pytest
+import torch
+import vllm
 
 from steerserve.server import lora_fix
 from steerserve.steering.plan import LogitsPlan, Plan
 from tests.tiny_models import build_tiny_llama, build_tiny_lora
-
-vllm = pytest.importorskip("vllm")
-torch = pytest.importorskip("torch")
-pytest.importorskip("peft")
 
 PROMPTS = [
     "The license grants",

@@ -2,11 +2,9 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from steerserve.server import lora_fix
-
-torch = pytest.importorskip("torch")
-pytest.importorskip("vllm")
 
 SLOTS, R, IN, OUT = 3, 4, 16, 24
 

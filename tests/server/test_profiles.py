@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
+from contextlib import closing
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
+from steerserve.server import profiles
 from steerserve.server.errors import BadRequest
 from steerserve.server.profiles import GLOBAL, ProfileStore, validate_name
 
@@ -78,11 +82,20 @@ def test_list_own_and_global(store: ProfileStore) -> None:
     assert [e["name"] for e in store.list("bob")] == ["alpha", "secret", "shared"]
 
 
-def test_updated_moves_forward(store: ProfileStore) -> None:
+def test_updated_moves_forward(store: ProfileStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An overwrite replaces the spec and stamps the time of the overwrite; the other profiles keep theirs."""
+    clock = iter([1000.0, 1500.0, 2000.0])
+    monkeypatch.setattr(profiles, "time", SimpleNamespace(time=lambda: next(clock)))  # this module's clock only
     store.put("alice", "p", SPEC_A)
-    first = store.list("alice")[0]["updated"]
+    store.put("alice", "q", SPEC_G)
+    assert [(e["name"], e["spec"], e["updated"]) for e in store.list("alice")] == [
+        ("p", SPEC_A, 1000.0), ("q", SPEC_G, 1500.0)]
     store.put("alice", "p", SPEC_B)
-    assert store.list("alice")[0]["updated"] >= first
+    assert [(e["name"], e["spec"], e["updated"]) for e in store.list("alice")] == [
+        ("p", SPEC_B, 2000.0), ("q", SPEC_G, 1500.0)]
+    with closing(sqlite3.connect(store.path)) as conn:  # one row for (alice, p): the old spec is gone
+        rows = conn.execute("SELECT spec FROM profiles WHERE tenant = 'alice' AND name = 'p'").fetchall()
+    assert [json.loads(spec) for spec, in rows] == [SPEC_B]
 
 
 def test_persists_after_reopen(tmp_path: Path) -> None:

@@ -13,14 +13,13 @@ import math
 import os
 
 import pytest
+import torch
+import vllm
 
 from steerserve.steering import spec as S
 from steerserve.steering.model import ModelFacts
 from tests import attention_reference as reference
 from tests.tiny_models import build_tiny_llama
-
-vllm = pytest.importorskip("vllm")
-torch = pytest.importorskip("torch")
 
 LAYERS, HEADS = 2, 4  # tiny_models: 2 layers, 4 query heads over 2 KV heads
 LICENCE = ("You may convey a work based on the Program, or the modifications to produce it, in the form of source "

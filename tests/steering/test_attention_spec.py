@@ -39,18 +39,19 @@ def test_malformed_specs_name_the_field(raw, field, says):
     assert err.value.field == field and says in err.value.reason
 
 
-@pytest.mark.parametrize("raw, field", [
-    ({"sink": {"layers": [30]}}, "attention.sink.layers"),
-    ({"sink": {"heads": [9]}}, "attention.sink.heads"),
-    ({"sink": {"per_head": {"30.0": 2.0}}}, "attention.sink.per_head.30.0"),
-    ({"sink": {"per_head": {"0.9": 2.0}}}, "attention.sink.per_head.0.9"),
-    ({"spans": [{"target": "user", "alpha": 0.5, "heads": [0, 12]}]}, "attention.spans.0.heads"),
+@pytest.mark.parametrize("raw, field, says", [  # says: the bad index and the model's size (30 layers x 9 heads)
+    ({"sink": {"layers": [30]}}, "attention.sink.layers", ("layer 30 ", "30 layers")),
+    ({"sink": {"heads": [9]}}, "attention.sink.heads", ("head 9 ", "9 heads")),
+    ({"sink": {"per_head": {"30.0": 2.0}}}, "attention.sink.per_head.30.0", ("30 layers of 9 query heads",)),
+    ({"sink": {"per_head": {"0.9": 2.0}}}, "attention.sink.per_head.0.9", ("30 layers of 9 query heads",)),
+    ({"spans": [{"target": "user", "alpha": 0.5, "heads": [0, 12]}]}, "attention.spans.0.heads",
+     ("head 12 ", "9 heads")),
 ])
-def test_indices_are_checked_against_the_model(raw, field):
+def test_indices_are_checked_against_the_model(raw, field, says):
     with pytest.raises(SpecError) as err:
         compiled(raw)
     assert err.value.field == f"steering.{field}"
-    assert "30 layers" in err.value.reason or "9 " in err.value.reason
+    assert all(part in err.value.reason for part in says), err.value.reason
 
 
 def test_a_model_without_steerable_attention_refuses(monkeypatch):

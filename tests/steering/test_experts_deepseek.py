@@ -11,13 +11,12 @@ import gc
 import uuid
 
 import pytest
+import vllm
 
 from steerserve.server import experts, plugin
 from steerserve.server.engine import model_facts
 from tests.steering.test_experts_engine import LICENCE, request
 from tests.tiny_models import build_tiny_moe
-
-vllm = pytest.importorskip("vllm")
 
 SPECS = {  # the two MoE decoder layers are 1 and 2; 8 experts in 2 groups of 4, top-2, one group kept per token
     "off": {"off": ["1.0", "1.1", "1.2", "2.5"]},

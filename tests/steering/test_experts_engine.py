@@ -15,15 +15,13 @@ import gc
 import os
 
 import pytest
+import vllm
 
 from steerserve.steering import spec as S
 from steerserve.steering.experts import moe_layout
 from steerserve.steering.model import ModelFacts
 from tests import experts_reference as reference
 from tests.tiny_models import build_tiny_moe
-
-vllm = pytest.importorskip("vllm")
-torch = pytest.importorskip("torch")
 
 LICENCE = ("You may convey a work based on the Program, or the modifications to produce it, in the form of source "
            "code under the terms of section 4, provided that you also meet all of these conditions: ")

@@ -12,14 +12,13 @@ import gc
 import os
 
 import pytest
+import torch
+import vllm
 
 from steerserve.steering.iapt import PLACEHOLDER_ID, SOFT_TOKENS, IaptModel, hf_soft_prompts
 from tests import attention_reference as reference
 from tests.steering.test_attention_engine import HEADS, LAYERS, compile_for
 from tests.tiny_models import build_tiny_iapt, build_tiny_llama, build_tiny_lora
-
-vllm = pytest.importorskip("vllm")
-torch = pytest.importorskip("torch")
 
 LICENCE = ("You may convey a work based on the Program, or the modifications to produce it, in the form of source "
            "code under the terms of section 4, provided that you also meet all of these conditions: ")

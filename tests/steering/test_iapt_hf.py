@@ -5,11 +5,10 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
+from steerserve.steering.iapt import IaptConfig, IaptModel, Pool, hf_soft_prompts, merge_pools
 from tests.tiny_models import TINY_LLAMA, build_tiny_llama
-
-torch = pytest.importorskip("torch")
-from steerserve.steering.iapt import IaptConfig, IaptModel, Pool, hf_soft_prompts, merge_pools  # noqa: E402
 
 D, LAYERS = TINY_LLAMA["hidden_size"], TINY_LLAMA["num_hidden_layers"]
 

@@ -13,12 +13,11 @@ from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
+import torch
+import vllm
 
 from steerserve.steering.plan import EosRamp, LogitsPlan, Plan
 from tests.tiny_models import EOS_ID, VOCAB_SIZE, build_tiny_llama
-
-vllm = pytest.importorskip("vllm")
-torch = pytest.importorskip("torch")
 
 LICENCE = ("You may convey a work based on the Program, or the modifications to produce it, in the form of source "
            "code under the terms of section 4, provided that you also meet all of these conditions: ")

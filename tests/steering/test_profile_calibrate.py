@@ -5,16 +5,13 @@ from __future__ import annotations
 import gc
 import json
 import math
-import os
 
 import pytest
+import torch
 
 from steerserve.steering import spec as S
 from steerserve.steering.tasks import SHIPPED, TaskFileError, load_tasks
 from tests.tiny_models import build_tiny_llama
-
-torch = pytest.importorskip("torch")
-
 
 # ---- the statistics on hand-made attention matrices ------------------------------------------------------------
 
@@ -156,19 +153,26 @@ def synthetic_task(tmp_path):
 
 @pytest.fixture(scope="module")
 def scorer(tiny_dir):
-    vllm = pytest.importorskip("vllm")
-    from steerserve.server import plugin
-    from steerserve.server.worker import SteeringLogitsProcessor
-    from steerserve.steering.calibrate import Scorer, model_facts
+    import vllm
 
-    os.environ[plugin.ENGINE_FLAG] = "1"
-    plugin.register()
-    engine = vllm.LLM(model=str(tiny_dir), dtype="float32", enforce_eager=True, max_model_len=256, max_num_seqs=16,
-                      enable_prefix_caching=False, kv_cache_memory_bytes=64 * 2**20,
-                      logits_processors=[SteeringLogitsProcessor], logprobs_mode="processed_logprobs", seed=0)
-    yield Scorer(engine, model_facts(engine, tiny_dir))
-    del engine
-    gc.collect()
+    from steerserve.server import plugin
+    from steerserve.server.calibration_engine import model_facts
+    from steerserve.server.worker import SteeringLogitsProcessor
+    from steerserve.steering.calibrate import Scorer
+
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv(plugin.ENGINE_FLAG, "1")
+        plugin.register()
+        try:
+            engine = vllm.LLM(model=str(tiny_dir), dtype="float32", enforce_eager=True, max_model_len=256,
+                              max_num_seqs=16, enable_prefix_caching=False, kv_cache_memory_bytes=64 * 2**20,
+                              logits_processors=[SteeringLogitsProcessor], logprobs_mode="processed_logprobs",
+                              seed=0)
+            yield Scorer(engine, model_facts(engine, tiny_dir))
+            del engine
+            gc.collect()
+        finally:
+            plugin.unregister()  # later modules' engines get plain vLLM
 
 
 def test_scores_match_hf_eager_with_the_sink_scaled(scorer, tiny_dir, tmp_path):
@@ -210,8 +214,13 @@ def test_calibration_picks_the_brute_force_best(scorer, tmp_path, mode):
     candidates = {1.0: base} | {g: fresh.metrics(task, "calibration", C.sink_spec(g, result.heads)) for g in side}
     best = max(candidates.values(), key=lambda m: m.key(mode)).key(mode)
     assert candidates[result.gamma].key(mode) == best
-    assert result.best.key(mode) == best and best >= base.key(mode)
+    assert result.best.key(mode) == best
+    # On this data some candidate beats no steering (re-scored above), so the search must not keep gamma = 1.
+    assert best > base.key(mode) and result.gamma != 1.0 and result.heads
 
-    profile = result.profile()
-    parsed = S.parse(json.loads(json.dumps(profile)), "profile")  # a valid spec, through JSON
-    assert S.compile_spec(S.merge([parsed]), scorer.facts) is not None or result.gamma == 1.0
+    # The profile, through JSON and the parser, scales key 0 by gamma on exactly the chosen heads of every layer.
+    parsed = S.parse(json.loads(json.dumps(result.profile())), "profile")
+    plan = S.compile_spec(S.merge([parsed]), scorer.facts)
+    layers, heads = scorer.facts.num_layers, scorer.facts.num_heads
+    expected = [math.log(result.gamma) if h in result.heads else 0.0 for _ in range(layers) for h in range(heads)]
+    assert plan is not None and plan.attention.sink_log_gains == pytest.approx(expected)

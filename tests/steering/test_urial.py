@@ -56,8 +56,33 @@ def test_histories_urial_cannot_render_are_refused(messages, field):
     assert err.value.field == field
 
 
-def test_stop_strings_are_the_next_turn_headers():
-    assert urial.STOP_STRINGS == ("# Query", "# User")
+def until_stop(generated: str) -> str:
+    """What vLLM returns for `generated` with URIAL's stop strings: the text before the first one (excluded)."""
+    return generated[:min((i for s in urial.STOP_STRINGS if (i := generated.find(s)) >= 0), default=None)]
+
+
+def test_stop_strings_end_the_answer_where_the_next_turn_starts():
+    """A model that answers and then goes on in the prompt's own format (writing the next query) is stopped
+    right at the next turn, and the clean-up gives back exactly its answer, inner code fences included."""
+    answer = "Sure.\n\n# Steps\n\n" + CODE_ANSWER  # a Markdown heading in an answer is not a next turn
+    _, rest = urial.render(PREFIX, [("user", "Q1"), ("assistant", answer), ("user", "Q2")])
+    opened = rest.index(OPEN_ANSWER) + len(OPEN_ANSWER)  # the first answer block, as the model would write it
+    generated = rest[opened:] + "Next answer.\n" + TICKS + "\n"
+    kept = until_stop(generated)
+    assert urial.clean(kept) == answer
+    assert generated[len(kept):].startswith(block("# Query:", "Q2").lstrip("\n"))  # stopped at the query header
+
+
+@pytest.mark.parametrize("name", sorted(urial.BUILTIN_PREFIXES))
+def test_no_stop_string_fires_inside_the_examples_answers(name):
+    """The model imitates the prefix's answers: none of them may contain a stop string, or answers like them
+    would be cut short."""
+    _, examples = urial.split_examples(urial.BUILTIN_PREFIXES[name])
+    for i, ex in enumerate(examples):
+        opened = ex.index(OPEN_ANSWER) + len(OPEN_ANSWER)
+        answer = ex[opened:].removesuffix("\n" + TICKS + "\n")
+        following = "".join(examples[i + 1:]) or block("# Query:", "next")
+        assert urial.clean(until_stop(ex[opened:] + following)) == answer
 
 
 @pytest.mark.parametrize("name", sorted(urial.BUILTIN_PREFIXES))
