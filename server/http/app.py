@@ -20,19 +20,19 @@ from pydantic import BaseModel, ValidationError
 from steerserve.steering import spec as steering_spec
 from steerserve.steering.iapt import PLACEHOLDER_ID, SOFT_TOKENS
 
-from . import generation as gen
-from . import iapt, prompting, steer
-from .adapters import Adapter, AdapterInvalid, AdapterStore, ServedModel, validate_adapter_name
+from .. import generation as gen
+from .. import iapt, prompting, steer
+from ..adapters import Adapter, AdapterInvalid, AdapterStore, ServedModel, validate_adapter_name
+from ..chat import render as render_chat
+from ..engine import Engine
+from ..experts import STATS_KEY, read_counts
+from ..pool import AdapterPool
+from ..profiles import GLOBAL, ProfileStore, validate_name
+from ..tenants import TenantSettingsUpdate, TenantStore
 from .auth import KeyStore, Principal, valid_tenant
-from .chat import render as render_chat
-from .engine import Engine
 from .errors import APIError, BadRequest, Forbidden, NotFound, Unavailable, pydantic_to_api_error
-from .experts import STATS_KEY, read_counts
 from .metrics import Metrics, MetricsMiddleware
-from .pool import AdapterPool
-from .profiles import GLOBAL, ProfileStore, validate_name
 from .protocol import ChatCompletionRequest, CompletionRequest, sampling_params, structured_output
-from .tenants import TenantSettingsUpdate, TenantStore
 
 log = logging.getLogger("steerserve.server")
 
