@@ -92,7 +92,8 @@ def publish_schemas(app: FastAPI, *models: type[BaseModel]) -> None:
             for model in models:
                 spec = model.model_json_schema(ref_template="#/components/schemas/{model}")
                 for name, sub in {**spec.pop("$defs", {}), model.__name__: spec}.items():
-                    components.setdefault(name, sub)
+                    if components.setdefault(name, sub) != sub:
+                        raise RuntimeError(f"two request body schemas are named {name!r}")
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]

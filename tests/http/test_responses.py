@@ -35,18 +35,18 @@ async def test_unsteered_response_says_so(alice):
 
 @pytest.mark.parametrize("where", ["body", "header", "profile"])
 async def test_steered_response_names_its_methods(alice, where):
-    headers, body = {}, dict(CHAT)
+    headers, steering = {}, {}
     if where == "body":
-        body["steering"] = BIAS
+        steering = {"steering": BIAS}
     elif where == "header":
         headers["X-Steering"] = json.dumps(BIAS)
     else:
-        assert (await alice.put("/v1/steering/profiles/fruit", json={"logits": {"rules": {"diversity": 0.5}}})
-                ).status_code == 200
+        rules = {"logits": {"rules": {"diversity": 0.5}}}
+        assert (await alice.put("/v1/steering/profiles/fruit", json=rules)).status_code == 200
         headers["X-Steering-Profile"] = "fruit"
-    for path, extra in (("/v1/chat/completions", {}), ("/v1/completions", {"prompt": "x"})):
-        payload = {**body, **extra} if not extra else {k: v for k, v in {**body, **extra}.items() if k != "messages"}
-        r = await alice.post(path, json=payload, headers=headers)
+    completion = {"model": NAME, "prompt": "x", "max_tokens": 2, **steering}
+    for path, body in (("/v1/chat/completions", {**CHAT, **steering}), ("/v1/completions", completion)):
+        r = await alice.post(path, json=body, headers=headers)
         assert r.status_code == 200, r.text
         fingerprint, methods = r.headers["x-steering-applied"].split("; ")
         assert len(fingerprint) == 16

@@ -162,7 +162,8 @@ async def test_tenant_settings_body_is_checked(served):
 
 
 async def test_invalid_profiles_are_rejected_on_put(alice):
-    assert (await alice.put("/v1/steering/profiles/bad", json={"logits": {"bias": {"two words": 1}}})).status_code == 400
+    r = await alice.put("/v1/steering/profiles/bad", json={"logits": {"bias": {"two words": 1}}})
+    assert_openai_error(r, 400, "profile.logits.bias.two words", "invalid_steering")
     r = await alice.put("/v1/steering/profiles/bad", content=b"{nope")
     assert_openai_error(r, 400, code="invalid_json")
     assert r.json()["error"]["message"].startswith("the profile is not valid JSON: ")

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from steerserve.server.http import auth
 from steerserve.server.cli import main as cli_main
+from steerserve.server.http import auth
 from steerserve.server.http.auth import KeyFileError, KeyStore, Principal, add_key, check_bind
 from steerserve.server.http.errors import Unauthorized
 
