@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import BadRequest
+from .http.errors import BadRequest
 
 
 @dataclass(frozen=True)

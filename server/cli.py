@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields}
         return serve_forever(Settings.load(args.config, **overrides))
     if args.command == "keys":
-        from .auth import add_key
+        from .http.auth import add_key
 
         try:
             print(add_key(args.file, args.tenant, args.role, name=args.name))
@@ -366,9 +366,9 @@ def serve_forever(settings: Settings) -> int:
     import uvicorn
 
     from .adapters import AdapterStore
-    from .app import create_app
-    from .auth import KeyStore, check_bind
     from .engine import Engine
+    from .http.app import create_app
+    from .http.auth import KeyStore, check_bind
     from .models import ModelFetchError, resolve_model
     from .profiles import ProfileStore
 

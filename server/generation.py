@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .engine import Engine
-from .metrics import Metrics
+from .http.metrics import Metrics
 from .pool import Lease
 
 

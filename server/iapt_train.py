@@ -27,7 +27,7 @@ from typing import Any
 from steerserve.steering.iapt import PLACEHOLDER_ID, SOFT_TOKENS, IaptConfig, IaptModel, hf_soft_prompts
 
 from .chat import render
-from .errors import BadRequest
+from .http.errors import BadRequest
 
 
 class DataError(ValueError):

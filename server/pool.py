@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from steerserve.steering.iapt import IaptModel
 
 from .adapters import Adapter, AdapterStore
-from .errors import APIError, BadRequest
+from .http.errors import APIError, BadRequest
 
 log = logging.getLogger("steerserve.pool")
 

@@ -25,11 +25,11 @@ from steerserve.steering import urial
 from steerserve.steering.model import SpecError
 
 from . import generation as gen
-from .auth import Principal
 from .engine import Engine
-from .errors import BadRequest, Forbidden
-from .metrics import Metrics
-from .protocol import ChatCompletionRequest, sampling_params, structured_output
+from .http.auth import Principal
+from .http.errors import BadRequest, Forbidden
+from .http.metrics import Metrics
+from .http.protocol import ChatCompletionRequest, sampling_params, structured_output
 from .steer import Steering, spec_error
 from .tenants import TenantStore
 

@@ -11,8 +11,8 @@ from steerserve.steering import spec as steering
 from steerserve.steering.model import ModelFacts, SpecError
 from steerserve.steering.plan import Plan
 
-from .auth import Principal
-from .errors import BadRequest, NotFound
+from .http.auth import Principal
+from .http.errors import BadRequest, NotFound
 from .profiles import ProfileStore
 
 MAX_HEADER_BYTES = 16 * 1024

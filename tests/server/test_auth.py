@@ -1,4 +1,4 @@
-"""Unit tests for API-key auth (server/auth.py): key file validation, bearer parsing, open mode, `keys add`."""
+"""Unit tests for API-key auth (server/http/auth.py): key file validation, bearer parsing, open mode, `keys add`."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from steerserve.server import auth
-from steerserve.server.auth import KeyFileError, KeyStore, Principal, add_key, check_bind
 from steerserve.server.cli import main as cli_main
-from steerserve.server.errors import Unauthorized
+from steerserve.server.http import auth
+from steerserve.server.http.auth import KeyFileError, KeyStore, Principal, add_key, check_bind
+from steerserve.server.http.errors import Unauthorized
 
 ALICE_KEY = "sk-steer-alice-secret-value"
 ROOT_KEY = "sk-steer-root-secret-value"

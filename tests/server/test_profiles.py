@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 
 from steerserve.server import profiles
-from steerserve.server.errors import BadRequest
+from steerserve.server.http.errors import BadRequest
 from steerserve.server.profiles import GLOBAL, ProfileStore, validate_name
 
 SPEC_A = {"vectors": [{"layer": 10, "scale": 4.0, "direction": "happy"}]}

@@ -10,10 +10,10 @@ import pytest
 
 from steerserve.server import steer
 from steerserve.server.engine import Engine
-from steerserve.server.errors import BadRequest
-from steerserve.server.metrics import Metrics
+from steerserve.server.http.errors import BadRequest
+from steerserve.server.http.metrics import Metrics
+from steerserve.server.http.protocol import ChatCompletionRequest
 from steerserve.server.prompting import PrefixStore, PromptRun
-from steerserve.server.protocol import ChatCompletionRequest
 from steerserve.server.settings import Settings
 from steerserve.steering import conjugate, urial
 from steerserve.steering import spec as S

@@ -140,7 +140,7 @@ def test_mode_compiles_to_its_layers():
 
 
 def test_a_trained_mode_applies_to_every_request_and_only_overrides_are_experimental():
-    from steerserve.server.auth import Principal
+    from steerserve.server.http.auth import Principal
     from steerserve.server.steer import resolve
 
     who = Principal(tenant="alice", role="user")

@@ -5,6 +5,7 @@ import time
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.routing import Match, Router
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 TOKEN_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56)
@@ -68,16 +69,32 @@ class _LoraRequestsInfo:
         yield family
 
 
-class MetricsMiddleware:
-    """Counts every HTTP request by route template and status, timing it until its body is fully sent."""
+OTHER = "other"  # the label of every request no route matches, so unknown paths cannot grow the series
 
-    def __init__(self, app, metrics: Metrics, routes: set[str]):
-        self.app, self.metrics, self.routes = app, metrics, routes
+
+class MetricsMiddleware:
+    """Counts every HTTP request by route template (e.g. `/v1/adapters/{name}`) and status, timing it until its
+    body is fully sent."""
+
+    def __init__(self, app, metrics: Metrics, router: Router):
+        self.app, self.metrics, self.router = app, metrics, router
+
+    def route_of(self, scope) -> str:
+        """The path template of the route that serves `scope` (as the router picks it: the first full match,
+        else the first route whose path matches but not its method, a 405), or OTHER."""
+        partial = None
+        for route in self.router.routes:
+            match, _ = route.matches(scope)
+            if match is Match.FULL:
+                return getattr(route, "path", OTHER)
+            if match is Match.PARTIAL and partial is None:
+                partial = route
+        return getattr(partial, "path", OTHER)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        route = scope["path"] if scope["path"] in self.routes else "other"
+        route = self.route_of(scope)
         status = {"code": 500}
 
         async def send_and_record(message):

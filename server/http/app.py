@@ -1,0 +1,92 @@
+"""The FastAPI app: the engine built in the background, the routers (server/http/routes/), error mapping and
+metrics."""
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+
+from steerserve.steering.spec import SteeringSpec
+
+from .. import prompting
+from ..adapters import AdapterStore, ServedModel
+from ..engine import Engine
+from ..pool import AdapterPool
+from ..profiles import ProfileStore
+from ..tenants import TenantStore
+from .auth import KeyStore
+from .body import body_error, publish_schemas
+from .errors import APIError, pydantic_to_api_error
+from .metrics import Metrics, MetricsMiddleware
+from .routes import ROUTERS
+from .routes.adapters import PathRegistration
+from .state import AppState
+from .streaming import ClientDisconnected
+
+log = logging.getLogger("steerserve.server")
+
+
+def create_app(engine_factory: Callable[[], Engine], keys: KeyStore, profiles: ProfileStore,
+               on_engine_failure: Callable[[], None] = lambda: None, adapters: AdapterStore | None = None,
+               adapter_root: Path | None = None, tenants: TenantStore | None = None,
+               prefixes: prompting.PrefixStore | None = None) -> FastAPI:
+    """The app. `engine_factory` builds the engine in a worker thread, so /health answers while it loads;
+    `on_engine_failure` is called if it cannot be built or fails its steering self-test (the CLI then exits
+    non-zero). `adapters`: the adapter registry, served when the engine has LoRA enabled. Tenant settings and
+    URIAL prefixes live beside the profiles unless given."""
+    state = AppState(keys=keys, profiles=profiles, tenants=tenants or TenantStore(profiles.path),
+                     prefixes=prefixes or prompting.PrefixStore(profiles.path.parent / "urial"),
+                     metrics=Metrics(lambda: state.engine.num_unfinished_requests() if state.engine else 0),
+                     adapters=adapters, adapter_root=adapter_root)
+
+    async def load_engine() -> None:
+        try:
+            eng = await asyncio.to_thread(engine_factory)
+            await eng.verify_steering()
+            if eng.lora is not None and adapters is not None:
+                state.base = await asyncio.to_thread(ServedModel.from_checkpoint, eng.info.path, eng.info.name,
+                                                     eng.lora["max_lora_rank"])
+                state.pool = AdapterPool(eng, adapters, state.metrics, eng.lora["max_loras"],
+                                         eng.lora["max_cpu_loras"])
+            state.engine = eng
+            log.info("engine ready: serving %s", state.engine.info.name)
+        except Exception as exc:  # readiness reports it; the process stays up to say why
+            log.exception("engine failed to start")
+            state.error = exc
+            on_engine_failure()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        loader = asyncio.create_task(load_engine())
+        yield
+        loader.cancel()
+        if state.engine is not None:
+            state.engine.shutdown()
+
+    app = FastAPI(title="steerserve", lifespan=lifespan)
+    app.state.steerserve = state
+    for router in ROUTERS:
+        app.include_router(router)
+    publish_schemas(app, SteeringSpec, PathRegistration)  # bodies the profile and adapter routes read themselves
+    app.add_middleware(MetricsMiddleware, metrics=state.metrics, router=app.router)
+
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, exc: APIError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(ClientDisconnected)
+    async def client_gone(_: Request, exc: ClientDisconnected) -> Response:
+        return Response(status_code=499)  # nobody reads it; recorded in metrics as "client closed request"
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        err = body_error(request) or pydantic_to_api_error(exc)  # a body that is not JSON is reported first
+        return JSONResponse(err.body(), status_code=err.status)
+
+    return app

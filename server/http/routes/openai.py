@@ -1,0 +1,80 @@
+"""OpenAI's routes: /v1/models, /v1/completions and /v1/chat/completions (whole or streamed)."""
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from ... import generation as gen
+from .. import serving
+from ..body import JSONRoute
+from ..protocol import ChatCompletionRequest, CompletionRequest
+from ..state import Caller, State
+from ..streaming import prompt_stats, sse, until_disconnect
+
+router = APIRouter(route_class=JSONRoute, tags=["openai"])
+
+
+@router.get("/v1/models")
+async def models(who: Caller, state: State) -> dict:
+    info = state.ready_engine().info
+    data = [{"id": info.name, "object": "model", "created": 0, "owned_by": "steerserve",
+             "max_model_len": info.max_model_len}]
+    if state.pool is not None and state.adapters is not None:
+        data += [{"id": f"{info.name}:{a.name}", "object": "model", "created": int(a.created),
+                  "owned_by": a.tenant if a.scope == "tenant" else "steerserve", "parent": info.name,
+                  "root": info.name, "max_model_len": info.max_model_len}
+                 for a in state.adapters.list(who.tenant) if not any(d["id"] == f"{info.name}:{a.name}" for d in data)]
+    return {"object": "list", "data": data}
+
+
+@router.post(serving.COMPLETIONS)
+async def completions(request: Request, who: Caller, state: State, body: CompletionRequest) -> Response:
+    run = serving.completion(state, who, body, request.headers)
+    g, tokenizer, top = run.g, run.engine.tokenizer, body.logprobs or 0
+
+    def choice_json(c: gen.Choice | gen.Delta, offset: int = 0) -> dict:
+        lp = (gen.completion_logprobs(c.token_ids, c.logprobs, top, tokenizer, offset)
+              if body.logprobs is not None else None)
+        return {"index": c.index, "text": c.text, "logprobs": lp, "finish_reason": c.finish_reason}
+
+    head = {"id": g.id, "object": "text_completion", "created": g.created, "model": run.served.model}
+    if not body.stream:
+        choices = await until_disconnect(request, g.collect())
+        return JSONResponse({**head, "choices": [choice_json(c) for c in choices], "usage": g.usage(),
+                             **run.stats_json()}, headers=run.headers())
+
+    sent = [0] * (len(g.prompts) * body.n)
+
+    def chunk(d: gen.Delta) -> dict:
+        sent[d.index] += len(d.text)
+        return {**head, "choices": [choice_json(d, sent[d.index] - len(d.text))], "usage": None}
+
+    return await sse(request, g, [], chunk, head, body, run.headers())
+
+
+@router.post(serving.CHAT)
+async def chat_completions(request: Request, who: Caller, state: State, body: ChatCompletionRequest) -> Response:
+    run = serving.chat(state, who, body, request.headers)
+    g, tokenizer, top = run.g, run.engine.tokenizer, body.top_logprobs or 0
+    head = {"id": g.id, "object": "chat.completion", "created": g.created, "model": run.served.model}
+
+    def logprobs_json(c: gen.Choice | gen.Delta) -> dict | None:
+        return gen.chat_logprobs(c.token_ids, c.logprobs, top, tokenizer) if body.logprobs else None
+
+    if not body.stream:
+        choices = await until_disconnect(request, g.collect())
+        return JSONResponse({**head, "choices": [
+            {"index": c.index, "message": {"role": "assistant", "content": c.text},
+             "logprobs": logprobs_json(c), "finish_reason": c.finish_reason} for c in choices],
+            "usage": g.usage(), **prompt_stats(g), **run.stats_json()}, headers=run.headers())
+
+    head = {**head, "object": "chat.completion.chunk"}
+    roles = [{**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                   "logprobs": None, "finish_reason": None}], "usage": None} for i in range(body.n)]
+
+    def chunk(d: gen.Delta) -> dict:
+        return {**head, "choices": [{"index": d.index, "delta": {"content": d.text} if d.text else {},
+                                     "logprobs": logprobs_json(d), "finish_reason": d.finish_reason}],
+                "usage": None}
+
+    return await sse(request, g, roles, chunk, head, body, run.headers())

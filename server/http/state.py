@@ -1,0 +1,94 @@
+"""The app's typed state (one `AppState` on `app.state.steerserve`) and the FastAPI dependencies routes reach it by.
+
+Dependencies that can fail (authentication, path checks) run in the order a route declares them and before its
+body is validated, so a request is always told the first thing wrong with it in the same order: who it is, then
+what it may touch, then its body."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from ..adapters import Adapter, AdapterStore, ServedModel, validate_adapter_name
+from ..engine import Engine
+from ..pool import AdapterPool
+from ..profiles import GLOBAL, ProfileStore
+from ..prompting import PrefixStore
+from ..tenants import TenantStore
+from .auth import KeyStore, Principal
+from .errors import BadRequest, Forbidden, NotFound, Unavailable
+from .metrics import Metrics
+
+
+@dataclass
+class AppState:
+    """What every route shares: the stores, the metrics, and the engine once it has been built and self-tested."""
+
+    keys: KeyStore
+    profiles: ProfileStore
+    tenants: TenantStore
+    prefixes: PrefixStore
+    metrics: Metrics
+    adapters: AdapterStore | None = None  # the adapter registry, served when the engine has LoRA enabled
+    adapter_root: Path | None = None  # where users may register adapters by path
+    engine: Engine | None = None  # None while loading, or if it failed to start
+    error: BaseException | None = None  # why the engine failed to start
+    pool: AdapterPool | None = None
+    base: ServedModel | None = None  # the base model adapters are checked against
+
+    def ready_engine(self) -> Engine:
+        """The engine, or a 503 saying why there is none yet."""
+        if self.engine is None:
+            raise Unavailable("the model is still loading" if self.error is None
+                              else f"the engine failed to start: {self.error}")
+        return self.engine
+
+    def adapter_pool(self) -> AdapterPool:
+        """The adapter pool (503 while loading, 400 when this server serves no adapters)."""
+        self.ready_engine()
+        if self.pool is None or self.adapters is None:
+            raise BadRequest("this server does not serve adapters (start it with --enable-lora)", param="model",
+                             code="adapters_disabled")
+        return self.pool
+
+    def adapter_of(self, who: Principal, name: str) -> Adapter:
+        """The adapter a generation request names (its tenant's, else a global one), or a 404 on `model`."""
+        self.adapter_pool()
+        validate_adapter_name(name, param="model")
+        adapter = self.adapters.resolve(who.tenant, name)
+        if adapter is None:
+            raise NotFound(f"adapter '{name}' not found", param="model", code="adapter_not_found")
+        return adapter
+
+
+def owner_of(who: Principal, scope: str, writing: bool, what: str = "steering profiles") -> str:
+    """The owner a `?scope=` names for `who`: their tenant, or GLOBAL (which only admins write)."""
+    if scope not in ("tenant", "global"):
+        raise BadRequest("scope must be 'tenant' or 'global'", param="scope")
+    if scope == "global" and writing and not who.is_admin:
+        raise Forbidden(f"only admins manage global {what}", param="scope")
+    return GLOBAL if scope == "global" else who.tenant
+
+
+async def app_state(request: Request) -> AppState:
+    return request.app.state.steerserve
+
+
+State = Annotated[AppState, Depends(app_state)]
+
+
+async def principal(request: Request, state: State) -> Principal:
+    """Who the request acts as (401 without a valid key; everyone is the default admin in open mode)."""
+    return state.keys.authenticate(request.headers.get("authorization"))
+
+
+Caller = Annotated[Principal, Depends(principal)]
+
+
+async def ready_engine(state: State) -> Engine:
+    return state.ready_engine()
+
+
+ReadyEngine = Annotated[Engine, Depends(ready_engine)]
