@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install model serve test lint bench-frontend
+.PHONY: install model serve test lint docs bench-frontend
 
 $(STAMP): pyproject.toml clients/python/pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -26,6 +26,10 @@ lint: install
 
 test: model lint
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The documentation site (docs/, mkdocs.yml) into site/; strict, so a broken link or anchor fails the build.
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
 
 bench-frontend: model
 	$(PY) -m benchmarks.frontend $(ARGS)

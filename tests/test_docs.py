@@ -2,10 +2,14 @@
 link in the markdown files points to a file that exists. Pure Python (no vLLM, no steerserve import)."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 THIS = Path(__file__).resolve()
@@ -129,3 +133,12 @@ def test_the_checks_catch_planted_problems(tmp_path):
                     "```\n[in a block](docs/nope.md)\n```\n"
                     "[ref]: docs/also-missing.md\n")
     assert broken_links(page, tmp_path) == [(2, "docs/missing.md"), (6, "docs/also-missing.md")]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("mkdocs") is None, reason="mkdocs-material is not installed")
+def test_the_site_builds_strictly(tmp_path):
+    """`make docs`: mkdocs.yml's strict build (a broken link or anchor in docs/ is an error), about 2 s."""
+    run = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
+    assert run.returncode == 0, run.stdout + run.stderr
