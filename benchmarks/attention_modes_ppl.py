@@ -8,7 +8,7 @@ The text is the GNU GPL v3, the GFDL 1.3 and the Apache 2.0 licence as the opera
 For each length L the first L tokens are scored with vLLM's prompt logprobs (fp32, in-process, our plugin), and
 we report the mean negative log-likelihood over all L positions and over the last quarter (the positions that
 see the longest context). SmolLM2 was trained with softmax attention: the other modes are bolted on, which
-methods.md §3 predicts will hurt. Writes JSON and a PNG to benchmarks/results/.
+the paper's own ablation predicts will hurt (docs/methods/attention-modes.md). Writes JSON and a PNG to benchmarks/results/.
 """
 from __future__ import annotations
 

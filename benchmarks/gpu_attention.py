@@ -7,7 +7,7 @@
 (b) Timing (triton.testing.do_bench medians, CUDA events, L2 flushed): unsteered vs sink on every head vs
     key_bias vs both, and the `sink_correction` epilogue, for decode (1 and 32 rows) and prefill at several
     context lengths, with ratios to the unsteered kernel and torch SDPA as a yardstick.
-(c) Attention modes (`paged_attention(mode=...)`: lssa, lssar, reweight; methods.md §3), run first:
+(c) Attention modes (`paged_attention(mode=...)`: lssa, lssar, reweight; docs/methods/attention-modes.md), run first:
     correctness against a torch reference (fp32 scores, fp64 re-weighting) on steered decode, prefill and mixed
     batches (contexts up to 8k, so N a reaches thousands and x^15 would overflow fp32 unscaled), and timing of
     each mode vs the softmax kernel (same biases) for decode and prefill at a couple of context lengths.

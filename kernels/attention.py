@@ -1,6 +1,6 @@
 """GPU Triton kernels for per-request attention steering over vLLM's paged KV cache.
 
-Two routes to the same math (methods.md §1 ZeroTuning, §8b span steering):
+Two routes to the same math (ZeroTuning and span steering, docs/methods/attention-sink-and-spans.md):
 
 - `paged_attention`: causal attention over the paged cache that adds per-(row, head) biases to the scores
   before the softmax: `sink_log_gain` (ln gamma) on key 0 and `key_bias` (e.g. ln alpha) on keys 0..Kb-1.
@@ -17,10 +17,10 @@ Shared conventions (vLLM V1 metadata, GPU flash layout):
 - Biases never apply to the query at absolute position 0: it sees only key 0, so its output is v0 whatever the
   bias, and skipping it keeps gamma = 0 (ln gamma = -inf) from turning into 0/0.
 
-`paged_attention(..., mode=)` also computes the softplus / re-weighted attention functions of methods.md §3
-(LSSA, LSSAR, and softmax + re-weighting), with the same biases, in one or two passes over the keys (a
-compile-time switch: the softmax kernel is unchanged). They never split the keys (below), so small decode
-batches at long contexts leave SMs idle in those modes.
+`paged_attention(..., mode=)` also computes the softplus / re-weighted attention functions of
+docs/methods/attention-modes.md (LSSA, LSSAR, and softmax + re-weighting), with the same biases, in one or two
+passes over the keys (a compile-time switch: the softmax kernel is unchanged). They never split the keys (below),
+so small decode batches at long contexts leave SMs idle in those modes.
 
 Decode batches too small to fill the GPU split their keys over several programs (flash-decoding) and merge the
 partial results by log-sum-exp in a second small kernel.
@@ -434,8 +434,9 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
       None picks > 1 only for pure decode batches too small to fill the GPU. Depends on shapes only, so
       steered and unsteered calls on the same batch split alike (bit-identity of zero-bias rows holds).
       Softmax only: other modes always run unsplit (None gives 1; > 1 raises ValueError).
-    mode: the attention function (methods.md §3), a compile-time switch (softmax compiles as before). With p the
-      query's absolute position, N = p + 1 its visible keys and b_j the biases above (sink + key_bias):
+    mode: the attention function (docs/methods/attention-modes.md), a compile-time switch (softmax compiles as
+      before). With p the query's absolute position, N = p + 1 its visible keys and b_j the biases above
+      (sink + key_bias):
         "softmax"   a = softmax(scale q.k + b)
         "lssa"      a = phi / sum_j phi,  phi_j = softplus(ln(D) ln(N) q^.k^_j) exp(b_j)   (q^, k^ L2-normalised
                     over the head dim, 1e-12 floor on the norm as torch's normalize; `scale` is not used)

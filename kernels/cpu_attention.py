@@ -114,7 +114,8 @@ def biased_attention(q: torch.Tensor, k_t: torch.Tensor, v: torch.Tensor, q_pos:
     q [R, Tq, Hq, D]; k_t [R, Hkv, D, K]; v [R, Hkv, K, D]; q_pos [R, Tq] absolute query positions, each below
     its row's n_keys [R] (keys beyond n_keys are never seen); bias [R, Hq, Kb] added to the scores of keys
     0..Kb-1 (for lssa/lssar: exp(bias) multiplies their softplus weights). A query at position p sees keys
-    j <= p (and j > p - sliding_window when a window is set). `mode` is the attention function (methods.md §3):
+    j <= p (and j > p - sliding_window when a window is set). `mode` is the attention function
+    (docs/methods/attention-modes.md):
       softmax   a = softmax(scale q.k + bias)
       lssa      a = L1-normalised softplus(ln(D) ln(p+1) q^.k^) * exp(bias)    (q^, k^: L2-normalised)
       lssar     lssa, then re-weighting;  reweight: softmax, then re-weighting

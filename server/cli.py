@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     profile = commands.add_parser("profile", help="attention statistics of the served model")
     profile_cmd = profile.add_subparsers(dest="profile_command", required=True)
     sinks = profile_cmd.add_parser("sinks", help="per (layer, head) key-0 mass, row and column entropy; flags "
-                                                 "sink and dormant heads (methods.md §8a); writes JSON + PNG")
+                                                 "sink and dormant heads (docs/tools.md); writes JSON + PNG")
     sinks.add_argument("--model", default=None, help="HF checkpoint dir, or smollm2 (default)")
     sinks.add_argument("--texts", type=Path, help="a task file (.jsonl: its rendered prompts) or a text file (one "
                                                   "text per line); default: the shipped classification tasks")
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
 
     calibrate = commands.add_parser("calibrate", help="calibrate steering on a labelled task file")
     calibrate_cmd = calibrate.add_subparsers(dest="calibrate_command", required=True)
-    sink = calibrate_cmd.add_parser("sink", help="ZeroTuning: head profiling and gamma search (methods.md §1); "
+    sink = calibrate_cmd.add_parser("sink", help="ZeroTuning: head profiling and gamma search (docs/tools.md); "
                                                  "writes one steering profile per task")
     sink.add_argument("--model", default=None, help="HF checkpoint dir, or smollm2 (default)")
     sink.add_argument("--tasks", type=Path, help="task file (JSONL, see steering/tasks.py); default: the shipped one")

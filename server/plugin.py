@@ -18,11 +18,11 @@ def register() -> None:
     if os.environ.get(ENGINE_FLAG) != "1":
         return
     # Our worker hooks are V1-runner logits processors. GPU vLLM defaults to Model Runner V2, which rejects them
-    # (vllm-notes.md §4); CPU always runs V1. Forcing it here covers every process, spawned ones included.
+    # (a different logits-processor API); CPU always runs V1. Forcing it here covers every process, spawned ones included.
     if os.environ.get("VLLM_USE_V2_MODEL_RUNNER") != "0":
         os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
         log.info("steerserve: forcing the V1 model runner (VLLM_USE_V2_MODEL_RUNNER=0) for the steering hooks")
-    # LoRA on vLLM-CPU: base rows must not pick up the adapter in the last slot (vllm-notes.md §6), and one
+    # LoRA on vLLM-CPU: base rows must not pick up the adapter in the last slot (docs/adapters.md), and one
     # matmul per adapter instead of a weight gather per row (lora_fix.py).
     from . import lora_fix
 

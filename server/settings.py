@@ -44,7 +44,7 @@ class Settings(BaseSettings):
                                       "this directory (admins anywhere); uploads always work.")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     attention_mode: Literal["softmax", "lssa", "lssar", "reweight"] = Field(
-        "softmax", description="The attention function the served model was trained with (methods.md §3); "
+        "softmax", description="The attention function the served model was trained with (docs/methods/attention-modes.md); "
                                "applies to every request. Default: softmax.")
     attention_mode_power: float = Field(15.0, ge=1.0, le=64.0, description="Re-weighting exponent p of the "
                                                                             "model's attention mode (lssar).")

@@ -1,12 +1,12 @@
 """Worker-side steering: per-row state of vLLM's persistent batch, and the logits-level steering methods.
 
 `SteeringLogitsProcessor` is registered with the engine (`LLM(logits_processors=[...])`) and lives in the model
-runner of every worker. vLLM calls its `update_state` before each step's forward (vllm-notes.md §3, route (ii)),
+runner of every worker. vLLM calls its `update_state` before each step's forward (docs/internals.md),
 so it is also where per-row state for the other hooks is set up (attention, experts, IAPT adapters); `apply` then
 steers the logits of that step. The per-request input is the compiled `Plan` in `SamplingParams.extra_args`
 (steering/plan.py), plus an IAPT adapter's path (server/iapt.py).
 
-Logits rules (methods.md §7, with the EOS ramp held at its max past the window as plan.py specifies):
+Logits rules (docs/methods/logits.md, with the EOS ramp held at its max past the window as plan.py specifies):
     logits[row] += bias                                    (plain bias and constant rule deltas, merged)
     logits[row, eos] += max * min(t, window) / window       (t = tokens generated so far)
     logits[row, w] -= diversity  for each distinct w generated so far in this response

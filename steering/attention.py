@@ -1,4 +1,5 @@
-"""Attention steering: ZeroTuning's head-wise sink scaling (methods.md §1) and context span steering (§8b).
+"""Attention steering: ZeroTuning's head-wise sink scaling and context span steering
+(docs/methods/attention-sink-and-spans.md).
 
 Both are additive log-biases on chosen keys, per (decoder layer, query head):
     sink:  s[l, h, i, 0] += ln gamma[l, h]                         (key 0 = the first prompt token)
@@ -6,9 +7,10 @@ Both are additive log-biases on chosen keys, per (decoder layer, query head):
 equivalently, those keys' softmax weights are multiplied by gamma (alpha) and each row renormalised. Query heads,
 not KV heads: under GQA several query heads share a KV head, and each is steered on its own.
 
-`mode` swaps the attention function itself (LSSA / LSSAR / re-weighting, methods.md §3). With a mode, sink and
-span gains multiply the unnormalised weights (softplus(s) for lssa/lssar, exp(s) for softmax/reweight) before
-the L1 normalisation and before any re-weighting; for softmax that is exactly the additive log-bias above.
+`mode` swaps the attention function itself (LSSA / LSSAR / re-weighting, docs/methods/attention-modes.md).
+With a mode, sink and span gains multiply the unnormalised weights (softplus(s) for lssa/lssar, exp(s) for
+softmax/reweight) before the L1 normalisation and before any re-weighting; for softmax that is exactly the
+additive log-bias above.
 """
 from __future__ import annotations
 
@@ -70,7 +72,8 @@ class SpanSpec(Strict):
 
 class ModeSpec(Strict):
     kind: Literal["softmax", "lssa", "lssar", "reweight"] = Field(
-        description="The attention function (methods.md §3): softmax; lssa (L2-normalised q, k, scores scaled by "
+        description="The attention function (docs/methods/attention-modes.md): softmax; "
+                    "lssa (L2-normalised q, k, scores scaled by "
                     "ln d * ln N_i, softplus, L1 normalisation); lssar (lssa, then re-weighting); reweight (the "
                     "re-weighting ReLU(N_i a_ij - o_i)^p on softmax weights). Experimental on models not trained "
                     "with it.")

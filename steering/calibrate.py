@@ -1,12 +1,12 @@
-"""ZeroTuning calibration (methods.md §1): head profiling, head selection and gamma search on a labelled task.
+"""ZeroTuning calibration (docs/tools.md): head profiling, head selection and gamma search on a labelled task.
 
 Scoring: an item's answer distribution is the model's next-token distribution after the prompt, restricted to
 the first tokens of the task's choices (vLLM `allowed_token_ids`, greedy, one token, fp32), renormalised over
-them. So every answer is a valid label: the format-validity part of ZeroTuning's gains (methods.md §1 (f)) is
+them. So every answer is a valid label: the format-validity part of ZeroTuning's gains (docs/tools.md) is
 taken out, and what remains is the ranking of the labels. All items of one steering config go to the engine
 in one `generate` call, through our steering plugin, exactly as the server would run them.
 
-Procedure (ours where methods.md leaves gaps; everything on the calibration half only):
+Procedure (ours where the paper leaves gaps; everything on the calibration half only):
 1. baseline: no steering.
 2. head profiling: for each query head index h, gamma = each probe (2 and 0.5) on head h in every layer
    (the demo's `exploring_mode=1`). h is *up-effective* if the probe > 1 beats the baseline and the probe < 1,

@@ -1,4 +1,4 @@
-"""Conjugate prompting (Kotha et al. 2024, methods.md §5): y = s⁻¹(M(s(P))). Spec, the translation prompt, and
+"""Conjugate prompting (Kotha et al. 2024, docs/methods/conjugate.md): y = s⁻¹(M(s(P))). Spec, the translation prompt, and
 the two deterministic transforms with their exact inverses.
 
 s is either a translation into another language by a translator model (the prompt below, on the served model

@@ -1,4 +1,4 @@
-"""MoE expert steering (MoTE, methods.md §2): switch chosen (decoder layer, expert) pairs off or on, per request.
+"""MoE expert steering (MoTE, docs/methods/experts.md): switch chosen (decoder layer, expert) pairs off or on, per request.
 
 Semantics, per token and MoE layer, on the router's own scores (softmax or sigmoid of the gate logits, plus the
 correction bias of DeepSeek-V3-style routers for *selection* only):

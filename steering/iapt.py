@@ -1,4 +1,4 @@
-"""IAPT (instruction-aware prompt tuning, methods.md §6): per-layer generators that turn the instruction's hidden
+"""IAPT (instruction-aware prompt tuning, docs/adapters.md): per-layer generators that turn the instruction's hidden
 states into 4 soft tokens. The paper's code is not public; everything below that the abstract does not fix is ours.
 
 Our definition. A prompt is `instruction tokens (n) + 4 placeholder tokens`; generation follows. At every decoder

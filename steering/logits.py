@@ -1,5 +1,5 @@
 """Logits-level steering: plain per-token bias and the rule-based instruction-following adapter (Hewitt et al.
-2024, methods.md §7). Spec, the Hewitt preset, and compilation into a `LogitsPlan`."""
+2024, docs/methods/logits.md). Spec, the Hewitt preset, and compilation into a `LogitsPlan`."""
 from __future__ import annotations
 
 import re

@@ -1,4 +1,4 @@
-"""Sink / dormant head profiling (methods.md §8a): per (layer, query head) attention statistics over a text set.
+"""Sink / dormant head profiling (docs/tools.md): per (layer, query head) attention statistics over a text set.
 
 For one sequence and one head, A is the L x L causal attention matrix (rows: queries, columns: keys):
 - key-0 mass     M = mean_{i>=1} A[i, 0]                         (row 0 can only attend to key 0: left out)
@@ -6,9 +6,10 @@ For one sequence and one head, A is the L x L causal attention matrix (rows: que
 - column entropy C = max_{j<=L-2} C_j, C_j = -sum_i Ã[i,j] ln Ã[i,j] / ln(L-j),  Ã[:, j] = A[:, j] / sum_i A[i, j]
   (the last key has one query: left out)
 Per head, M and R are averaged over the texts and so is C (each text's max). A head is flagged a *sink* head when
-R < row_threshold and C > col_threshold (§8a: every row concentrated, one key collecting attention evenly from all
-queries), and *dormant* when M > mass_threshold (nearly all attention parked on key 0). methods.md records no
-threshold values; our defaults (0.3, 0.9, 0.8) are documented choices, configurable on the command line.
+R < row_threshold and C > col_threshold (Guo et al., arXiv 2410.13835: every row concentrated, one key collecting
+attention evenly from all queries), and *dormant* when M > mass_threshold (nearly all attention parked on key 0).
+The paper's code publishes no threshold values; our defaults (0.3, 0.9, 0.8) are documented choices, configurable
+on the command line.
 
 Attention comes from HF transformers' eager attention (fp32) on the served model's weights, one text at a time
 (no padding, so key 0 is each text's first token, as in vLLM).

@@ -1,4 +1,4 @@
-"""URIAL in-context alignment for base models (Lin et al. 2024, methods.md §4): spec, prefixes, rendering, clean-up.
+"""URIAL in-context alignment for base models (Lin et al. 2024, docs/methods/urial.md): spec, prefixes, rendering, clean-up.
 
 A URIAL prompt is `prefix + history + open answer`, with no chat template around it:
 - the prefix: an instruction paragraph under `# Instruction`, then K stylistic examples, each a `# Query:` block

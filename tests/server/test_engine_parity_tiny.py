@@ -9,7 +9,7 @@ from __future__ import annotations
 import gc
 import os
 
-# In-process engine, one OpenMP thread: ~10x faster start and ~40x faster decode than the defaults (vllm-notes §1).
+# In-process engine, one OpenMP thread: ~10x faster start and ~40x faster decode than the defaults (docs/testing.md).
 # Must be set before vLLM builds its engine; conftest may already have set them.
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("OMP_NUM_THREADS", "1")

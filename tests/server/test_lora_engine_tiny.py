@@ -2,7 +2,7 @@
 
 Every row of a heterogeneous batch (different adapters, with and without steering, base rows) must equal HF
 transformers + PEFT with that row's adapter and the same additive logit bias; base rows must be bit-identical to
-a base-only run. The vLLM-CPU base-row bug (vllm-notes.md §6) is shown with our fix removed, and gone with it.
+a base-only run. The vLLM-CPU base-row bug (docs/adapters.md) is shown with our fix removed, and gone with it.
 """
 from __future__ import annotations
 

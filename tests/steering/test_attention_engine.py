@@ -1,10 +1,10 @@
 """Attention steering (sink scaling and span steering) in a real vLLM engine on a tiny random fp32 GQA Llama.
 
 The reference is HF transformers' eager attention with the steering written out plainly here, from the spec's
-definition (methods.md §1, §8b): ln(gamma) added to key 0's score, ln(alpha) to every prompt key outside the
-target, in the chosen (layer, query head) pairs. Greedy tokens and logprobs must agree in fp32 for mixed batches
-with chunked prefill, decode steps, staggered finishes and prefix caching; unsteered rows must be bit-identical to
-an unsteered-only run.
+definition (docs/methods/attention-sink-and-spans.md): ln(gamma) added to key 0's score, ln(alpha) to every
+prompt key outside the target, in the chosen (layer, query head) pairs. Greedy tokens and logprobs must agree in
+fp32 for mixed batches with chunked prefill, decode steps, staggered finishes and prefix caching; unsteered rows
+must be bit-identical to an unsteered-only run.
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ SPECS = {
                         {"target": {"start": 0, "end": 2}, "alpha": 0.6, "layers": [0]}]},
     "sink_and_span": {"sink": {"gamma": 3.0, "layers": [0]},
                       "spans": [{"target": {"start": 1, "end": 5}, "alpha": 0.05}]},
-    # attention modes (methods.md §3), alone and with a sink gain on the unnormalised weights
+    # attention modes (docs/methods/attention-modes.md), alone and with a sink gain on the unnormalised weights
     "lssa": {"mode": {"kind": "lssa"}},
     "lssar": {"mode": {"kind": "lssar", "power": 3.0, "layers": [1]}, "sink": {"gamma": 0.5}},
     "reweight": {"mode": {"kind": "reweight"}},

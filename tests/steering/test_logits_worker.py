@@ -78,7 +78,7 @@ def tokens_and_logprobs(out) -> tuple[list[int], list[float]]:
 
 
 def steer_reference(logits: torch.Tensor, plan: Plan | None, generated: list[int]) -> torch.Tensor:
-    """The rules of methods.md §7 / plan.py, one token id at a time; `generated` = this response's tokens so far,
+    """The rules of docs/methods/logits.md / plan.py, one token id at a time; `generated` = this response's tokens so far,
     where -1 is a token sampled but not known yet (vLLM's async placeholder): it counts for t, not for diversity."""
     logits = logits.clone()
     if plan is None:

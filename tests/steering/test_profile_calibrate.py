@@ -24,7 +24,7 @@ def causal_attention(heads: int, length: int, seed: int) -> torch.Tensor:
 
 
 def plain_stats(a: list[list[float]]) -> tuple[float, float, float]:
-    """M, R, C of one head's L x L attention, with loops, straight from methods.md §8a."""
+    """M, R, C of one head's L x L attention, with loops, straight from the definitions in docs/tools.md."""
     L = len(a)
     mass = sum(a[i][0] for i in range(1, L)) / (L - 1)
     rows = [-sum(p * math.log(p) for p in a[i][: i + 1] if p > 0) / math.log(i + 1) for i in range(1, L)]

@@ -14,7 +14,7 @@ PREFIX = "# Instruction\n\nBe helpful.\n\n"  # any text: rendering appends to it
 
 
 def block(role: str, text: str) -> str:
-    """URIAL's `SeparatorStyle.URIAL` as methods.md §4 states it: "\\n" + role + "\\n```\\n" + m + "\\n```\\n"."""
+    """URIAL's `SeparatorStyle.URIAL` as URIAL's own code renders it: "\\n" + role + "\\n```\\n" + m + "\\n```\\n"."""
     return "\n" + role + "\n" + TICKS + "\n" + text + "\n" + TICKS + "\n"
 
 
@@ -30,7 +30,8 @@ def test_single_turn_is_prefix_query_and_open_answer():
 def test_multi_turn_appends_past_turns_as_examples():
     history = [("user", "Q1"), ("assistant", "A1\nwith two lines"), ("user", "Q2")]
     prefix, rest = urial.render(PREFIX, history)
-    # methods.md §4, rendered [Q1, A1, Q2]: PREFIX + "\n# Query:\n```\nQ1\n```\n\n# Answer:\n```\nA1\n```\n..."
+    # URIAL's structure (docs/methods/urial.md), rendered [Q1, A1, Q2]:
+    # PREFIX + "\n# Query:\n```\nQ1\n```\n\n# Answer:\n```\nA1\n```\n..."
     expected = (PREFIX + "\n# Query:\n```\nQ1\n```\n" + "\n# Answer:\n```\nA1\nwith two lines\n```\n"
                 + "\n# Query:\n```\nQ2\n```\n" + "\n# Answer:\n```\n")
     assert prefix + rest == expected

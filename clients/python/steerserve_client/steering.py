@@ -129,11 +129,12 @@ class Span(_Spec):
 
 
 class AttentionMode(_Spec):
-    """The attention function (methods.md §3), experimental on models not trained with it:
+    """The attention function (docs/methods/attention-modes.md), experimental on models not trained with it:
     `AttentionMode(kind="lssar", power=15)`."""
 
     kind: Literal["softmax", "lssa", "lssar", "reweight"] = Field(
-        description="The attention function (methods.md §3): softmax; lssa (L2-normalised q, k, scores scaled by "
+        description="The attention function (docs/methods/attention-modes.md): softmax; "
+                    "lssa (L2-normalised q, k, scores scaled by "
                     "ln d * ln N_i, softplus, L1 normalisation); lssar (lssa, then re-weighting); reweight (the "
                     "re-weighting ReLU(N_i a_ij - o_i)^p on softmax weights). Experimental on models not trained "
                     "with it.")
