@@ -89,9 +89,34 @@ class Engine:
         self.model_steering = ({"attention": {"mode": {"kind": settings.attention_mode,
                                                        "power": settings.attention_mode_power}}}
                                if settings.attention_mode != "softmax" else None)
-        self.facts = model_facts(self.tokenizer, config, model_path)
+        self._facts = model_facts(self.tokenizer, config, model_path)
         # Why IAPT adapters cannot be served here (None: they can); set by the start-up self-test.
-        self.iapt_unsupported: str | None = None if self.lora else "adapters are off"
+        self._iapt_unsupported: str | None = None if self.lora else "adapters are off"
+
+    @property
+    def facts(self) -> ModelFacts:
+        """The served model's facts, with every method the engine switched off since start-up (a hook fault,
+        server/faults.py) marked unsupported: from then on its requests get a 400 instead of being served
+        unsteered."""
+        off = faults.reported()
+        found = {field: f"it was switched off after an engine fault: {off[method]}"
+                 for method, field in (("attention", "attention_unsupported"), ("experts", "experts_unsupported"))
+                 if method in off and getattr(self._facts, field) is None}
+        return replace(self._facts, **found) if found else self._facts
+
+    @facts.setter
+    def facts(self, value: ModelFacts) -> None:
+        self._facts = value
+
+    @property
+    def iapt_unsupported(self) -> str | None:
+        """Why IAPT adapters cannot be served here (None: they can); set by the start-up self-test, or by a fault."""
+        fault = faults.reported().get("iapt") if self._iapt_unsupported is None else None
+        return f"it was switched off after an engine fault: {fault}" if fault else self._iapt_unsupported
+
+    @iapt_unsupported.setter
+    def iapt_unsupported(self, value: str | None) -> None:
+        self._iapt_unsupported = value
 
     def generate(self, prompt_ids: list[int], params, request_id: str, *, prompt_text: str | None = None,
                  cache_salt: str | None = None, lora_request=None) -> AsyncIterator:

@@ -150,3 +150,50 @@ def test_an_engine_that_dies_during_start_up_ends_the_process(tmp_path):
     assert proc.returncode != 0
     assert "injected engine fault" in proc.stderr and "died" in proc.stderr, proc.stderr[-3000:]
     print(f"server exited {proc.returncode} after {elapsed:.1f} s (start-up included)")
+
+
+FAULT_AFTER_START = """
+def patch(module):
+    original = module.biased_attention
+
+    def biased_attention(q, k_t, v, q_pos, n_keys, bias, *args, **kwargs):
+        if bias.min() > -1:  # not the start-up probe (gamma = e^-20): a request's own, milder steering
+            raise RuntimeError("injected fault in a steered row")
+        return original(q, k_t, v, q_pos, n_keys, bias, *args, **kwargs)
+
+    module.biased_attention = biased_attention
+"""
+
+
+def test_a_hook_fault_while_serving_switches_its_method_off_for_later_requests(tmp_path, monkeypatch):
+    """A steered row that fails inside the engine step (after a passing start-up probe) must not kill the engine:
+    the method is switched off, later requests for it are refused with the reason, the rest serves."""
+    from vllm.sampling_params import SamplingParams
+
+    from steerserve.steering import spec as S
+    from steerserve.steering.plan import AttentionPlan, Plan
+
+    for name, value in injected(tmp_path, "steerserve.kernels.cpu_attention", FAULT_AFTER_START).items():
+        monkeypatch.setenv(name, value)
+    model = build_tiny_llama(tmp_path / "tiny")
+    settings = Settings.load(dtype="float32", max_model_len=128, kv_cache_gib=0.05, max_num_seqs=4)
+
+    async def serve():
+        engine = Engine(settings, model)
+        try:
+            await engine.verify_steering()
+            before = engine.facts.attention_unsupported
+            mild = Plan("t", attention=AttentionPlan((-0.5,) * (2 * 4)))  # gamma ~ 0.6 on every head
+            for i, plan in enumerate((mild, None)):
+                params = SamplingParams(max_tokens=3, temperature=0, extra_args=plan.to_extra_args() if plan else None)
+                [_ async for _ in engine.generate([1, 2, 3, 4], params, f"r{i}")]
+            return before, engine.facts, engine.llm.errored
+        finally:
+            engine.shutdown()
+
+    before, facts, errored = asyncio.run(serve())
+    assert before is None  # the start-up probe passed: attention steering was on
+    assert not errored
+    assert "injected fault in a steered row" in (facts.attention_unsupported or ""), facts.attention_unsupported
+    with pytest.raises(S.SpecError, match="switched off after an engine fault"):
+        S.compile_spec(S.merge([S.parse({"attention": {"sink": {"gamma": 0.5}}}, "steering")]), facts)
