@@ -87,33 +87,40 @@ def patch(module):
 """
 
 
+def serve_tiny(tmp_path, plans: list) -> tuple:
+    """Start an Engine on a tiny model, run its start-up self-test, then serve one request per plan (None: plain),
+    one after the other. Returns (attention_unsupported after start-up, facts at the end, each request's tokens,
+    whether the engine died)."""
+    from vllm.sampling_params import SamplingParams
+
+    model = build_tiny_llama(tmp_path / "tiny")
+    settings = Settings.load(dtype="float32", max_model_len=128, kv_cache_gib=0.05, max_num_seqs=4)
+
+    async def serve():
+        engine = Engine(settings, model)
+        try:
+            await engine.verify_steering()
+            at_start, outs = engine.facts.attention_unsupported, []
+            for plan in plans:
+                params = SamplingParams(max_tokens=3, temperature=0, extra_args=plan.to_extra_args() if plan else None)
+                finished = [out async for out in engine.generate([1, 2, 3], params, f"r{len(outs)}")][-1]
+                outs.append(list(finished.outputs[0].token_ids))
+            return at_start, engine.facts, outs, engine.llm.errored
+        finally:
+            engine.shutdown()
+
+    return asyncio.run(serve())
+
+
 def test_a_probe_that_cannot_run_switches_only_its_method_off(tmp_path, monkeypatch):
     """An attention probe that fails inside the engine step (here: a KV cache layout it cannot read) must not kill
     the engine: attention steering is switched off with the reason, and plain and logits-steered requests serve."""
-    from vllm.sampling_params import SamplingParams
-
     from steerserve.steering import spec as S
     from steerserve.steering.plan import LogitsPlan, Plan
 
     for name, value in injected(tmp_path, "steerserve.kernels.cpu_attention", UNREADABLE_CACHE).items():
         monkeypatch.setenv(name, value)
-    model = build_tiny_llama(tmp_path / "tiny")
-    settings = Settings.load(dtype="float32", max_model_len=128, kv_cache_gib=0.05, max_num_seqs=4)
-
-    async def start():
-        engine = Engine(settings, model)
-        try:
-            await engine.verify_steering()
-            outs = []
-            for plan in (None, Plan("t", LogitsPlan(bias_ids=(7,), bias_values=(100.0,)))):
-                params = SamplingParams(max_tokens=3, temperature=0, extra_args=plan.to_extra_args() if plan else None)
-                finished = [out async for out in engine.generate([1, 2, 3], params, f"r{len(outs)}")][-1]
-                outs.append(list(finished.outputs[0].token_ids))
-            return engine.facts, outs, engine.llm.errored
-        finally:
-            engine.shutdown()
-
-    facts, outs, errored = asyncio.run(start())
+    _, facts, outs, errored = serve_tiny(tmp_path, [None, Plan("t", LogitsPlan(bias_ids=(7,), bias_values=(100.0,)))])
     assert not errored
     assert "cannot read this KV cache" in (facts.attention_unsupported or ""), facts.attention_unsupported
     assert outs[1] == [7, 7, 7] and outs[0] != outs[1]  # logits steering still applies; the plain row is plain
@@ -168,30 +175,13 @@ def patch(module):
 def test_a_hook_fault_while_serving_switches_its_method_off_for_later_requests(tmp_path, monkeypatch):
     """A steered row that fails inside the engine step (after a passing start-up probe) must not kill the engine:
     the method is switched off, later requests for it are refused with the reason, the rest serves."""
-    from vllm.sampling_params import SamplingParams
-
     from steerserve.steering import spec as S
     from steerserve.steering.plan import AttentionPlan, Plan
 
     for name, value in injected(tmp_path, "steerserve.kernels.cpu_attention", FAULT_AFTER_START).items():
         monkeypatch.setenv(name, value)
-    model = build_tiny_llama(tmp_path / "tiny")
-    settings = Settings.load(dtype="float32", max_model_len=128, kv_cache_gib=0.05, max_num_seqs=4)
-
-    async def serve():
-        engine = Engine(settings, model)
-        try:
-            await engine.verify_steering()
-            before = engine.facts.attention_unsupported
-            mild = Plan("t", attention=AttentionPlan((-0.5,) * (2 * 4)))  # gamma ~ 0.6 on every head
-            for i, plan in enumerate((mild, None)):
-                params = SamplingParams(max_tokens=3, temperature=0, extra_args=plan.to_extra_args() if plan else None)
-                [_ async for _ in engine.generate([1, 2, 3, 4], params, f"r{i}")]
-            return before, engine.facts, engine.llm.errored
-        finally:
-            engine.shutdown()
-
-    before, facts, errored = asyncio.run(serve())
+    mild = Plan("t", attention=AttentionPlan((-0.5,) * (2 * 4)))  # gamma ~ 0.6 on every head
+    before, facts, _, errored = serve_tiny(tmp_path, [mild, None])
     assert before is None  # the start-up probe passed: attention steering was on
     assert not errored
     assert "injected fault in a steered row" in (facts.attention_unsupported or ""), facts.attention_unsupported
