@@ -17,10 +17,10 @@ import torch
 from steerserve.kernels import cpu_attention
 from steerserve.steering.plan import AttentionPlan
 
-from . import faults
+from . import engine_state
+from .engine_state import Hook, MethodRows, RowContext
 
 BACKEND_PATH = "steerserve.server.attention.SteeringCPUBackend"
-_ENGINES: dict[int, AttentionRows] = {}  # id(VllmConfig) -> that engine's rows; one engine per config object
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,13 @@ class RowSteer:
     mode: str = "softmax"
     power: float = 15.0
     mode_layers: frozenset[int] = frozenset()
+
+
+def admit(plan, prompt_len: int, ctx: RowContext) -> RowSteer | None:
+    """A new row's attention steering, or None if its plan has none (the engine hook's `admit`)."""
+    if plan.attention.is_noop():
+        return None
+    return row_steer(plan.attention, prompt_len, ctx.num_layers, ctx.num_heads)
 
 
 def row_steer(plan: AttentionPlan, prompt_len: int, num_layers: int, num_heads: int) -> RowSteer:
@@ -73,33 +80,19 @@ class RowGroup:
         return self.biases[layer] is not None or layer in self.mode_layers
 
 
-class AttentionRows:
+class AttentionRows(MethodRows):
     """The attention-steered rows of one engine's persistent batch, as of the current step. The processor sets
     `rows` whenever the batch changes; the backend reads `groups(md)`, built once per step for all layers."""
 
+    family = "attention"
+
     def __init__(self) -> None:
-        self._rows: list[tuple[int, RowSteer]] = []  # (batch row, its steering)
+        super().__init__()
         self._step: tuple[object, list[RowGroup]] | None = None
         self._biases: dict[tuple[int, ...], list[torch.Tensor | None]] = {}  # stacked per row set, until rows change
-        self.off: str | None = None  # why attention steering is switched off in this engine (None: it is on)
 
-    def switch_off(self, reason: str) -> None:
-        """A steered row could not be computed: no more attention steering in this engine (see server/faults.py)."""
-        if self.off is None:
-            self.off = reason
-            faults.report("attention", reason)
-
-    @staticmethod
-    def for_engine(vllm_config) -> AttentionRows:
-        return _ENGINES.setdefault(id(vllm_config), AttentionRows())
-
-    @property
-    def rows(self) -> list[tuple[int, RowSteer]]:
-        return self._rows
-
-    @rows.setter
-    def rows(self, rows: list[tuple[int, RowSteer]]) -> None:
-        self._rows, self._step, self._biases = rows, None, {}
+    def changed(self) -> None:
+        self._step, self._biases = None, {}
 
     def groups(self, md) -> list[RowGroup]:
         if self._step is None or self._step[0] is not md:
@@ -161,13 +154,17 @@ class SteeringCPUImpl(_CPUImpl):
         super().__init__(*args, **kwargs)
         from vllm.config import get_current_vllm_config
 
-        self._rows = AttentionRows.for_engine(get_current_vllm_config())
+        self._config = get_current_vllm_config()  # this engine's: its steering processor publishes the rows
+        self._rows: AttentionRows | None = None
         self._layer: int | None = None
         self._layouts: tuple[cpu_attention.BlockLayout, ...] | None = None
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
         output = super().forward(layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs)
-        if attn_metadata is None or not self._rows.rows or self._rows.off or self.attn_type != "decoder":
+        if self._rows is None and (state := engine_state.of(self._config)) is not None:
+            self._rows = state.rows["attention"]
+        rows = self._rows
+        if attn_metadata is None or rows is None or not rows.rows or rows.off or self.attn_type != "decoder":
             return output
         if self._layer is None:
             from vllm.model_executor.models.utils import extract_layer_index
@@ -243,3 +240,6 @@ def unregister() -> None:
 
     _ATTN_OVERRIDES.pop(AttentionBackendEnum.CPU_ATTN, None)
     _cached_get_attn_backend.cache_clear()
+
+
+HOOK = Hook("attention", AttentionRows, admit, register=register, unregister=unregister)

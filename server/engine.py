@@ -10,10 +10,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from steerserve.steering.experts import moe_layout
-from steerserve.steering.iapt import PLACEHOLDER_ID, SOFT_TOKENS
+from steerserve.steering.methods import METHODS, Method, Probe
 from steerserve.steering.model import ModelFacts
-from steerserve.steering.plan import AttentionPlan, ExpertsPlan, LogitsPlan, Plan
+from steerserve.steering.plan import Plan
 
 from . import faults, iapt
 from .experts import STATS_DIR
@@ -90,19 +89,17 @@ class Engine:
                                                        "power": settings.attention_mode_power}}}
                                if settings.attention_mode != "softmax" else None)
         self._facts = model_facts(self.tokenizer, config, model_path)
-        # Why IAPT adapters cannot be served here (None: they can); set by the start-up self-test.
-        self._iapt_unsupported: str | None = None if self.lora else "adapters are off"
+        if not self.lora:
+            self._switch_off("iapt", "adapters are off")
 
     @property
     def facts(self) -> ModelFacts:
         """The served model's facts, with every method the engine switched off since start-up (a hook fault,
         server/faults.py) marked unsupported: from then on its requests get a 400 instead of being served
         unsteered."""
-        off = faults.reported()
-        found = {field: f"it was switched off after an engine fault: {off[method]}"
-                 for method, field in (("attention", "attention_unsupported"), ("experts", "experts_unsupported"))
-                 if method in off and getattr(self._facts, field) is None}
-        return replace(self._facts, **found) if found else self._facts
+        found = {family: f"it was switched off after an engine fault: {reason}"
+                 for family, reason in faults.reported().items() if family not in self._facts.unsupported}
+        return replace(self._facts, unsupported={**self._facts.unsupported, **found}) if found else self._facts
 
     @facts.setter
     def facts(self, value: ModelFacts) -> None:
@@ -110,13 +107,11 @@ class Engine:
 
     @property
     def iapt_unsupported(self) -> str | None:
-        """Why IAPT adapters cannot be served here (None: they can); set by the start-up self-test, or by a fault."""
-        fault = faults.reported().get("iapt") if self._iapt_unsupported is None else None
-        return f"it was switched off after an engine fault: {fault}" if fault else self._iapt_unsupported
+        """Why IAPT adapters cannot be served here (None: they can); set by the start-up self-test, or a fault."""
+        return self.facts.unsupported.get("iapt")
 
-    @iapt_unsupported.setter
-    def iapt_unsupported(self, value: str | None) -> None:
-        self._iapt_unsupported = value
+    def _switch_off(self, family: str, reason: str) -> None:
+        self._facts = replace(self._facts, unsupported={**self._facts.unsupported, family: reason})
 
     def generate(self, prompt_ids: list[int], params, request_id: str, *, prompt_text: str | None = None,
                  cache_salt: str | None = None, lora_request=None) -> AsyncIterator:
@@ -135,41 +130,35 @@ class Engine:
 
         faults.clear()
 
-        async def first_token(prompt: list[int], plan: Plan | None = None, extra: dict | None = None
-                              ) -> tuple[int, float]:
-            args = {**(plan.to_extra_args() if plan else {}), **(extra or {})}
-            params = SamplingParams(max_tokens=1, temperature=0, logprobs=0, extra_args=args or None,
-                                    skip_reading_prefix_cache=bool(extra))
+        async def first_token(prompt: list[int], plan: Plan | None = None) -> tuple[int, float]:
+            params = SamplingParams(max_tokens=1, temperature=0, logprobs=0,
+                                    extra_args=plan.to_extra_args() if plan else None,
+                                    skip_reading_prefix_cache=not reads_prefix_cache(plan))
             async for out in self.generate(prompt, params, f"steerserve-selftest-{uuid.uuid4().hex}"):
                 c = out.outputs[0]
             return c.token_ids[0], c.logprobs[0][c.token_ids[0]].logprob
 
-        probe = [self.facts.eos_token_ids[0] if self.facts.eos_token_ids else 0]
+        hf = self.llm.model_config.hf_text_config
+        for method in METHODS:
+            if method.self_test is None or method.family in self.facts.unsupported or not method.available(self.facts):
+                continue
+            probe = Probe(self.facts, hf.hidden_size, first_token)
+            if method.required:
+                await self._required(method, probe)
+            elif reason := await self._guarded(method.family, lambda m=method, p=probe: m.self_test(p)):
+                self._switch_off(method.family, reason)
+        log.info("steering self-test passed: worker hooks are active")
+
+    async def _required(self, method: Method, probe: Probe) -> None:
+        """A method the server cannot serve without (logits): its probe must pass, or the server refuses to
+        serve at all."""
         try:
-            plain = (await first_token(probe))[0]
-            target = (plain + 1) % self.info.vocab_size
-            plan = Plan("selftest", LogitsPlan(bias_ids=(target,), bias_values=(100.0,)))
-            steered = (await first_token(probe, plan))[0]
+            moved = await method.self_test(probe)
         except Exception as exc:
             self._raise_if_dead(exc)
             raise
-        if steered != target:
+        if not moved:
             raise RuntimeError("steering hooks are not active in this vLLM model runner; refusing to serve")
-        if self.facts.attention_unsupported is None:
-            probe = list(range(1, 9))
-            cut = (-20.0,) * (self.facts.num_layers * self.facts.num_heads)  # gamma = e^-20 on every head
-
-            async def attention_moves() -> bool:
-                return await first_token(probe) != await first_token(probe, Plan("selftest", attention=AttentionPlan(cut)))
-
-            if reason := await self._guarded("attention", attention_moves):
-                self.facts = replace(self.facts, attention_unsupported=reason)
-        if self.facts.moe_layers:
-            if reason := await self._guarded("experts", lambda: self._experts_move(first_token)):
-                self.facts = replace(self.facts, experts_unsupported=reason)
-        if self.iapt_unsupported is None:
-            self.iapt_unsupported = await self._guarded("iapt", lambda: self._iapt_moves(first_token))
-        log.info("steering self-test passed: worker hooks are active")
 
     async def _guarded(self, method: str, moves) -> str | None:
         """Run one method's start-up probe (`moves()`: whether steering changed the output). Returns why the
@@ -191,29 +180,6 @@ class Engine:
 
         if isinstance(exc, EngineDeadError) or self.llm.errored:
             raise EngineDied(f"the engine died during the start-up self-test: {type(exc).__name__}: {exc}") from exc
-
-    async def _experts_move(self, first_token) -> bool:
-        """Whether switching experts off changes the output. Two probes (the first and the last E - k experts off
-        in every MoE layer) route every token to disjoint expert sets, so at least one differs from the natural
-        routing unless the router hook never fired."""
-        f = self.facts
-        probe = list(range(1, 9))
-        plain = await first_token(probe)
-        n_off = f.num_experts - f.experts_top_k
-        moved = False
-        for experts in (range(n_off), range(f.experts_top_k, f.num_experts)):
-            plan = Plan("selftest", experts=ExpertsPlan(off=tuple((layer, e) for layer in f.moe_layers
-                                                                  for e in experts)))
-            moved |= await first_token(probe, plan) != plain
-        return moved
-
-    async def _iapt_moves(self, first_token) -> bool:
-        """Whether a random adapter with large soft tokens changes the output."""
-        hf = self.llm.model_config.hf_text_config
-        with tempfile.TemporaryDirectory(prefix="steerserve-iapt-probe-") as where:
-            iapt.write_probe_adapter(Path(where), hf.hidden_size, hf.num_hidden_layers)
-            probe = list(range(1, 9)) + [PLACEHOLDER_ID] * SOFT_TOKENS
-            return await first_token(probe) != await first_token(probe, extra=iapt.extra_args(Path(where)))
 
     def num_unfinished_requests(self) -> int:
         return self.llm.get_num_unfinished_requests()
@@ -243,20 +209,21 @@ def _eos_token_ids(tokenizer, model_path: Path) -> tuple[int, ...]:
     return tuple(dict.fromkeys(ids))
 
 
+def reads_prefix_cache(plan: Plan | None) -> bool:
+    """False when a part of the plan cannot use cached blocks (an IAPT adapter's pooling needs hidden states)."""
+    return plan is None or all(getattr(p, "READS_PREFIX_CACHE", True) for p in plan.parts.values())
+
+
 def model_facts(tokenizer, model_config, model_path: Path) -> ModelFacts:
-    """What steering needs to know about a model vLLM has loaded (the server's engine, calibration, benchmarks)."""
+    """What steering needs to know about a model vLLM has loaded (the server's engine, calibration, benchmarks):
+    the common facts, and each registered method's (`Method.facts`)."""
     hf = model_config.hf_text_config
+    extra: dict = {"unsupported": {}}
+    for method in METHODS:
+        found = method.facts(hf, model_config) if method.facts else {}
+        extra["unsupported"] |= found.pop("unsupported", {})
+        extra |= found
     return ModelFacts(
         tokenizer, model_config.get_vocab_size(), _eos_token_ids(tokenizer, Path(model_path)),
         num_layers=hf.num_hidden_layers, num_heads=hf.num_attention_heads,
-        num_kv_heads=getattr(hf, "num_key_value_heads", hf.num_attention_heads),
-        attention_unsupported="MLA attention is not steerable yet" if model_config.use_mla else None,
-        **_moe_facts(hf))
-
-
-def _moe_facts(hf) -> dict:
-    layout = moe_layout(hf)
-    if layout is None:
-        return {}
-    return dict(moe_layers=layout.layers, num_experts=layout.num_experts, experts_top_k=layout.top_k,
-                router=layout.router)
+        num_kv_heads=getattr(hf, "num_key_value_heads", hf.num_attention_heads), **extra)

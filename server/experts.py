@@ -21,13 +21,11 @@ import torch
 from steerserve.steering.experts import RouterConfig, steered_routing
 from steerserve.steering.plan import ExpertsPlan
 
-from . import faults, step
+from . import engine_state, step
+from .engine_state import Hook, MethodRows, RowContext
 
 log = logging.getLogger("steerserve.experts")
 
-_ENGINES: dict[int, ExpertRows] = {}  # id(VllmConfig) -> that engine's rows
-_STEP: Step | None = None  # the running forward's tables; None: nothing steered or counted
-STATS_KEY = "steerserve_stats"  # extra_args key: a request that wants its routed-expert counts (steering_stats)
 STATS_DIR = "STEERSERVE_STATS_DIR"  # env: where workers write those counts for the server to read
 HOOK_CALLS = [0]  # steered router calls in this process (for tests and diagnostics)
 
@@ -44,6 +42,14 @@ class RowMasks:
     prompt_len: int
     stats_key: str = ""
     counts: torch.Tensor | None = field(default=None, compare=False)
+
+
+def admit(plan, prompt_len: int, ctx: RowContext) -> RowMasks | None:
+    """A new row's expert masks (and routed-expert counts, if its plan has a `stats` part), or None."""
+    stats_key = plan.stats.key if ctx.num_experts else ""
+    if plan.experts.is_noop() and not stats_key:
+        return None
+    return row_masks(plan.experts, prompt_len, ctx.num_experts, stats_key, ctx.num_layers)
 
 
 def row_masks(plan: ExpertsPlan, prompt_len: int, num_experts: int, stats_key: str = "",
@@ -77,35 +83,20 @@ class Step:
 
     layers: dict[int, LayerTokens]
     counted: list[tuple[torch.Tensor, RowMasks]]
-    owner: ExpertRows | None = None  # the engine's rows this step was built from
 
 
-class ExpertRows:
+class ExpertRows(MethodRows):
     """The expert-steered (or counted) rows of one engine's persistent batch. The processor sets `rows` whenever
     the batch changes; the per-layer mask stacks are built then, so a step only computes token indices."""
 
+    family = "experts"
+
     def __init__(self) -> None:
-        self._rows: list[tuple[int, RowMasks]] = []
         self._stacks: list[tuple[list[int], LayerStack]] = []  # per distinct set of rows, the layers they steer
-        self.off: str | None = None  # why expert steering is switched off in this engine (None: it is on)
+        super().__init__()
 
-    def switch_off(self, reason: str) -> None:
-        """A steered step could not be routed: no more expert steering in this engine (server/faults.py)."""
-        if self.off is None:
-            self.off = reason
-            faults.report("experts", reason)
-
-    @staticmethod
-    def for_engine(vllm_config) -> ExpertRows:
-        return _ENGINES.setdefault(id(vllm_config), ExpertRows())
-
-    @property
-    def rows(self) -> list[tuple[int, RowMasks]]:
-        return self._rows
-
-    @rows.setter
-    def rows(self, rows: list[tuple[int, RowMasks]]) -> None:
-        self._rows = rows
+    def changed(self) -> None:
+        rows = self._rows
         by_rows: dict[tuple[int, ...], list[int]] = {}
         for layer in sorted({la for _, m in rows for la in m.layers}):
             key = tuple(i for i, (_, m) in enumerate(rows) if layer in m.layers)
@@ -195,14 +186,14 @@ def _layer_of(router) -> int | None:
 def _steered_select_experts(original):
     def select_experts(self, hidden_states, router_logits, topk_indices_dtype=None, **kwargs):
         weights, ids = original(self, hidden_states, router_logits, topk_indices_dtype, **kwargs)
-        tables = _STEP
+        state = engine_state.running()
+        tables = state.step.get("experts") if state is not None else None
         if tables is None:
             return weights, ids
         try:
             return _steer(self, tables, router_logits, weights, ids)
         except Exception as exc:  # noqa: BLE001 - never kill the engine: switch the method off, report why
-            if tables.owner is not None:
-                tables.owner.switch_off(f"{type(exc).__name__}: {exc}")
+            state.rows["experts"].switch_off(f"{type(exc).__name__}: {exc}")
             return original(self, hidden_states, router_logits, topk_indices_dtype, **kwargs)
 
     select_experts.__steerserve__ = True  # type: ignore[attr-defined]
@@ -233,26 +224,15 @@ def _steer(router, tables: Step, router_logits, weights, ids):
     return weights, ids
 
 
-def _begin_step(runner, positions):
-    """Step hook (server/step.py): this forward's tables for the router hook; after it, publish counts."""
-    global _STEP
-    rows = _ENGINES.get(id(runner.vllm_config))
-    if rows is None or not rows.rows or rows.off:
-        return None
-    try:
-        _STEP = rows.tables(step.row_starts(runner), positions)
-    except Exception as exc:  # noqa: BLE001 - never kill the engine: switch the method off, report why
-        rows.switch_off(f"{type(exc).__name__}: {exc}")
-        return None
-    if _STEP is not None:
-        _STEP.owner = rows
+def _begin_step(rows: ExpertRows, runner, positions) -> Step | None:
+    """This forward's tables for the router hook (the engine hook's `begin_step`)."""
+    return rows.tables(step.row_starts(runner), positions)
 
-    def done() -> None:
-        global _STEP
-        finished, _STEP = _STEP, None
-        if finished is not None and finished.counted:
-            _write_counts(finished.counted)
-    return done
+
+def _end_step(finished: Step) -> None:
+    """After the forward: publish the counted rows' counts."""
+    if finished.counted:
+        _write_counts(finished.counted)
 
 
 def _write_counts(counted: list[tuple[torch.Tensor, RowMasks]]) -> None:
@@ -283,12 +263,11 @@ def read_counts(key: str, moe_layers: tuple[int, ...]) -> dict[str, list[int]]:
 
 
 def register() -> None:
-    """Install the router wrapper and the step hook, once per process."""
+    """Install the router wrapper, once per process."""
     from vllm.model_executor.layers.fused_moe.router.base_router import BaseRouter
 
     if not getattr(BaseRouter._select_experts, "__steerserve__", False):
         BaseRouter._select_experts = _steered_select_experts(BaseRouter._select_experts)
-    step.add(_begin_step)
 
 
 def unregister() -> None:
@@ -298,4 +277,6 @@ def unregister() -> None:
     fn = BaseRouter.__dict__["_select_experts"]
     if getattr(fn, "__steerserve__", False):
         BaseRouter._select_experts = fn.__wrapped__
-    step.remove(_begin_step)
+
+
+HOOK = Hook("experts", ExpertRows, admit, _begin_step, _end_step, register, unregister)

@@ -59,8 +59,10 @@ def run(model: Path, sets: list[Path], target: str, out: Path, *, classify_rules
     from vllm import SamplingParams
 
     from steerserve.steering.experts import moe_layout
+    from steerserve.steering.methods.stats import StatsPlan
+    from steerserve.steering.plan import Plan
 
-    from .experts import STATS_KEY, read_counts
+    from .experts import read_counts
 
     llm = llm or open_engine(model)
     layout = moe_layout(llm.llm_engine.model_config.hf_text_config)
@@ -79,7 +81,7 @@ def run(model: Path, sets: list[Path], target: str, out: Path, *, classify_rules
         raise SystemExit(f"no prompt falls into the target class {target!r} (classes: {sorted(set(labels))})")
     keys = [uuid.uuid4().hex for _ in texts]
     n_gen = max(generated_tokens, 1)  # max_tokens=1: only prompt tokens run through the model
-    params = [SamplingParams(temperature=0, max_tokens=n_gen, ignore_eos=True, extra_args={STATS_KEY: k})
+    params = [SamplingParams(temperature=0, max_tokens=n_gen, ignore_eos=True, extra_args=Plan("", StatsPlan(k)).to_extra_args())
               for k in keys]
     outs = llm.generate(texts, params, use_tqdm=True)  # the progress bar
     freq = []

@@ -24,16 +24,14 @@ from pathlib import Path
 
 import torch
 
-from steerserve.steering.iapt import SOFT_TOKENS, IaptConfig, IaptModel, Pool, merge_pools
+from steerserve.steering.iapt import SOFT_TOKENS, IaptModel, Pool, merge_pools
+from steerserve.steering.methods.iapt import IaptPlan
 
-from . import faults, step
+from . import engine_state, step
+from .engine_state import Hook, MethodRows, RowContext
 
-ARGS_KEY = "steerserve_iapt"  # extra_args: {"path": adapter directory, "key": unique per registration}
 CACHE_ENV = "STEERSERVE_IAPT_CACHE"  # env: adapters each worker keeps loaded (LRU)
 
-_ENGINES: dict[int, IaptRows] = {}  # id(VllmConfig) -> that engine's rows
-_STEP: list[RowWork] | None = None  # this forward's IAPT work; None: none
-_STEP_ROWS: IaptRows | None = None  # the engine's rows that work came from
 _MODELS: OrderedDict[str, IaptModel] = OrderedDict()  # this worker's loaded adapters, least recently used first
 LAYER_CALLS = [0]  # layer hooks that changed a forward (for tests and diagnostics)
 
@@ -57,48 +55,36 @@ class RowWork:
     first_slot: int  # the soft slot (0..3) of the first soft token in `soft`
 
 
-def extra_args(path: Path, key: str | None = None) -> dict:
-    """What a request's SamplingParams.extra_args carry for its IAPT adapter; `key` names this registration of
-    it in the workers' caches (default: the path)."""
-    return {ARGS_KEY: {"path": str(path), "key": key or str(path)}}
+def plan_part(path: Path, key: str | None = None) -> IaptPlan:
+    """A request's IAPT adapter as a plan part; `key` names this registration of it in the workers' caches
+    (default: the path)."""
+    return IaptPlan(str(path), key or str(path))
 
 
-def write_probe_adapter(path: Path, hidden_size: int, num_layers: int) -> None:
-    """A random adapter whose soft tokens are far from anything the model has seen: the start-up self-test."""
-    model = IaptModel(IaptConfig("self-test", hidden_size, num_layers, bottleneck=8))
-    with torch.no_grad():
-        model.tensor("up.bias").normal_(0, 10.0, generator=torch.Generator().manual_seed(0))
-    model.save(path)
+def admit(plan, prompt_len: int, ctx: RowContext) -> IaptRow | None:
+    """A new row's IAPT state (its adapter, loaded in this worker), or None if its plan has no adapter."""
+    part = plan.iapt
+    if part.is_noop():
+        return None
+    return IaptRow(load(part, ctx.device), prompt_len - SOFT_TOKENS)
 
 
-def load(args: dict, device: torch.device) -> IaptModel:
-    """The adapter a request's `extra_args[ARGS_KEY]` names, from this worker's LRU of loaded adapters."""
-    key = args.get("key") or args["path"]
+def load(part: IaptPlan, device: torch.device) -> IaptModel:
+    """The adapter a request's plan names, from this worker's LRU of loaded adapters."""
+    key = part.key or part.path
     model = _MODELS.get(key)
     if model is None:
-        model = _MODELS[key] = IaptModel.load(Path(args["path"]), device)
+        model = _MODELS[key] = IaptModel.load(Path(part.path), device)
         while len(_MODELS) > max(1, int(os.environ.get(CACHE_ENV, "8"))):
             _MODELS.popitem(last=False)
     _MODELS.move_to_end(key)
     return model
 
 
-class IaptRows:
+class IaptRows(MethodRows):
     """The IAPT rows of one engine's persistent batch, set by the steering processor when the batch changes."""
 
-    def __init__(self) -> None:
-        self.rows: list[tuple[int, IaptRow]] = []
-        self.off: str | None = None  # why IAPT is switched off in this engine (None: it is on)
-
-    def switch_off(self, reason: str) -> None:
-        """A step could not apply its adapters: no more IAPT in this engine (server/faults.py)."""
-        if self.off is None:
-            self.off = reason
-            faults.report("iapt", reason)
-
-    @staticmethod
-    def for_engine(vllm_config) -> IaptRows:
-        return _ENGINES.setdefault(id(vllm_config), IaptRows())
+    family = "iapt"
 
     def work(self, starts: list[int], positions: torch.Tensor) -> list[RowWork]:
         out = []
@@ -120,27 +106,12 @@ class IaptRows:
         return out
 
 
-def _begin_step(runner, positions):
-    """Step hook: this forward's IAPT work for the layer hooks (attached to the model on first use)."""
-    global _STEP, _STEP_ROWS
-    rows = _ENGINES.get(id(runner.vllm_config))
-    if rows is None or not rows.rows or rows.off:
-        return None
-    try:
-        work = rows.work(step.row_starts(runner), positions.cpu())
-        if work:
-            _attach(runner.get_model())
-    except Exception as exc:  # noqa: BLE001 - never kill the engine: switch the method off, report why
-        rows.switch_off(f"{type(exc).__name__}: {exc}")
-        return None
-    if not work:
-        return None
-    _STEP, _STEP_ROWS = work, rows
-
-    def done() -> None:
-        global _STEP, _STEP_ROWS
-        _STEP = _STEP_ROWS = None
-    return done
+def _begin_step(rows: IaptRows, runner, positions) -> list[RowWork] | None:
+    """This forward's IAPT work for the layer hooks (the engine hook's `begin_step`; attached on first use)."""
+    work = rows.work(step.row_starts(runner), positions.cpu())
+    if work:
+        _attach(runner.get_model())
+    return work or None
 
 
 def decoder_layers(model) -> list | None:
@@ -163,16 +134,15 @@ def _attach(model) -> None:
 
 def _layer_hook(layer: int):
     def pre(module, args):
-        global _STEP
-        work = _STEP
+        state = engine_state.running()
+        work = state.step.get("iapt") if state is not None else None
         if work is None:
             return None
         try:
             return _apply(layer, work, args)
         except Exception as exc:  # noqa: BLE001 - never kill the engine: switch the method off, report why
-            if _STEP_ROWS is not None:
-                _STEP_ROWS.switch_off(f"{type(exc).__name__}: {exc}")
-            _STEP = None  # the later layers of this forward too
+            state.rows["iapt"].switch_off(f"{type(exc).__name__}: {exc}")
+            del state.step["iapt"]  # the later layers of this forward too
             return None
     return pre
 
@@ -200,9 +170,4 @@ def _apply(layer: int, work: list[RowWork], args: tuple):
     return (positions, hidden, residual, *rest)
 
 
-def register() -> None:
-    step.add(_begin_step)
-
-
-def unregister() -> None:
-    step.remove(_begin_step)
+HOOK = Hook("iapt", IaptRows, admit, _begin_step)

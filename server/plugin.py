@@ -29,20 +29,20 @@ def register() -> None:
     if lora_fix.apply():
         log.debug("steerserve: fixed, grouped torch LoRA ops installed")
 
-    from .attention import register as register_attention
-    from .experts import register as register_experts
-    from .iapt import register as register_iapt
+    from . import engine_state
+    from .method_hooks import HOOKS
 
-    register_attention()
-    register_experts()
-    register_iapt()
+    for hook in HOOKS:  # every engine hook's vLLM patches, then the step hook they share
+        hook.register()
+    engine_state.register()
 
 
 def unregister() -> None:
     """Undo the steering hooks of `register` (tests: later engines in the process get plain vLLM; the LoRA fix
     stays, it only fixes vLLM)."""
-    from . import attention, experts, iapt
+    from . import engine_state
+    from .method_hooks import HOOKS
 
-    experts.unregister()
-    iapt.unregister()
-    attention.unregister()
+    engine_state.unregister()
+    for hook in reversed(HOOKS):
+        hook.unregister()

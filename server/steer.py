@@ -9,7 +9,7 @@ from typing import Any
 from steerserve.steering import attention as attention_steering
 from steerserve.steering import spec as steering
 from steerserve.steering.model import ModelFacts, SpecError
-from steerserve.steering.plan import Plan
+from steerserve.steering.plan import Plan, PlanPart, cache_salt
 
 from .http.auth import Principal
 from .http.errors import BadRequest, NotFound
@@ -22,7 +22,7 @@ MAX_HEADER_BYTES = 16 * 1024
 class Steering:
     spec: steering.SteeringSpec
     plan: Plan | None
-    cache_salt: str
+    tenant: str
     experimental: tuple[str, ...] = ()  # methods applied that the served model was not made for
 
     @property
@@ -44,15 +44,18 @@ class Steering:
                                                       role_spans)
         except SpecError as exc:
             raise spec_error(exc) from None
-        return replace(self, plan=replace(self.plan, attention=attention))
+        return replace(self, plan=self.plan.with_part(attention))
+
+    def with_part(self, part: PlanPart | None) -> Steering:
+        """This steering with a part the server adds to the plan itself (an IAPT adapter, routed-expert counts)."""
+        if part is None:
+            return self
+        return replace(self, plan=(self.plan or Plan(steering.fingerprint(self.spec))).with_part(part))
 
     def salt_for(self, prompt_len: int) -> str:
-        """The prefix-cache salt of one prompt. Span steering biases prompt keys but not generated ones, so the
-        same token at the same position may be biased in one request (a longer prompt) and not in another:
-        with spans, the prompt length and the resolved targets enter the salt too."""
-        if self.plan is None or not self.plan.attention.spans:
-            return self.cache_salt
-        return steering.digest([self.cache_salt, prompt_len, [sp.targets for sp in self.plan.attention.spans]])
+        """The prefix-cache salt of one prompt (steering/plan.py `cache_salt`: the tenant and the plan's
+        hidden-state parts, the IAPT adapter included)."""
+        return cache_salt(self.tenant, self.plan, prompt_len)
 
 
 def spec_error(exc: SpecError) -> BadRequest:
@@ -83,7 +86,7 @@ def resolve(headers, body_spec: Any, principal: Principal, profiles: ProfileStor
     trained = (model_steering or {}).get("attention", {}).get("mode")
     mode = spec.attention.mode.model_dump(mode="json") if spec.attention and spec.attention.mode else None
     experimental = ("attention.mode",) if mode and mode["kind"] != "softmax" and mode != _full_mode(trained) else ()
-    return Steering(spec, plan, steering.cache_salt(spec, principal.tenant), experimental)
+    return Steering(spec, plan, principal.tenant, experimental)
 
 
 def _full_mode(mode: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -2,9 +2,9 @@
 
 `SteeringLogitsProcessor` is registered with the engine (`LLM(logits_processors=[...])`) and lives in the model
 runner of every worker. vLLM calls its `update_state` before each step's forward (docs/internals.md),
-so it is also where per-row state for the other hooks is set up (attention, experts, IAPT adapters); `apply` then
-steers the logits of that step. The per-request input is the compiled `Plan` in `SamplingParams.extra_args`
-(steering/plan.py), plus an IAPT adapter's path (server/iapt.py).
+so it is also where per-row state for every engine hook is set up (server/method_hooks.py: attention, experts,
+IAPT adapters), in the engine's one `EngineState` (server/engine_state.py), which it creates; `apply` then steers
+the logits of that step. The per-request input is the `Plan` in `SamplingParams.extra_args` (steering/plan.py).
 
 Logits rules (docs/methods/logits.md, with the EOS ramp held at its max past the window as plan.py specifies):
     logits[row] += bias                                    (plain bias and constant rule deltas, merged)
@@ -20,14 +20,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
-from steerserve.steering.iapt import SOFT_TOKENS
+from steerserve.steering import methods  # noqa: F401 - defines every plan part the plans here may carry
 from steerserve.steering.plan import EosRamp, Plan
 
-from .attention import AttentionRows, RowSteer, row_steer
-from .experts import STATS_KEY, ExpertRows, RowMasks, row_masks
-from .iapt import ARGS_KEY as IAPT_KEY
-from .iapt import IaptRow, IaptRows
-from .iapt import load as load_iapt
+from . import engine_state
+from .engine_state import RowContext
+from .method_hooks import HOOKS
 
 if TYPE_CHECKING:
     from vllm import SamplingParams
@@ -103,9 +101,7 @@ class _Row:
 
     plan: Plan
     output_ids: list[int]  # vLLM's live list of this request's generated tokens (appended after each step)
-    attention: RowSteer | None = None  # per-layer key biases and attention mode (server/attention.py)
-    experts: RowMasks | None = None  # per-layer expert masks (server/experts.py)
-    iapt: IaptRow | None = None  # the row's IAPT adapter and pooling state (server/iapt.py)
+    hooks: dict[str, Any]  # per engine hook that steers this row (family): its row state (`Hook.admit`)
     eos_ids: tuple[int, ...] = ()
     eos_ramp: EosRamp | None = None
     diversity: float = 0.0  # also in the `diversity` buffer; here so the per-step loop can skip rows cheaply
@@ -129,19 +125,11 @@ class SteeringLogitsProcessor(LogitsProcessor):
         self.seen = self.rows.new(self.vocab, dtype=torch.bool)  # tokens already folded into `bias`
         self.diversity = self.rows.new(dtype=torch.float32)
         self.logits_active = self.rows.new(dtype=torch.bool)
-        self.attention_active = self.rows.new(dtype=torch.bool)
-        self.experts_active = self.rows.new(dtype=torch.bool)
-        self.iapt_active = self.rows.new(dtype=torch.bool)
         hf = vllm_config.model_config.hf_text_config
-        self.num_layers, self.num_heads = hf.num_hidden_layers, hf.num_attention_heads
-        self.attention = AttentionRows.for_engine(vllm_config)  # read by the attention backend
-        self.attention.rows = []  # a new engine whose config reuses a dead one's id starts clean
-        self.attention.off = None
-        self.experts = ExpertRows.for_engine(vllm_config)  # read by the router hook
-        self.experts.rows, self.experts.off = [], None
-        self.num_experts = _num_experts(hf)
-        self.iapt = IaptRows.for_engine(vllm_config)  # read by the IAPT step and layer hooks
-        self.iapt.rows, self.iapt.off = [], None
+        self.context = RowContext(hf.num_hidden_layers, hf.num_attention_heads, _num_experts(hf), self.device)
+        # This engine's state, read by the engine hooks: made here, fresh, and dropped with this processor.
+        self.state = engine_state.create(vllm_config, self, HOOKS)
+        self.hook_active = {h.family: self.rows.new(dtype=torch.bool) for h in self.state.hooks}
         # Derived from the buffers above whenever the batch changes; read every step.
         self._active: list[int] = []
         self._active_idx = torch.zeros(0, dtype=torch.long, device=self.device)
@@ -156,9 +144,6 @@ class SteeringLogitsProcessor(LogitsProcessor):
             Plan.from_extra_args(sampling_params.extra_args)
         except (TypeError, KeyError, AttributeError) as e:  # a wrong shape inside the plan dict
             raise ValueError(f"malformed steerserve plan in extra_args: {e!r}") from e
-        iapt = (sampling_params.extra_args or {}).get(IAPT_KEY)
-        if iapt is not None and not (isinstance(iapt, dict) and isinstance(iapt.get("path"), str)):
-            raise ValueError(f"malformed {IAPT_KEY} in extra_args: expected {{'path': str}}")
 
     def is_argmax_invariant(self) -> bool:
         return False
@@ -168,12 +153,9 @@ class SteeringLogitsProcessor(LogitsProcessor):
             return
         # Only when a steered row was added, removed or moved: O(rows), not per step.
         size = batch_update.batch_size
-        self.attention.rows = [(r, self.rows.records[r].attention)
-                               for r in torch.nonzero(self.attention_active[:size]).flatten().tolist()]
-        self.experts.rows = [(r, self.rows.records[r].experts)
-                             for r in torch.nonzero(self.experts_active[:size]).flatten().tolist()]
-        self.iapt.rows = [(r, self.rows.records[r].iapt)
-                          for r in torch.nonzero(self.iapt_active[:size]).flatten().tolist()]
+        for family, active in self.hook_active.items():
+            self.state.rows[family].rows = [(r, self.rows.records[r].hooks[family])
+                                            for r in torch.nonzero(active[:size]).flatten().tolist()]
         self._active_idx = torch.nonzero(self.logits_active[:size]).flatten()
         self._active = self._active_idx.tolist()
         contiguous = bool(self._active) and self._active[-1] - self._active[0] + 1 == len(self._active)
@@ -187,24 +169,14 @@ class SteeringLogitsProcessor(LogitsProcessor):
         self._eos_cols = torch.tensor(cols, dtype=torch.long, device=self.device)
 
     def _admit(self, i: int, params: SamplingParams | None, prompt_len: int, output_ids: list[int]) -> bool:
-        extra = params.extra_args if params is not None else None
-        plan = Plan.from_extra_args(extra)
-        stats_key = str((extra or {}).get(STATS_KEY) or "") if self.num_experts else ""
-        iapt = (extra or {}).get(IAPT_KEY)
-        if not stats_key and not iapt and (plan is None or (plan.logits.is_noop() and plan.attention.is_noop() and
-                                                            plan.experts.is_noop())):
+        plan = Plan.from_extra_args(params.extra_args if params is not None else None) or Plan("")
+        hooks = {h.family: state for h in self.state.hooks
+                 if (state := h.admit(plan, prompt_len, self.context)) is not None}
+        if not hooks and plan.logits.is_noop():
             return False
-        plan = plan or Plan("")
-        rec = self.rows.records[i] = _Row(plan, output_ids)
-        if iapt:
-            rec.iapt = IaptRow(load_iapt(iapt, self.device), prompt_len - SOFT_TOKENS)
-            self.iapt_active[i] = True
-        if not plan.experts.is_noop() or stats_key:
-            rec.experts = row_masks(plan.experts, prompt_len, self.num_experts, stats_key, self.num_layers)
-            self.experts_active[i] = True
-        if not plan.attention.is_noop():
-            rec.attention = row_steer(plan.attention, prompt_len, self.num_layers, self.num_heads)
-            self.attention_active[i] = True
+        rec = self.rows.records[i] = _Row(plan, output_ids, hooks)
+        for family in hooks:
+            self.hook_active[family][i] = True
         if not plan.logits.is_noop():
             self._install_logits(i, rec)
         return True

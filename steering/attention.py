@@ -120,8 +120,6 @@ def sink_log_gains(spec: SinkSpec, model: ModelFacts, field: str) -> list[float]
 
 def compile_attention(spec: AttentionSpec, model: ModelFacts, field: str = "attention") -> AttentionPlan:
     """The plan, with chat-role span targets still unresolved (see `bind_spans`): spans carry no targets yet."""
-    if model.attention_unsupported:
-        raise SpecError(field, f"attention steering is not available on this model: {model.attention_unsupported}")
     gains = sink_log_gains(spec.sink, model, f"{field}.sink") if spec.sink else []
     spans = []
     for k, sp in enumerate(spec.spans or ()):

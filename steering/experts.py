@@ -98,8 +98,6 @@ def _parse(keys: list[str] | None) -> list[tuple[int, int]]:
 def compile_experts(spec: ExpertsSpec, model: ModelFacts, field: str = "experts") -> ExpertsPlan:
     if not model.moe_layers:
         raise SpecError(field, "this model has no routed experts (a dense model): expert steering needs a MoE model")
-    if model.experts_unsupported:
-        raise SpecError(field, f"expert steering is not available on this model: {model.experts_unsupported}")
     E, k = model.num_experts, model.experts_top_k
     moe = set(model.moe_layers)
     pairs = {}

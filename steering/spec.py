@@ -5,55 +5,36 @@ header, the body field `steering`. Each source is validated on its own, so an er
 """
 from __future__ import annotations
 
-import hashlib
-import json
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, create_model
 
-from .attention import AttentionSpec, compile_attention
-from .conjugate import ConjugateSpec
-from .experts import ExpertsSpec, compile_experts
-from .logits import LogitsSpec, compile_logits
+from .methods import METHODS, by_family
+from .methods.prompt import PromptSpec
 from .model import ModelFacts, SpecError
-from .plan import Plan
+from .plan import Plan, digest
 from .schema import Strict
-from .urial import UrialSpec
 
-# Families whose methods change hidden states: they enter the prefix-cache salt. Logits-only and prompt-only
-# methods do not change the KV of a given token sequence.
-HIDDEN_STATE_FAMILIES = ("attention", "experts")
-# Families applied by the worker (a plan); the others run in the server process (`prompt`: server/prompting.py).
-WORKER_FAMILIES = ("logits", "attention", "experts")
+__all__ = ["PromptSpec", "SteeringSpec", "compile_spec", "digest", "fingerprint", "merge", "parse"]
 
 
-class PromptSpec(Strict):
-    """Prompt-level methods: they change what the model is asked, not the model (no worker plan)."""
-
-    urial: UrialSpec | None = Field(None, description="URIAL: render the chat as in-context alignment examples "
-                                                      "for a base model (chat completions only).")
-    conjugate: ConjugateSpec | None = Field(None, description="Conjugate prompting: translate the prompt, generate, "
-                                                              "translate the answer back (chat completions only; "
-                                                              "needs the tenant's allow_conjugate switch).")
-
-
-class SteeringSpec(Strict):
-    """A request's steering. Every family is optional; an empty spec steers nothing."""
-
+class _SteeringSpecBase(Strict):
     version: Literal[1] = 1
-    logits: LogitsSpec | None = None
-    attention: AttentionSpec | None = None
-    experts: ExpertsSpec | None = None
-    prompt: PromptSpec | None = None
 
     def methods(self) -> list[str]:
         """The methods this spec applies, as `family.method` names."""
+        families = by_family()
         out = []
         for family, value in self.model_dump(exclude_none=True, exclude={"version"}).items():
-            # experts: off/on are the methods; off_mode, on_mode, scope only qualify them
-            out += [f"{family}.{method}" for method in value if family != "experts" or method in ("off", "on")]
+            out += [f"{family}.{method}" for method in families[family].names(value)]
         return sorted(out)
 
+
+# A request's steering: one optional field per registered method that has a spec; an empty spec steers nothing.
+SteeringSpec = create_model(
+    "SteeringSpec", __base__=_SteeringSpecBase, __doc__="A request's steering. Every family is optional; an empty "
+    "spec steers nothing.",
+    **{m.family: (m.spec | None, Field(None, description=m.description)) for m in METHODS if m.spec is not None})
 
 def parse(raw: Any, where: str) -> dict[str, Any]:
     """One source's spec, validated, as a dict of its families (None-free). Raises SpecError naming the field
@@ -86,32 +67,14 @@ def merge(sources: list[dict[str, Any]]) -> SteeringSpec:
     return SteeringSpec.model_validate(merged)
 
 
-def digest(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
-
-
 def fingerprint(spec: SteeringSpec) -> str:
     """A short stable hash of everything a spec asks for; "" for an empty spec."""
     body = spec.model_dump(exclude_none=True, exclude={"version"}, mode="json")
     return digest(body) if body else ""
 
 
-def cache_salt(spec: SteeringSpec, tenant: str) -> str:
-    """vLLM's prefix-cache salt: tenants never share KV blocks, nor do requests whose hidden states differ."""
-    hidden = spec.model_dump(include=set(HIDDEN_STATE_FAMILIES), exclude_none=True, mode="json")
-    return digest({"tenant": tenant, "hidden": hidden})
-
-
 def compile_spec(spec: SteeringSpec, model: ModelFacts, field: str = "steering") -> Plan | None:
     """The worker plan for a spec on this model, or None when nothing in it runs in the worker."""
-    if not any(getattr(spec, family) for family in WORKER_FAMILIES):
-        return None
-    fp = fingerprint(spec)
-    parts: dict[str, Any] = {}
-    if spec.logits:
-        parts["logits"] = compile_logits(spec.logits, model, f"{field}.logits")
-    if spec.attention:
-        parts["attention"] = compile_attention(spec.attention, model, f"{field}.attention")
-    if spec.experts:
-        parts["experts"] = compile_experts(spec.experts, model, f"{field}.experts")
-    return Plan(fingerprint=fp, **parts)
+    parts = [m.compile_part(getattr(spec, m.family), model, f"{field}.{m.family}") for m in METHODS
+             if m.part is not None and m.spec is not None and getattr(spec, m.family)]
+    return Plan(fingerprint(spec), *parts) if parts else None

@@ -8,13 +8,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from steerserve.steering.iapt import PLACEHOLDER_ID, SOFT_TOKENS
+from steerserve.steering.methods.stats import StatsPlan
+from steerserve.steering.plan import PlanPart
 
 from .. import generation as gen
 from .. import iapt, prompting, steer
 from ..adapters import Adapter
 from ..chat import render as render_chat
-from ..engine import Engine
-from ..experts import STATS_KEY, read_counts
+from ..engine import Engine, reads_prefix_cache
+from ..experts import read_counts
 from ..pool import AdapterPool
 from .auth import Principal
 from .errors import BadRequest, NotFound
@@ -49,8 +51,8 @@ class Served:
             headers["X-Adapter-Applied"] = f"{self.adapter.name}; scope={self.adapter.scope}"
         return headers
 
-    # IAPT adapters (server/iapt.py): 4 placeholders after the instruction, the adapter in extra_args, no
-    # prefix-cache reads, and a salt so no other request reads their blocks.
+    # IAPT adapters (server/iapt.py): 4 placeholders after the instruction, the adapter in the plan (so no
+    # prefix-cache reads, and a salt so no other request reads their blocks).
     @property
     def iapt(self) -> bool:
         return self.adapter is not None and self.adapter.kind == "iapt"
@@ -64,13 +66,8 @@ class Served:
                              "room to generate.", param=param, code="context_length_exceeded")
         return ids + [PLACEHOLDER_ID] * SOFT_TOKENS
 
-    def extra_args(self) -> dict:
-        return iapt.extra_args(self.adapter.path, self.adapter.engine_name) if self.iapt else {}
-
-    def salt(self, salt_for: Callable[[int], str | None]) -> Callable[[int], str | None]:
-        if not self.iapt:
-            return salt_for
-        return lambda prompt_len: f"iapt:{self.adapter.engine_name}|{salt_for(prompt_len) or ''}"
+    def plan_part(self) -> PlanPart | None:
+        return iapt.plan_part(self.adapter.path, self.adapter.engine_name) if self.iapt else None
 
 
 @dataclass(frozen=True)
@@ -108,12 +105,10 @@ def completion(state: AppState, who: Principal, req: CompletionRequest, headers:
             raise BadRequest(f"prompt token ids must be in [0, {eng.info.vocab_size})", param="prompt")
         prompts.append(gen.Prompt(served.prompt(ids, eng.info.max_model_len, "prompt"),
                                   p if isinstance(p, str) else None))
-    steering = steering.bind([len(p.ids) for p in prompts], None)
     stats = _stats_key(headers, req, eng)
-    params = _params(eng, req, max(prompts, key=lambda p: len(p.ids)), req.logprobs, steering, served,
-                     stats_key=stats)
-    g = gen.Generation(eng, state.metrics, COMPLETIONS, prompts, params, "cmpl", served.salt(steering.salt_for),
-                       served.acquire)
+    steering = _full(steering.bind([len(p.ids) for p in prompts], None), served, stats)
+    params = _params(eng, req, max(prompts, key=lambda p: len(p.ids)), req.logprobs, steering)
+    g = gen.Generation(eng, state.metrics, COMPLETIONS, prompts, params, "cmpl", steering.salt_for, served.acquire)
     return Run(g, eng, steering, served, stats)
 
 
@@ -131,10 +126,10 @@ def chat(state: AppState, who: Principal, req: ChatCompletionRequest, headers: M
         chat = render_chat(eng.tokenizer, [{"role": m.role, "content": m.text()} for m in req.messages],
                            req.add_generation_prompt)
         prompt = gen.Prompt(served.prompt(chat.ids, eng.info.max_model_len, "messages"), chat.text)
-        steering = steering.bind([len(prompt.ids)], chat.role_spans)
-        params = _params(eng, req, prompt, top if req.logprobs else None, steering, served,
-                         structured_output(req.response_format), stats)
-        g = gen.Generation(eng, state.metrics, CHAT, [prompt], params, "chatcmpl", served.salt(steering.salt_for),
+        steering = _full(steering.bind([len(prompt.ids)], chat.role_spans), served, stats)
+        params = _params(eng, req, prompt, top if req.logprobs else None, steering,
+                         structured_output(req.response_format))
+        g = gen.Generation(eng, state.metrics, CHAT, [prompt], params, "chatcmpl", steering.salt_for,
                            served.acquire)
     return Run(g, eng, steering, served, stats)
 
@@ -175,12 +170,15 @@ def check_model(eng: Engine, name: str, header: str | None = None) -> tuple[Engi
     return eng, adapter
 
 
-def _params(eng: Engine, req, prompt: gen.Prompt, logprobs: int | None, steering: steer.Steering, served: Served,
-            structured=None, stats_key: str | None = None):
-    extra = {**(steering.extra_args() or {}), **served.extra_args(), **({STATS_KEY: stats_key} if stats_key else {})}
+def _full(steering: steer.Steering, served: Served, stats_key: str | None) -> steer.Steering:
+    """The request's whole plan: its steering, plus what the server adds (the IAPT adapter, the counts' key)."""
+    return steering.with_part(served.plan_part()).with_part(StatsPlan(stats_key) if stats_key else None)
+
+
+def _params(eng: Engine, req, prompt: gen.Prompt, logprobs: int | None, steering: steer.Steering, structured=None):
     return sampling_params(req, prompt_len=len(prompt.ids), max_model_len=eng.info.max_model_len,
                            vocab_size=eng.info.vocab_size, logprobs=logprobs, structured=structured,
-                           extra_args=extra or None, skip_prefix_cache=served.iapt)
+                           extra_args=steering.extra_args(), skip_prefix_cache=not reads_prefix_cache(steering.plan))
 
 
 def _stats_key(headers: Mapping[str, str], req, eng: Engine) -> str | None:

@@ -8,6 +8,7 @@ import pytest
 
 from steerserve.server import experts
 from steerserve.server.engine import Engine
+from steerserve.server.engine_state import EngineState
 from steerserve.server.settings import Settings
 from steerserve.server.worker import SteeringLogitsProcessor
 from steerserve.steering import spec as S
@@ -21,7 +22,11 @@ class RouterHookThatNeverFires(SteeringLogitsProcessor):
 
     def __init__(self, vllm_config, device, is_pin_memory):
         super().__init__(vllm_config, device, is_pin_memory)
-        self.experts = experts.ExpertRows()  # not the engine's: the router hook never sees these rows
+        # Publish expert rows to a copy the engine does not know: the router hook never sees them (the other
+        # hooks' rows stay the engine's).
+        detached = EngineState(self.state.hooks)
+        detached.rows = {**self.state.rows, "experts": experts.ExpertRows()}
+        self.state = detached
 
 
 @pytest.mark.parametrize("hook", [False], ids=["hook-missing"])  # hook installed: tests/e2e/test_experts_api.py

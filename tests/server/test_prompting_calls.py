@@ -17,6 +17,7 @@ from steerserve.server.prompting import PrefixStore, PromptRun
 from steerserve.server.settings import Settings
 from steerserve.steering import conjugate, urial
 from steerserve.steering import spec as S
+from steerserve.steering.plan import cache_salt
 
 SALT = "tenant-salt"
 
@@ -93,7 +94,7 @@ def test_translation_calls_count_order_and_languages(engine, tmp_path):
     assert all(m["content"] in calls[2].text for m in stats["messages"])  # the main call sees the translations
     assert translating(calls[3], "fr", "en") and stats["answers"][0] in calls[3].text
     assert choices[0].text == stats["answers_back"][0] and stats["engine_calls"] == 4
-    assert {c.salt for c in calls} == {SALT}  # every call stays in the tenant's prefix-cache namespace
+    assert {c.salt for c in calls} == {cache_salt(SALT, None, 0)}  # every call stays in the tenant's prefix-cache namespace
     # translations are greedy; the main call carries the request's own sampling settings
     assert [c.params.temperature for c in calls] == [0, 0, 0, 0] and calls[2].params.max_tokens == 16
     usage = pr.usage()

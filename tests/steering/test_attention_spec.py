@@ -58,7 +58,7 @@ def test_a_model_without_steerable_attention_refuses(monkeypatch):
     from dataclasses import replace
 
     with pytest.raises(SpecError, match="not available on this model: MLA"):
-        compiled({"sink": {"gamma": 2.0}}, replace(MODEL, attention_unsupported="MLA"))
+        compiled({"sink": {"gamma": 2.0}}, replace(MODEL, unsupported={"attention": "MLA"}))
 
 
 def test_sink_table_follows_the_definition():
@@ -111,10 +111,11 @@ def test_salts_separate_attention_steering_and_span_prompt_lengths():
     plain = S.merge([])
     sink = S.merge([S.parse({"attention": {"sink": {"gamma": 2.0}}}, "s")])
     spans = S.merge([S.parse({"attention": {"spans": [{"target": {"start": 0, "end": 2}, "alpha": 0.5}]}}, "s")])
-    assert S.cache_salt(sink, "alice") != S.cache_salt(plain, "alice")
-    a = Steering(sink, S.compile_spec(sink, MODEL), S.cache_salt(sink, "alice"))
+    assert Steering(sink, S.compile_spec(sink, MODEL), "alice").salt_for(10) != \
+        Steering(plain, S.compile_spec(plain, MODEL), "alice").salt_for(10)
+    a = Steering(sink, S.compile_spec(sink, MODEL), "alice")
     assert a.salt_for(10) == a.salt_for(20)  # key 0 is biased whatever the prompt length
-    b = Steering(spans, S.compile_spec(spans, MODEL), S.cache_salt(spans, "alice")).bind([10], None)
+    b = Steering(spans, S.compile_spec(spans, MODEL), "alice").bind([10], None)
     # A key that is a prompt key of one request can be a generated key of another: never share across lengths
     assert b.salt_for(10) != b.salt_for(20)
 

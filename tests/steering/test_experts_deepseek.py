@@ -15,6 +15,8 @@ import vllm
 
 from steerserve.server import experts, plugin
 from steerserve.server.engine import model_facts
+from steerserve.steering.methods.stats import StatsPlan
+from steerserve.steering.plan import Plan
 from tests.steering.test_experts_engine import LICENCE, request
 from tests.tiny_models import build_tiny_moe
 
@@ -53,7 +55,8 @@ def counted(facts, prompt_ids, spec):
     """A request (as the server sends it) that also asks for its routed-expert counts; returns (prompt, params, key)."""
     prompt, params = request(None, facts, prompt_ids, spec, MAX_TOKENS)
     key = uuid.uuid4().hex
-    params.extra_args = {**(params.extra_args or {}), experts.STATS_KEY: key}
+    plan = Plan.from_extra_args(params.extra_args) or Plan("")
+    params.extra_args = plan.with_part(StatsPlan(key)).to_extra_args()
     return prompt, params, key
 
 

@@ -10,7 +10,7 @@ import torch
 from steerserve.steering import spec as S
 from steerserve.steering.experts import RouterConfig, moe_layout, steered_routing
 from steerserve.steering.model import ModelFacts, SpecError
-from steerserve.steering.plan import Plan
+from steerserve.steering.plan import Plan, cache_salt
 from tests.experts_reference import route_token
 
 # Qwen3-MoE-like: 4 decoder layers, layer 0 dense, 8 experts, top-2
@@ -51,7 +51,7 @@ def test_plan_round_trip_and_methods():
     assert compile_({"off": ["1.0"], "off_mode": "drop"}).experts.off_drop  # drop may switch off all but none
     spec = S.merge([S.parse({"experts": {"off": ["1.0"], "scope": "all"}}, "steering")])
     assert spec.methods() == ["experts.off"]
-    assert S.cache_salt(spec, "t") != S.cache_salt(S.merge([]), "t")  # steered KV is never shared
+    assert cache_salt("t", S.compile_spec(spec, MOE), 5) != cache_salt("t", None, 5)  # steered KV is never shared
 
 
 def test_off_drop_lets_every_expert_go():

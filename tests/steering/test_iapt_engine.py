@@ -15,7 +15,9 @@ import pytest
 import torch
 import vllm
 
+from steerserve.server import iapt as iapt_hook
 from steerserve.steering.iapt import PLACEHOLDER_ID, SOFT_TOKENS, IaptModel, hf_soft_prompts
+from steerserve.steering.plan import Plan
 from tests import attention_reference as reference
 from tests.steering.test_attention_engine import HEADS, LAYERS, compile_for
 from tests.tiny_models import build_tiny_iapt, build_tiny_llama, build_tiny_lora
@@ -71,9 +73,8 @@ def row(tok, tiny, prompt: int, adapter: str | None = None, spec: dict | None = 
 
     ids = tok(PROMPTS[prompt]).input_ids + ([PLACEHOLDER_ID] * SOFT_TOKENS if adapter else [])
     plan = compile_for(spec, tok, len(ids))
-    extra = dict(plan.to_extra_args()) if plan else {}
-    if adapter:
-        extra["steerserve_iapt"] = {"path": str(tiny[1][adapter])}
+    full = (plan or Plan("")).with_part(iapt_hook.plan_part(tiny[1][adapter])) if adapter else plan
+    extra = full.to_extra_args() if full else {}
     salt = "|".join(filter(None, [f"iapt-{adapter}" if adapter else "", plan.fingerprint if plan else ""]))
     params = vllm.SamplingParams(temperature=0, max_tokens=MAX_TOKENS, logprobs=0, ignore_eos=True,
                                  extra_args=extra or None, skip_reading_prefix_cache=True if adapter else None)

@@ -167,10 +167,10 @@ def test_mixed_batch_isolation(llm):
 def test_malformed_plan_is_refused(llm):
     from vllm.exceptions import VLLMValidationError
 
-    bad = {"steerserve": {"v": 1, "logits": {"bias_ids": [5, 6], "bias_values": [1.0]}}}
+    bad = {"steerserve": {"v": 1, "parts": {"logits": {"bias_ids": [5, 6], "bias_values": [1.0]}}}}
     with pytest.raises((ValueError, VLLMValidationError), match="differ in length"):
         llm.generate(["Preamble"], vllm.SamplingParams(max_tokens=2, extra_args=bad), use_tqdm=False)
-    wrong_shape = {"steerserve": {"v": 1, "logits": {"eos_ramp": {"max": 1.0}}}}
+    wrong_shape = {"steerserve": {"v": 1, "parts": {"logits": {"eos_ramp": {"max": 1.0}}}}}
     with pytest.raises((ValueError, VLLMValidationError), match="malformed"):
         llm.generate(["Preamble"], vllm.SamplingParams(max_tokens=2, extra_args=wrong_shape), use_tqdm=False)
     # The engine is still serving.

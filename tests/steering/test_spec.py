@@ -5,8 +5,10 @@ import pytest
 
 from steerserve.steering import spec as S
 from steerserve.steering.logits import HEWITT_TOKEN_DELTAS, hewitt_deltas
+from steerserve.steering.methods import part_types
+from steerserve.steering.methods.iapt import IaptPlan
 from steerserve.steering.model import ModelFacts, SpecError
-from steerserve.steering.plan import EosRamp, Plan
+from steerserve.steering.plan import AttentionPlan, EosRamp, ExpertsPlan, Plan, cache_salt
 
 
 @pytest.fixture(scope="module")
@@ -32,16 +34,21 @@ def test_fingerprint_is_stable_and_empty_for_no_steering():
 
 
 def test_cache_salt_separates_tenants_not_logits_steering():
-    plain, steered = S.merge([]), S.merge([S.parse({"logits": {"bias": {"1": 1.0}}}, "s")])
-    assert S.cache_salt(plain, "alice") != S.cache_salt(plain, "bob")
+    steered = S.compile_spec(S.merge([S.parse({"logits": {"bias": {"1": 1.0}}}, "s")]), ModelFacts(None, 100))
+    assert not steered.logits.is_noop()
+    assert cache_salt("alice", None, 5) != cache_salt("bob", None, 5)
     # logits methods do not change the KV of a token sequence, so sharing its blocks is exact
-    assert S.cache_salt(plain, "alice") == S.cache_salt(steered, "alice")
+    assert cache_salt("alice", None, 5) == cache_salt("alice", steered, 5)
 
 
 def test_hidden_state_families_enter_the_salt():
-    assert set(S.HIDDEN_STATE_FAMILIES) <= set(S.SteeringSpec.model_fields)
-    spec = S.SteeringSpec.model_construct(attention={"sink": {"gamma": 2.0}})
-    assert S.cache_salt(spec, "alice") != S.cache_salt(S.merge([]), "alice")
+    hidden = {family for family, part in part_types().items() if part.HIDDEN_STATE}
+    assert hidden == {"attention", "experts", "iapt"}
+    examples = {"attention": AttentionPlan((0.5,)), "experts": ExpertsPlan(off=((1, 2),)),
+                "iapt": IaptPlan("/a", "a")}
+    for family in hidden:
+        assert cache_salt("alice", Plan("x", examples[family]), 5) != cache_salt("alice", None, 5), family
+        assert cache_salt("alice", Plan("x", part_types()[family]()), 5) == cache_salt("alice", None, 5), family
 
 
 @pytest.mark.parametrize("raw, field", [
@@ -65,7 +72,7 @@ def test_prompt_methods_make_no_plan_and_leave_the_salt_alone():
     plain = S.merge([])
     prompt = S.merge([S.parse({"prompt": {"urial": {"variant": "help"}, "conjugate": {"language": "fr"}}}, "s")])
     assert S.compile_spec(prompt, None) is None  # nothing for the worker (the model is not even consulted)
-    assert S.cache_salt(prompt, "alice") == S.cache_salt(plain, "alice")
+    assert S.compile_spec(plain, None) is None  # so both get the salt of an unsteered request
     assert prompt.methods() == ["prompt.conjugate", "prompt.urial"] and S.fingerprint(prompt) != ""
 
 
@@ -105,8 +112,9 @@ def test_eos_ramp_grows_then_holds():
 
 
 def test_malformed_plans_are_rejected():
-    for bad in ({"v": 2}, {"v": 1, "logits": {"bias_ids": [1], "bias_values": []}},
-                {"v": 1, "logits": {"bias_ids": [1], "bias_values": [float("nan")]}}, "x"):
+    for bad in ({"v": 2, "parts": {}}, {"v": 1}, {"v": 1, "parts": {"logits": {"bias_ids": [1], "bias_values": []}}},
+                {"v": 1, "parts": {"logits": {"bias_ids": [1], "bias_values": [float("nan")]}}},
+                {"v": 1, "parts": {"nonsense": {}}}, {"v": 1, "parts": {"iapt": {"path": 3}}}, "x"):
         with pytest.raises(ValueError):
             Plan.from_extra_args({"steerserve": bad})
     assert Plan.from_extra_args({}) is None and Plan.from_extra_args(None) is None
