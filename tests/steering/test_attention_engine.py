@@ -57,11 +57,9 @@ def compile_for(spec: dict | None, tok, prompt_len: int):
         return None
     steering = S.merge([S.parse({"attention": spec}, "steering")])
     plan = S.compile_spec(steering, facts(tok))
-    from dataclasses import replace
-
     from steerserve.steering.attention import bind_spans
 
-    return replace(plan, attention=bind_spans(steering.attention, plan.attention, [prompt_len], None))
+    return plan.with_part(bind_spans(steering.attention, plan.attention, [prompt_len], None))
 
 
 @pytest.fixture(scope="module")
