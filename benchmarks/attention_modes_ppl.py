@@ -35,9 +35,9 @@ def main() -> None:
 
     from vllm import LLM, SamplingParams
 
-    from steerserve.server import plugin
+    from steerserve.server.engine import plugin
+    from steerserve.server.engine.processor import SteeringLogitsProcessor
     from steerserve.server.models import fetch_smollm2
-    from steerserve.server.worker import SteeringLogitsProcessor
     from steerserve.steering.plan import AttentionPlan, Plan
 
     os.environ[plugin.ENGINE_FLAG] = "1"

@@ -45,7 +45,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from steerserve.server import demo_moe, ftri
-    from steerserve.server.engine import model_facts
+    from steerserve.server.engine.async_engine import model_facts
     from steerserve.server.models import fetch_smollm2
 
     path = demo_moe.build(base=fetch_smollm2)

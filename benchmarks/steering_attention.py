@@ -36,10 +36,10 @@ def main() -> None:
 
     from vllm import LLM, SamplingParams
 
-    from steerserve.server import plugin
-    from steerserve.server.engine import model_facts
+    from steerserve.server.engine import plugin
+    from steerserve.server.engine.async_engine import model_facts
+    from steerserve.server.engine.processor import SteeringLogitsProcessor
     from steerserve.server.models import fetch_smollm2
-    from steerserve.server.worker import SteeringLogitsProcessor
     from steerserve.steering import spec as S
 
     os.environ[plugin.ENGINE_FLAG] = "1"

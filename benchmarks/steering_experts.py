@@ -41,10 +41,10 @@ def main() -> None:
 
     from vllm import LLM, SamplingParams
 
-    from steerserve.server import plugin
     from steerserve.server.demo_moe import build as build_demo_moe
-    from steerserve.server.engine import model_facts
-    from steerserve.server.worker import SteeringLogitsProcessor
+    from steerserve.server.engine import plugin
+    from steerserve.server.engine.async_engine import model_facts
+    from steerserve.server.engine.processor import SteeringLogitsProcessor
     from steerserve.steering import spec as S
     from tests.tiny_models import build_tiny_moe
 

@@ -33,9 +33,9 @@ def main() -> None:
 
     from vllm import LLM, SamplingParams
 
-    from steerserve.server.engine import model_facts
+    from steerserve.server.engine.async_engine import model_facts
+    from steerserve.server.engine.processor import SteeringLogitsProcessor
     from steerserve.server.models import fetch_smollm2
-    from steerserve.server.worker import SteeringLogitsProcessor
     from steerserve.steering import spec as S
 
     path = fetch_smollm2()

@@ -16,8 +16,8 @@ def open_engine(model_path: str, dtype: str = "float32", max_model_len: int = 10
     and the served model's facts. Callers must run under `if __name__ == "__main__":` (vLLM spawns)."""
     import vllm
 
-    from . import plugin
-    from .worker import SteeringLogitsProcessor
+    from .engine import plugin
+    from .engine.processor import SteeringLogitsProcessor
 
     os.environ[plugin.ENGINE_FLAG] = "1"
     plugin.register()
@@ -30,6 +30,6 @@ def open_engine(model_path: str, dtype: str = "float32", max_model_len: int = 10
 
 def model_facts(llm, model_path: str | Path) -> ModelFacts:
     """The facts steering needs about the model `llm` has loaded."""
-    from .engine import model_facts as facts
+    from .engine.async_engine import model_facts as facts
 
     return facts(llm.get_tokenizer(), llm.llm_engine.model_config, model_path)

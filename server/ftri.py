@@ -41,9 +41,9 @@ def open_engine(model: Path):
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from vllm import LLM
 
-    from . import plugin
-    from .experts import STATS_DIR
-    from .worker import SteeringLogitsProcessor
+    from .engine import plugin
+    from .engine.processor import SteeringLogitsProcessor
+    from .engine.router_hook import STATS_DIR
 
     os.environ.setdefault(STATS_DIR, tempfile.mkdtemp(prefix="steerserve-ftri-"))
     os.environ[plugin.ENGINE_FLAG] = "1"
@@ -60,7 +60,7 @@ def run(model: Path, sets: list[Path], target: str, out: Path, *, classify_rules
 
     from steerserve.steering.experts import moe_layout
 
-    from .experts import STATS_KEY, read_counts
+    from .engine.router_hook import STATS_KEY, read_counts
 
     llm = llm or open_engine(model)
     layout = moe_layout(llm.llm_engine.model_config.hf_text_config)

@@ -1,7 +1,7 @@
 """The compiled per-request plan: what the server sends to the vLLM workers in `SamplingParams.extra_args`.
 
 A plan holds only flat, already validated numbers (token ids, gains), never user text. The server builds it
-(`steering.compile`), the worker-side processors read it (`server/worker.py`). Keep both sides on this module.
+(`steering.compile`), the worker-side processors read it (`server/engine/processor.py`). Keep both sides on this module.
 """
 from __future__ import annotations
 

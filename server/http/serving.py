@@ -10,11 +10,12 @@ from typing import Any
 from steerserve.steering.iapt import PLACEHOLDER_ID, SOFT_TOKENS
 
 from .. import generation as gen
-from .. import iapt, prompting, steer
+from .. import prompting, steer
 from ..adapters import Adapter
 from ..chat import render as render_chat
-from ..engine import Engine
-from ..experts import STATS_KEY, read_counts
+from ..engine import iapt_hook as iapt
+from ..engine.async_engine import Engine
+from ..engine.router_hook import STATS_KEY, read_counts
 from ..pool import AdapterPool
 from .auth import Principal
 from .errors import BadRequest, NotFound
@@ -49,7 +50,7 @@ class Served:
             headers["X-Adapter-Applied"] = f"{self.adapter.name}; scope={self.adapter.scope}"
         return headers
 
-    # IAPT adapters (server/iapt.py): 4 placeholders after the instruction, the adapter in extra_args, no
+    # IAPT adapters (server/engine/iapt_hook.py): 4 placeholders after the instruction, the adapter in extra_args, no
     # prefix-cache reads, and a salt so no other request reads their blocks.
     @property
     def iapt(self) -> bool:

@@ -21,7 +21,7 @@ def main(model_dir: str) -> None:
     from vllm.v1.attention.backends.registry import _ATTN_OVERRIDES, AttentionBackendEnum
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-    from steerserve.server import lora_fix, plugin, step
+    from steerserve.server.engine import forward_hook, lora_ops_patch, plugin
 
     # vLLM's loader resolves the entry point to this module's `register` when it builds the engine: count calls.
     calls, register = [], plugin.register
@@ -41,8 +41,8 @@ def main(model_dir: str) -> None:
         "router_marked": getattr(BaseRouter._select_experts, "__steerserve__", False),
         "forward_is_vllms": GPUModelRunner.__dict__["_model_forward"] is forward,
         "forward_marked": getattr(GPUModelRunner._model_forward, "__steerserve__", False),
-        "step_hooks": len(step._HOOKS),
-        "lora_fix": lora_fix.is_applied(),
+        "step_hooks": len(forward_hook._HOOKS),
+        "lora_fix": lora_ops_patch.is_applied(),
         "v2_runner_env": os.environ.get("VLLM_USE_V2_MODEL_RUNNER"),
         "generated": [[(t, {str(k): v.logprob for k, v in lp.items()}) for t, lp in
                        zip(o.outputs[0].token_ids, o.outputs[0].logprobs, strict=True)] for o in outs],

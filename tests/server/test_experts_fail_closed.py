@@ -6,10 +6,10 @@ import asyncio
 
 import pytest
 
-from steerserve.server import experts
-from steerserve.server.engine import Engine
+from steerserve.server.engine import router_hook
+from steerserve.server.engine.async_engine import Engine
+from steerserve.server.engine.processor import SteeringLogitsProcessor
 from steerserve.server.settings import Settings
-from steerserve.server.worker import SteeringLogitsProcessor
 from steerserve.steering import spec as S
 from steerserve.steering.model import SpecError
 from tests.tiny_models import build_tiny_moe
@@ -21,7 +21,7 @@ class RouterHookThatNeverFires(SteeringLogitsProcessor):
 
     def __init__(self, vllm_config, device, is_pin_memory):
         super().__init__(vllm_config, device, is_pin_memory)
-        self.experts = experts.ExpertRows()  # not the engine's: the router hook never sees these rows
+        self.experts = router_hook.ExpertRows()  # not the engine's: the router hook never sees these rows
 
 
 @pytest.mark.parametrize("hook", [False], ids=["hook-missing"])  # hook installed: tests/e2e/test_experts_api.py
@@ -37,7 +37,7 @@ def test_expert_steering_is_served_only_if_the_router_hook_fires(tmp_path, hook)
         finally:
             engine.shutdown()
 
-    from steerserve.server import plugin
+    from steerserve.server.engine import plugin
 
     try:
         facts = asyncio.run(start())

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from steerserve.server import attention, plugin
+from steerserve.server.engine import attention_backend, plugin
 from tests.server import plugin_probe
 from tests.tiny_models import build_tiny_llama
 
@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_entry_point_is_registered_with_vllm():
     eps = {e.name: e.value for e in entry_points(group="vllm.general_plugins")}
-    assert eps.get("steerserve") == "steerserve.server.plugin:register"
+    assert eps.get("steerserve") == "steerserve.server.engine.plugin:register"
 
 
 def probe(model_dir: Path, **env: str) -> dict:
@@ -65,9 +65,9 @@ def test_the_probe_sees_every_hook_of_a_steerserve_engine(probes):
     """The control: with STEERSERVE_ENGINE=1 each hook the test above looks for is there, so its absence there
     means something."""
     ours = probes["steerserve"]
-    assert ours["plugin_calls"] == 1 and ours["attention_override"] == attention.BACKEND_PATH
-    assert ours["attention_impls"] == [f"{attention.SteeringCPUImpl.__module__}.SteeringCPUImpl"]
-    assert {k: ours[k] for k in HOOKS_OFF} == {**HOOKS_OFF, "attention_override": attention.BACKEND_PATH,
+    assert ours["plugin_calls"] == 1 and ours["attention_override"] == attention_backend.BACKEND_PATH
+    assert ours["attention_impls"] == [f"{attention_backend.SteeringCPUImpl.__module__}.SteeringCPUImpl"]
+    assert {k: ours[k] for k in HOOKS_OFF} == {**HOOKS_OFF, "attention_override": attention_backend.BACKEND_PATH,
                                                 "router_is_vllms": False, "router_marked": True,
                                                 "forward_is_vllms": False, "forward_marked": True, "step_hooks": 2,
                                                 "lora_fix": True, "v2_runner_env": "0"}

@@ -71,8 +71,8 @@ def tiny_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def llm(tiny_dir):
-    from steerserve.server import plugin
-    from steerserve.server.worker import SteeringLogitsProcessor
+    from steerserve.server.engine import plugin
+    from steerserve.server.engine.processor import SteeringLogitsProcessor
 
     os.environ[plugin.ENGINE_FLAG] = "1"  # our attention backend, as the server's engine gets it
     try:

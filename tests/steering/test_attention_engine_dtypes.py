@@ -52,8 +52,8 @@ def tiny_dir(tmp_path_factory):
 def build_engine(tiny_dir, dtype: torch.dtype, isa: str, monkeypatch):
     from vllm.v1.attention.backends import cpu_attn
 
-    from steerserve.server import plugin
-    from steerserve.server.worker import SteeringLogitsProcessor
+    from steerserve.server.engine import plugin
+    from steerserve.server.engine.processor import SteeringLogitsProcessor
 
     chosen: list[str] = []
     original = cpu_attn._get_attn_isa
@@ -81,7 +81,7 @@ def test_steered_rows_match_the_reference_in_this_dtype(tiny_dir, dtype, isa, mo
         pytest.skip("this CPU has no AMX tiles: vLLM's AMX attention kernel cannot run here")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from steerserve.server import plugin
+    from steerserve.server.engine import plugin
 
     tok = AutoTokenizer.from_pretrained(tiny_dir)
     reference.load(tiny_dir)  # registers the steered eager attention

@@ -13,8 +13,8 @@ import uuid
 import pytest
 import vllm
 
-from steerserve.server import experts, plugin
-from steerserve.server.engine import model_facts
+from steerserve.server.engine import plugin, router_hook
+from steerserve.server.engine.async_engine import model_facts
 from tests.steering.test_experts_engine import LICENCE, request
 from tests.tiny_models import build_tiny_moe
 
@@ -31,9 +31,9 @@ MAX_TOKENS = 5
 def setup(tmp_path_factory):
     path = build_tiny_moe(tmp_path_factory.mktemp("deepseek") / "deepseek_v3", "deepseek_v3", seed=0)
     mp = pytest.MonkeyPatch()
-    mp.setenv(experts.STATS_DIR, str(tmp_path_factory.mktemp("stats")))
+    mp.setenv(router_hook.STATS_DIR, str(tmp_path_factory.mktemp("stats")))
     mp.setenv(plugin.ENGINE_FLAG, "1")
-    from steerserve.server.worker import SteeringLogitsProcessor
+    from steerserve.server.engine.processor import SteeringLogitsProcessor
 
     try:
         plugin.register()
@@ -53,7 +53,7 @@ def counted(facts, prompt_ids, spec):
     """A request (as the server sends it) that also asks for its routed-expert counts; returns (prompt, params, key)."""
     prompt, params = request(None, facts, prompt_ids, spec, MAX_TOKENS)
     key = uuid.uuid4().hex
-    params.extra_args = {**(params.extra_args or {}), experts.STATS_KEY: key}
+    params.extra_args = {**(params.extra_args or {}), router_hook.STATS_KEY: key}
     return prompt, params, key
 
 
@@ -66,7 +66,7 @@ def test_counts_obey_the_masks_in_a_mixed_batch_and_unsteered_rows_are_untouched
     reqs = [counted(facts, prompts[i], SPECS.get(name)) for i, name in jobs]
     outs = llm.generate([p for p, _, _ in reqs], [sp for _, sp, _ in reqs], use_tqdm=False)
     for (i, name), (_, _, key), out in zip(jobs, reqs, outs, strict=True):
-        counts = experts.read_counts(key, facts.moe_layers)
+        counts = router_hook.read_counts(key, facts.moe_layers)
         run = len(prompts[i]) + len(out.outputs[0].token_ids) - 1  # tokens run through the model
         steered = run - len(prompts[i]) if name == "off_generation" else run  # scope: positions >= prompt length
         assert all(sum(counts[str(la)]) == facts.experts_top_k * run for la in facts.moe_layers), (name, counts)

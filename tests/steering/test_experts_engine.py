@@ -48,8 +48,8 @@ def setup(request, tmp_path_factory):
     path = build_tiny_moe(tmp_path_factory.mktemp(kind) / kind, kind, seed=0)
     from transformers import AutoConfig, AutoTokenizer
 
-    from steerserve.server import plugin
-    from steerserve.server.worker import SteeringLogitsProcessor
+    from steerserve.server.engine import plugin
+    from steerserve.server.engine.processor import SteeringLogitsProcessor
 
     layout = moe_layout(AutoConfig.from_pretrained(path))
     os.environ[plugin.ENGINE_FLAG] = "1"  # our hooks, as the server's engine gets them

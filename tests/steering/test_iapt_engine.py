@@ -38,8 +38,8 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def llm(tiny):
-    from steerserve.server import lora_fix, plugin
-    from steerserve.server.worker import SteeringLogitsProcessor
+    from steerserve.server.engine import lora_ops_patch, plugin
+    from steerserve.server.engine.processor import SteeringLogitsProcessor
 
     os.environ[plugin.ENGINE_FLAG] = "1"  # our hooks, as the server's engine gets them
     try:
@@ -54,7 +54,7 @@ def llm(tiny):
     del engine
     gc.collect()
     plugin.unregister()  # later engines in this process get plain vLLM
-    lora_fix.remove()
+    lora_ops_patch.remove()
 
 
 @pytest.fixture(scope="module")

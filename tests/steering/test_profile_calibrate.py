@@ -155,9 +155,9 @@ def synthetic_task(tmp_path):
 def scorer(tiny_dir):
     import vllm
 
-    from steerserve.server import plugin
     from steerserve.server.calibration_engine import model_facts
-    from steerserve.server.worker import SteeringLogitsProcessor
+    from steerserve.server.engine import plugin
+    from steerserve.server.engine.processor import SteeringLogitsProcessor
     from steerserve.steering.calibrate import Scorer
 
     with pytest.MonkeyPatch.context() as env:

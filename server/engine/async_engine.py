@@ -15,9 +15,10 @@ from steerserve.steering.iapt import PLACEHOLDER_ID, SOFT_TOKENS
 from steerserve.steering.model import ModelFacts
 from steerserve.steering.plan import AttentionPlan, ExpertsPlan, LogitsPlan, Plan
 
-from . import faults, iapt
-from .experts import STATS_DIR
-from .settings import Settings
+from ..settings import Settings
+from . import faults
+from . import iapt_hook as iapt
+from .router_hook import STATS_DIR
 
 log = logging.getLogger("steerserve.engine")
 
@@ -44,7 +45,7 @@ class Engine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         from . import plugin
-        from .worker import SteeringLogitsProcessor
+        from .processor import SteeringLogitsProcessor
 
         # Enables our vLLM plugin in this process and the engine processes it spawns; the plugin is loaded by
         # vLLM itself, but call it here too so the env it sets is in place before the config is built.

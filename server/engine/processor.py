@@ -4,7 +4,7 @@
 runner of every worker. vLLM calls its `update_state` before each step's forward (docs/internals.md),
 so it is also where per-row state for the other hooks is set up (attention, experts, IAPT adapters); `apply` then
 steers the logits of that step. The per-request input is the compiled `Plan` in `SamplingParams.extra_args`
-(steering/plan.py), plus an IAPT adapter's path (server/iapt.py).
+(steering/plan.py), plus an IAPT adapter's path (server/engine/iapt_hook.py).
 
 Logits rules (docs/methods/logits.md, with the EOS ramp held at its max past the window as plan.py specifies):
     logits[row] += bias                                    (plain bias and constant rule deltas, merged)
@@ -23,11 +23,11 @@ from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDi
 from steerserve.steering.iapt import SOFT_TOKENS
 from steerserve.steering.plan import EosRamp, Plan
 
-from .attention import AttentionRows, RowSteer, row_steer
-from .experts import STATS_KEY, ExpertRows, RowMasks, row_masks
-from .iapt import ARGS_KEY as IAPT_KEY
-from .iapt import IaptRow, IaptRows
-from .iapt import load as load_iapt
+from .attention_backend import AttentionRows, RowSteer, row_steer
+from .iapt_hook import ARGS_KEY as IAPT_KEY
+from .iapt_hook import IaptRow, IaptRows
+from .iapt_hook import load as load_iapt
+from .router_hook import STATS_KEY, ExpertRows, RowMasks, row_masks
 
 if TYPE_CHECKING:
     from vllm import SamplingParams
@@ -103,9 +103,9 @@ class _Row:
 
     plan: Plan
     output_ids: list[int]  # vLLM's live list of this request's generated tokens (appended after each step)
-    attention: RowSteer | None = None  # per-layer key biases and attention mode (server/attention.py)
-    experts: RowMasks | None = None  # per-layer expert masks (server/experts.py)
-    iapt: IaptRow | None = None  # the row's IAPT adapter and pooling state (server/iapt.py)
+    attention: RowSteer | None = None  # per-layer key biases and attention mode (server/engine/attention_backend.py)
+    experts: RowMasks | None = None  # per-layer expert masks (server/engine/router_hook.py)
+    iapt: IaptRow | None = None  # the row's IAPT adapter and pooling state (server/engine/iapt_hook.py)
     eos_ids: tuple[int, ...] = ()
     eos_ramp: EosRamp | None = None
     diversity: float = 0.0  # also in the `diversity` buffer; here so the per-step loop can skip rows cheaply

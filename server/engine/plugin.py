@@ -24,14 +24,14 @@ def register() -> None:
         log.info("steerserve: forcing the V1 model runner (VLLM_USE_V2_MODEL_RUNNER=0) for the steering hooks")
     # LoRA on vLLM-CPU: base rows must not pick up the adapter in the last slot (docs/adapters.md), and one
     # matmul per adapter instead of a weight gather per row (lora_fix.py).
-    from . import lora_fix
+    from . import lora_ops_patch
 
-    if lora_fix.apply():
+    if lora_ops_patch.apply():
         log.debug("steerserve: fixed, grouped torch LoRA ops installed")
 
-    from .attention import register as register_attention
-    from .experts import register as register_experts
-    from .iapt import register as register_iapt
+    from .attention_backend import register as register_attention
+    from .iapt_hook import register as register_iapt
+    from .router_hook import register as register_experts
 
     register_attention()
     register_experts()
@@ -41,8 +41,8 @@ def register() -> None:
 def unregister() -> None:
     """Undo the steering hooks of `register` (tests: later engines in the process get plain vLLM; the LoRA fix
     stays, it only fixes vLLM)."""
-    from . import attention, experts, iapt
+    from . import attention_backend, iapt_hook, router_hook
 
-    experts.unregister()
-    iapt.unregister()
-    attention.unregister()
+    router_hook.unregister()
+    iapt_hook.unregister()
+    attention_backend.unregister()

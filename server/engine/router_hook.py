@@ -1,7 +1,7 @@
 """MoE expert steering inside vLLM: per-row expert masks, the per-step token tables, and the router hook.
 
-The steering processor (server/worker.py) publishes each expert-steered row's masks whenever the batch changes
-(`ExpertRows.rows`). Once per step, a step hook (server/step.py, run after the step's inputs are prepared)
+The steering processor (server/engine/processor.py) publishes each expert-steered row's masks whenever the batch changes
+(`ExpertRows.rows`). Once per step, a step hook (server/engine/forward_hook.py, run after the step's inputs are prepared)
 turns them into per-layer token tables from the runner's `query_start_loc` and the
 step's positions ('generation' scope: positions >= the row's prompt length). The hook on vLLM's
 `BaseRouter._select_experts`, the base of every router, then lets the router route all tokens as usual and
@@ -21,7 +21,8 @@ import torch
 from steerserve.steering.experts import RouterConfig, steered_routing
 from steerserve.steering.plan import ExpertsPlan
 
-from . import faults, step
+from . import faults
+from . import forward_hook as step
 
 log = logging.getLogger("steerserve.experts")
 
@@ -90,7 +91,7 @@ class ExpertRows:
         self.off: str | None = None  # why expert steering is switched off in this engine (None: it is on)
 
     def switch_off(self, reason: str) -> None:
-        """A steered step could not be routed: no more expert steering in this engine (server/faults.py)."""
+        """A steered step could not be routed: no more expert steering in this engine (server/engine/faults.py)."""
         if self.off is None:
             self.off = reason
             faults.report("experts", reason)
@@ -234,7 +235,7 @@ def _steer(router, tables: Step, router_logits, weights, ids):
 
 
 def _begin_step(runner, positions):
-    """Step hook (server/step.py): this forward's tables for the router hook; after it, publish counts."""
+    """Step hook (server/engine/forward_hook.py): this forward's tables for the router hook; after it, publish counts."""
     global _STEP
     rows = _ENGINES.get(id(runner.vllm_config))
     if rows is None or not rows.rows or rows.off:

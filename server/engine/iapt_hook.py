@@ -2,8 +2,8 @@
 instruction, in the same batch as base, LoRA and steered rows.
 
 An IAPT request's prompt is its instruction plus 4 placeholder tokens (the server appends them). The steering
-processor (server/worker.py) gives each IAPT row an `IaptRow`: the adapter's generators (loaded once per worker,
-LRU) and the pooling statistics gathered so far. Per step, a step hook (server/step.py) finds each IAPT row's
+processor (server/engine/processor.py) gives each IAPT row an `IaptRow`: the adapter's generators (loaded once per worker,
+LRU) and the pooling statistics gathered so far. Per step, a step hook (server/engine/forward_hook.py) finds each IAPT row's
 instruction tokens and soft tokens among the step's tokens (from `query_start_loc` and positions); pre-hooks on
 the decoder layers then, at every layer l, fold the instruction tokens' layer input (vLLM keeps the residual
 stream as `hidden_states + residual`) into the row's softmax-pooling statistics, and overwrite the soft tokens'
@@ -26,7 +26,8 @@ import torch
 
 from steerserve.steering.iapt import SOFT_TOKENS, IaptConfig, IaptModel, Pool, merge_pools
 
-from . import faults, step
+from . import faults
+from . import forward_hook as step
 
 ARGS_KEY = "steerserve_iapt"  # extra_args: {"path": adapter directory, "key": unique per registration}
 CACHE_ENV = "STEERSERVE_IAPT_CACHE"  # env: adapters each worker keeps loaded (LRU)
@@ -91,7 +92,7 @@ class IaptRows:
         self.off: str | None = None  # why IAPT is switched off in this engine (None: it is on)
 
     def switch_off(self, reason: str) -> None:
-        """A step could not apply its adapters: no more IAPT in this engine (server/faults.py)."""
+        """A step could not apply its adapters: no more IAPT in this engine (server/engine/faults.py)."""
         if self.off is None:
             self.off = reason
             faults.report("iapt", reason)
