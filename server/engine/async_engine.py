@@ -16,7 +16,7 @@ from steerserve.steering.model import ModelFacts
 from steerserve.steering.plan import AttentionPlan, ExpertsPlan, LogitsPlan, Plan
 
 from ..settings import Settings
-from . import faults
+from . import faults, vllm_compat
 from . import iapt_hook as iapt
 from .router_hook import STATS_DIR
 
@@ -49,8 +49,7 @@ class Engine:
 
         # Enables our vLLM plugin in this process and the engine processes it spawns; the plugin is loaded by
         # vLLM itself, but call it here too so the env it sets is in place before the config is built.
-        os.environ[plugin.ENGINE_FLAG] = "1"
-        plugin.register()
+        plugin.enable()
         # Workers publish per-request routed-expert counts (steering_stats) as files here; inherited by them.
         if not os.environ.get(STATS_DIR):
             shm = Path("/dev/shm")
@@ -97,9 +96,7 @@ class Engine:
     def generate(self, prompt_ids: list[int], params, request_id: str, *, prompt_text: str | None = None,
                  cache_salt: str | None = None, lora_request=None) -> AsyncIterator:
         """RequestOutputs for one request. Closing or cancelling the iterator aborts it in the engine."""
-        from vllm.inputs.engine import tokens_input
-
-        prompt = tokens_input(prompt_ids, prompt=prompt_text, cache_salt=cache_salt)
+        prompt = vllm_compat.tokens_prompt(prompt_ids, prompt=prompt_text, cache_salt=cache_salt)
         return self.llm.generate(prompt, params, request_id, lora_request=lora_request)
 
     async def verify_steering(self) -> None:
@@ -163,9 +160,7 @@ class Engine:
         return reason
 
     def _raise_if_dead(self, exc: Exception) -> None:
-        from vllm.v1.engine.exceptions import EngineDeadError
-
-        if isinstance(exc, EngineDeadError) or self.llm.errored:
+        if isinstance(exc, vllm_compat.engine_dead_error()) or self.llm.errored:
             raise EngineDied(f"the engine died during the start-up self-test: {type(exc).__name__}: {exc}") from exc
 
     async def _experts_move(self, first_token) -> bool:

@@ -17,7 +17,7 @@ import torch
 from steerserve.kernels import cpu_attention
 from steerserve.steering.plan import AttentionPlan
 
-from . import faults
+from . import faults, vllm_compat
 
 BACKEND_PATH = "steerserve.server.engine.attention_backend.SteeringCPUBackend"
 _ENGINES: dict[int, AttentionRows] = {}  # id(VllmConfig) -> that engine's rows; one engine per config object
@@ -145,13 +145,7 @@ class AttentionRows:
         return self._biases[key]
 
 
-def _import_cpu_backend():
-    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionBackendImpl
-
-    return CPUAttentionBackend, CPUAttentionBackendImpl
-
-
-_CPUBackend, _CPUImpl = _import_cpu_backend()
+_CPUBackend, _CPUImpl = vllm_compat.cpu_attention_classes()
 
 
 class SteeringCPUImpl(_CPUImpl):
@@ -159,9 +153,7 @@ class SteeringCPUImpl(_CPUImpl):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        from vllm.config import get_current_vllm_config
-
-        self._rows = AttentionRows.for_engine(get_current_vllm_config())
+        self._rows = AttentionRows.for_engine(vllm_compat.current_vllm_config())
         self._layer: int | None = None
         self._layouts: tuple[cpu_attention.BlockLayout, ...] | None = None
 
@@ -170,9 +162,7 @@ class SteeringCPUImpl(_CPUImpl):
         if attn_metadata is None or not self._rows.rows or self._rows.off or self.attn_type != "decoder":
             return output
         if self._layer is None:
-            from vllm.model_executor.models.utils import extract_layer_index
-
-            self._layer = extract_layer_index(layer.layer_name)
+            self._layer = vllm_compat.layer_index(layer.layer_name)
         try:
             for group in self._rows.groups(attn_metadata):
                 if group.steers(self._layer):
@@ -183,12 +173,7 @@ class SteeringCPUImpl(_CPUImpl):
 
     def _cache_layouts(self, layer, kv_cache: torch.Tensor) -> tuple[cpu_attention.BlockLayout, ...]:
         if self._layouts is None:
-            from vllm import _custom_ops as ops
-
-            def write(k, v, kc, vc, slots):
-                ops.cpu_attn_reshape_and_cache(k, v, kc, vc, slots, layer.isa, k_scale=1.0, v_scale=1.0,
-                                               kv_cache_dtype="auto")
-
+            write = vllm_compat.cpu_cache_writer(layer.isa)
             layouts = cpu_attention.block_layout(write, kv_cache.shape[2], self.head_size, kv_cache.dtype)
             if None in layouts or self.is_fp8_kv_cache or self.alibi_slopes is not None:
                 raise RuntimeError(f"attention steering cannot read this KV cache (isa {layer.isa}, layouts "
@@ -229,17 +214,9 @@ class SteeringCPUBackend(_CPUBackend):
 
 
 def register() -> None:
-    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
-    from vllm.v1.attention.selector import _cached_get_attn_backend
-
-    register_backend(AttentionBackendEnum.CPU_ATTN, BACKEND_PATH)
-    _cached_get_attn_backend.cache_clear()  # an engine built earlier in this process cached the plain backend
+    vllm_compat.override_cpu_attention(BACKEND_PATH)  # also drops a plain backend an earlier engine cached
 
 
 def unregister() -> None:
     """Back to vLLM's own backend for engines built later in this process (tests)."""
-    from vllm.v1.attention.backends.registry import _ATTN_OVERRIDES, AttentionBackendEnum
-    from vllm.v1.attention.selector import _cached_get_attn_backend
-
-    _ATTN_OVERRIDES.pop(AttentionBackendEnum.CPU_ATTN, None)
-    _cached_get_attn_backend.cache_clear()
+    vllm_compat.override_cpu_attention(None)

@@ -26,7 +26,7 @@ import torch
 
 from steerserve.steering.iapt import SOFT_TOKENS, IaptConfig, IaptModel, Pool, merge_pools
 
-from . import faults
+from . import faults, vllm_compat
 from . import forward_hook as step
 
 ARGS_KEY = "steerserve_iapt"  # extra_args: {"path": adapter directory, "key": unique per registration}
@@ -124,13 +124,13 @@ class IaptRows:
 def _begin_step(runner, positions):
     """Step hook: this forward's IAPT work for the layer hooks (attached to the model on first use)."""
     global _STEP, _STEP_ROWS
-    rows = _ENGINES.get(id(runner.vllm_config))
+    rows = _ENGINES.get(id(vllm_compat.runner_config(runner)))
     if rows is None or not rows.rows or rows.off:
         return None
     try:
         work = rows.work(step.row_starts(runner), positions.cpu())
         if work:
-            _attach(runner.get_model())
+            _attach(vllm_compat.runner_model(runner))
     except Exception as exc:  # noqa: BLE001 - never kill the engine: switch the method off, report why
         rows.switch_off(f"{type(exc).__name__}: {exc}")
         return None
@@ -146,9 +146,7 @@ def _begin_step(runner, positions):
 
 def decoder_layers(model) -> list | None:
     """The decoder layers of a vLLM model whose layers take (positions, hidden_states, residual), or None."""
-    inner = getattr(model, "model", None)
-    layers = getattr(inner, "layers", None)
-    return list(layers) if layers is not None else None
+    return vllm_compat.decoder_layers(model)
 
 
 def _attach(model) -> None:

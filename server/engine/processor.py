@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
-from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
 from steerserve.steering.iapt import SOFT_TOKENS
 from steerserve.steering.plan import EosRamp, Plan
@@ -28,6 +27,9 @@ from .iapt_hook import ARGS_KEY as IAPT_KEY
 from .iapt_hook import IaptRow, IaptRows
 from .iapt_hook import load as load_iapt
 from .router_hook import STATS_KEY, ExpertRows, RowMasks, row_masks
+from .vllm_compat import logits_processor_api
+
+BatchUpdate, LogitsProcessor, MoveDirectionality = logits_processor_api()
 
 if TYPE_CHECKING:
     from vllm import SamplingParams

@@ -21,7 +21,7 @@ import torch
 from steerserve.steering.experts import RouterConfig, steered_routing
 from steerserve.steering.plan import ExpertsPlan
 
-from . import faults
+from . import faults, vllm_compat
 from . import forward_hook as step
 
 log = logging.getLogger("steerserve.experts")
@@ -183,12 +183,9 @@ def _read_router_config(router) -> RouterConfig:
 def _layer_of(router) -> int | None:
     layer = router.__dict__.get("_steerserve_layer")
     if layer is None:
-        from vllm.forward_context import get_forward_context
-        from vllm.model_executor.models.utils import extract_layer_index
-
-        for name, module in get_forward_context().no_compile_layers.items():
+        for name, module in vllm_compat.forward_context_layers().items():
             if getattr(module, "router", None) is router:
-                layer = router._steerserve_layer = extract_layer_index(name)
+                layer = router._steerserve_layer = vllm_compat.layer_index(name)
                 break
     return layer
 
@@ -237,7 +234,7 @@ def _steer(router, tables: Step, router_logits, weights, ids):
 def _begin_step(runner, positions):
     """Step hook (server/engine/forward_hook.py): this forward's tables for the router hook; after it, publish counts."""
     global _STEP
-    rows = _ENGINES.get(id(runner.vllm_config))
+    rows = _ENGINES.get(id(vllm_compat.runner_config(runner)))
     if rows is None or not rows.rows or rows.off:
         return None
     try:
@@ -285,18 +282,17 @@ def read_counts(key: str, moe_layers: tuple[int, ...]) -> dict[str, list[int]]:
 
 def register() -> None:
     """Install the router wrapper and the step hook, once per process."""
-    from vllm.model_executor.layers.fused_moe.router.base_router import BaseRouter
-
-    if not getattr(BaseRouter._select_experts, "__steerserve__", False):
-        BaseRouter._select_experts = _steered_select_experts(BaseRouter._select_experts)
+    router = vllm_compat.router_class()
+    original = getattr(router, vllm_compat.SELECT_EXPERTS)
+    if not getattr(original, "__steerserve__", False):
+        setattr(router, vllm_compat.SELECT_EXPERTS, _steered_select_experts(original))
     step.add(_begin_step)
 
 
 def unregister() -> None:
     """Undo `register` (tests)."""
-    from vllm.model_executor.layers.fused_moe.router.base_router import BaseRouter
-
-    fn = BaseRouter.__dict__["_select_experts"]
+    router = vllm_compat.router_class()
+    fn = router.__dict__[vllm_compat.SELECT_EXPERTS]
     if getattr(fn, "__steerserve__", False):
-        BaseRouter._select_experts = fn.__wrapped__
+        setattr(router, vllm_compat.SELECT_EXPERTS, fn.__wrapped__)
     step.remove(_begin_step)

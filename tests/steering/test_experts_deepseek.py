@@ -7,14 +7,12 @@ experts), and unsteered rows of a mixed batch equal an unsteered-only run. Loose
 """
 from __future__ import annotations
 
-import gc
 import uuid
 
 import pytest
-import vllm
 
-from steerserve.server.engine import plugin, router_hook
-from steerserve.server.engine.async_engine import model_facts
+from steerserve.server.engine import router_hook
+from steerserve.server.engine.builder import llm_facts, steering_llm
 from tests.steering.test_experts_engine import LICENCE, request
 from tests.tiny_models import build_tiny_moe
 
@@ -32,21 +30,13 @@ def setup(tmp_path_factory):
     path = build_tiny_moe(tmp_path_factory.mktemp("deepseek") / "deepseek_v3", "deepseek_v3", seed=0)
     mp = pytest.MonkeyPatch()
     mp.setenv(router_hook.STATS_DIR, str(tmp_path_factory.mktemp("stats")))
-    mp.setenv(plugin.ENGINE_FLAG, "1")
-    from steerserve.server.engine.processor import SteeringLogitsProcessor
-
     try:
-        plugin.register()
-        llm = vllm.LLM(model=str(path), dtype="bfloat16", enforce_eager=True, max_model_len=512, max_num_seqs=8,
-                       kv_cache_memory_bytes=128 * 2**20, logits_processors=[SteeringLogitsProcessor],
-                       logprobs_mode="processed_logprobs", seed=0)
-        facts = model_facts(llm.get_tokenizer(), llm.llm_engine.model_config, path)
-        yield path, llm, facts
+        with steering_llm(path, dtype="bfloat16", enforce_eager=True, max_model_len=512, max_num_seqs=8,
+                          kv_cache_memory_bytes=128 * 2**20, logprobs_mode="processed_logprobs", seed=0) as llm:
+            yield path, llm, llm_facts(llm, path)
+            del llm
     finally:
         mp.undo()
-        llm = None
-        gc.collect()
-        plugin.unregister()  # later engines in this process get plain vLLM
 
 
 def counted(facts, prompt_ids, spec):
