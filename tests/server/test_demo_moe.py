@@ -45,10 +45,10 @@ def test_ftri_ranks_the_behaviour_expert_first(engine, tmp_path):
 
 
 def test_switching_the_behaviour_expert_off_removes_the_behaviour(engine):
-    from steerserve.server.engine.async_engine import model_facts
+    from steerserve.server.engine.builder import llm_facts
 
     path, llm = engine
-    facts = model_facts(llm.get_tokenizer(), llm.llm_engine.model_config, path)
+    facts = llm_facts(llm, path)
     rows = [json.loads(line) for line in (DATA / "moe_demo_heldout.jsonl").read_text().splitlines()]
     prompts = [r["prompt"] for r in rows if r["label"] == "space"]  # 32 held-out space questions
     layer, expert = demo_moe.BEHAVIOUR
