@@ -33,25 +33,21 @@ def main() -> None:
     ap.add_argument("--powers", type=float, nargs="+", default=[3.0, 15.0])
     args = ap.parse_args()
 
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
 
-    from steerserve.server import plugin
+    from steerserve.server.engine.builder import llm_facts, open_steering_llm
     from steerserve.server.models import fetch_smollm2
-    from steerserve.server.worker import SteeringLogitsProcessor
     from steerserve.steering.plan import AttentionPlan, Plan
 
-    os.environ[plugin.ENGINE_FLAG] = "1"
-    plugin.register()
     path = fetch_smollm2()
     longest = max(args.lengths)
     # The prompt plus one generated token must fit the model's window (8192 for SmolLM2): an L = 8192 run scores
     # the first 8191 tokens.
     max_len = min(longest + 1, 8192)
-    llm = LLM(model=str(path), dtype="float32", enforce_eager=True, max_model_len=max_len, max_num_seqs=1,
-              kv_cache_memory_bytes=1 << 30, logits_processors=[SteeringLogitsProcessor], seed=0,
-              enable_prefix_caching=False)
+    llm = open_steering_llm(path, dtype="float32", enforce_eager=True, max_model_len=max_len, max_num_seqs=1,
+                            kv_cache_memory_bytes=1 << 30, seed=0, enable_prefix_caching=False)
     tok = llm.get_tokenizer()
-    layers = llm.llm_engine.model_config.hf_text_config.num_hidden_layers
+    layers = llm_facts(llm, path).num_layers
     text = "\n\n".join(p.read_text() for p in TEXTS if p.is_file())
     ids = tok.encode(text, add_special_tokens=False)
     if len(ids) < longest:

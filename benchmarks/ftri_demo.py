@@ -45,7 +45,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from steerserve.server import demo_moe, ftri
-    from steerserve.server.engine import model_facts
+    from steerserve.server.engine.builder import llm_facts
     from steerserve.server.models import fetch_smollm2
 
     path = demo_moe.build(base=fetch_smollm2)
@@ -56,7 +56,7 @@ def main() -> None:
     layer, expert = map(int, top.split("."))
     others = [e for e in range(demo_moe.NUM_EXPERTS) if e != expert]
     drawn = random.Random(0).choice(others)
-    facts = model_facts(llm.get_tokenizer(), llm.llm_engine.model_config, path)
+    facts = llm_facts(llm, path)
     rows = [json.loads(line) for line in HELDOUT.read_text().splitlines() if line.strip()]
     conditions = {"none": None, f"off {top} (fTRI top)": {"off": [top]}}
     for e in others:

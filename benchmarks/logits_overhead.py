@@ -26,7 +26,7 @@ from types import SimpleNamespace
 import torch
 from vllm.v1.sample.logits_processor import BatchUpdate
 
-from steerserve.server.worker import SteeringLogitsProcessor
+from steerserve.server.engine.processor import SteeringLogitsProcessor
 from steerserve.steering.plan import EosRamp, LogitsPlan, Plan
 
 RESULTS = Path(__file__).parent / "results"

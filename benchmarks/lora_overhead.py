@@ -1,5 +1,5 @@
 """Single-adapter LoRA overhead in the engine, without HTTP: offline vLLM on SmolLM2 fp32 with LoRA enabled, one batch
-of greedy requests decoded with no adapter, with one adapter on our ops (server/lora_fix.py), and with one adapter on
+of greedy requests decoded with no adapter, with one adapter on our ops (server/engine/lora_ops_patch.py), and with one adapter on
 vLLM-CPU's stock torch ops; phases in ABBA-style rotation, best of --repeats each, so that other work on a shared
 machine slows all of them alike.
 
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     from vllm import LLM, SamplingParams
     from vllm.lora.request import LoRARequest
 
-    from steerserve.server import lora_fix
+    from steerserve.server.engine import lora_ops_patch
 
     adapter = write_adapters(Path(a.model), Path("/tmp/steerserve-bench-adapters/adapter-files"), 1, a.rank)[0]
     llm = LLM(model=a.model, dtype="float32", enforce_eager=True, max_model_len=1024, max_num_seqs=a.batch,
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     lora = LoRARequest("a0", 1, str(adapter))
 
     def run(phase: str) -> float:
-        (lora_fix.remove if phase == "adapter, vLLM stock ops" else lora_fix.apply)()
+        (lora_ops_patch.remove if phase == "adapter, vLLM stock ops" else lora_ops_patch.apply)()
         start = time.perf_counter()
         llm.generate(prompts, params, lora_request=None if phase == "base" else lora, use_tqdm=False)
         return a.batch * a.tokens / (time.perf_counter() - start)
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         for ph in phases if r % 2 == 0 else phases[::-1]:
             results[ph].append(run(ph))
             print(f"{ph:<26} {results[ph][-1]:7.1f} tok/s  (load {os.getloadavg()[0]:.1f})", flush=True)
-    lora_fix.apply()
+    lora_ops_patch.apply()
     best = {ph: max(v) for ph, v in results.items()}
     out = {"conditions": {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                           "command": " ".join(["python -m benchmarks.lora_overhead", *sys.argv[1:]]),

@@ -34,21 +34,17 @@ def main() -> None:
     ap.add_argument("--context-words", type=int, default=0, help="filler words added to each prompt")
     args = ap.parse_args()
 
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
 
-    from steerserve.server import plugin
-    from steerserve.server.engine import model_facts
+    from steerserve.server.engine.builder import llm_facts, open_steering_llm
     from steerserve.server.models import fetch_smollm2
-    from steerserve.server.worker import SteeringLogitsProcessor
     from steerserve.steering import spec as S
 
-    os.environ[plugin.ENGINE_FLAG] = "1"
-    plugin.register()
     path = fetch_smollm2()
-    llm = LLM(model=str(path), dtype="float32", enforce_eager=True, max_model_len=2048, max_num_seqs=args.batch,
-              kv_cache_memory_bytes=1 << 30, logits_processors=[SteeringLogitsProcessor], seed=0)
+    llm = open_steering_llm(path, dtype="float32", enforce_eager=True, max_model_len=2048, max_num_seqs=args.batch,
+                            kv_cache_memory_bytes=1 << 30, seed=0)
     tok = llm.get_tokenizer()
-    facts = model_facts(tok, llm.llm_engine.model_config, path)
+    facts = llm_facts(llm, path)
     filler = " ".join((FILLER * (1 + args.context_words // 10)).split()[: args.context_words])
     prompts = [tok.apply_chat_template([{"role": "user", "content": f"{filler} {PROMPTS[i % len(PROMPTS)]}"}],
                                        tokenize=False, add_generation_prompt=True) for i in range(args.batch)]

@@ -39,12 +39,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
 
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
 
-    from steerserve.server import plugin
     from steerserve.server.demo_moe import build as build_demo_moe
-    from steerserve.server.engine import model_facts
-    from steerserve.server.worker import SteeringLogitsProcessor
+    from steerserve.server.engine.builder import llm_facts, open_steering_llm
     from steerserve.steering import spec as S
     from tests.tiny_models import build_tiny_moe
 
@@ -53,11 +51,9 @@ def main() -> None:
     else:
         path = build_tiny_moe(Path(tempfile.gettempdir()) / "steerserve-bench-mixtral", "mixtral", **MODEL)
         label = f"random Mixtral {MODEL}, 8 experts top-2"
-    os.environ[plugin.ENGINE_FLAG] = "1"
-    plugin.register()
-    llm = LLM(model=str(path), dtype="float32", enforce_eager=True, max_model_len=512, max_num_seqs=args.batch,
-              kv_cache_memory_bytes=256 << 20, logits_processors=[SteeringLogitsProcessor], seed=0)
-    facts = model_facts(llm.get_tokenizer(), llm.llm_engine.model_config, path)
+    llm = open_steering_llm(path, dtype="float32", enforce_eager=True, max_model_len=512, max_num_seqs=args.batch,
+                            kv_cache_memory_bytes=256 << 20, seed=0)
+    facts = llm_facts(llm, path)
 
     def plan(k: int):
         rng, spec = random.Random(k), {"off": [], "on": []}

@@ -33,16 +33,16 @@ def main() -> None:
 
     from vllm import LLM, SamplingParams
 
-    from steerserve.server.engine import model_facts
+    from steerserve.server.engine.builder import llm_facts
+    from steerserve.server.engine.processor import SteeringLogitsProcessor
     from steerserve.server.models import fetch_smollm2
-    from steerserve.server.worker import SteeringLogitsProcessor
     from steerserve.steering import spec as S
 
     path = fetch_smollm2()
     llm = LLM(model=str(path), dtype="float32", enforce_eager=True, max_model_len=1024, max_num_seqs=max(args.batch_sizes),
               kv_cache_memory_bytes=1 << 30, logits_processors=[SteeringLogitsProcessor], seed=0)
     tok = llm.get_tokenizer()
-    facts = model_facts(tok, llm.llm_engine.model_config, path)
+    facts = llm_facts(llm, path)
     plan = S.compile_spec(S.merge([S.parse({"logits": {"rules": {"preset": "hewitt2024"}}}, "bench")]), facts)
 
     def run(batch: int, steered: bool) -> float:

@@ -5,31 +5,24 @@ benchmarks, the tests) opens one with `open_engine` and passes it in.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from steerserve.steering.model import ModelFacts
 
 
 def open_engine(model_path: str, dtype: str = "float32", max_model_len: int = 1024, seed: int = 0):
-    """An in-process vLLM engine with steerserve's plugin and steering processor (as `engine.Engine` builds it),
-    and the served model's facts. Callers must run under `if __name__ == "__main__":` (vLLM spawns)."""
-    import vllm
+    """An in-process vLLM engine with steerserve's plugin and steering processor (server/engine/builder.py), and
+    the served model's facts. Callers must run under `if __name__ == "__main__":` (vLLM spawns)."""
+    from .engine.builder import open_steering_llm
 
-    from . import plugin
-    from .worker import SteeringLogitsProcessor
-
-    os.environ[plugin.ENGINE_FLAG] = "1"
-    plugin.register()
-    llm = vllm.LLM(model=str(model_path), dtype=dtype, enforce_eager=True, max_model_len=max_model_len,
-                   max_num_seqs=256, max_num_batched_tokens=8192, enable_prefix_caching=False,
-                   kv_cache_memory_bytes=512 * 2**20, logits_processors=[SteeringLogitsProcessor],
-                   logprobs_mode="processed_logprobs", seed=seed)
+    llm = open_steering_llm(model_path, dtype=dtype, enforce_eager=True, max_model_len=max_model_len,
+                            max_num_seqs=256, max_num_batched_tokens=8192, enable_prefix_caching=False,
+                            kv_cache_memory_bytes=512 * 2**20, logprobs_mode="processed_logprobs", seed=seed)
     return llm, model_facts(llm, model_path)
 
 
 def model_facts(llm, model_path: str | Path) -> ModelFacts:
     """The facts steering needs about the model `llm` has loaded."""
-    from .engine import model_facts as facts
+    from .engine.builder import llm_facts
 
-    return facts(llm.get_tokenizer(), llm.llm_engine.model_config, model_path)
+    return llm_facts(llm, model_path)

@@ -366,7 +366,7 @@ def serve_forever(settings: Settings) -> int:
     import uvicorn
 
     from .adapters import AdapterStore
-    from .engine import Engine
+    from .engine.async_engine import Engine
     from .http.app import create_app
     from .http.auth import KeyStore, check_bind
     from .models import ModelFetchError, resolve_model

@@ -39,17 +39,12 @@ def classify(text: str, classes: list[tuple[str, re.Pattern]]) -> str:
 def open_engine(model: Path):
     """An in-process fp32 vLLM engine on `model` with the steering hooks (expert masks, routing counts)."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    from vllm import LLM
-
-    from . import plugin
-    from .experts import STATS_DIR
-    from .worker import SteeringLogitsProcessor
+    from .engine.builder import open_steering_llm
+    from .engine.router_hook import STATS_DIR
 
     os.environ.setdefault(STATS_DIR, tempfile.mkdtemp(prefix="steerserve-ftri-"))
-    os.environ[plugin.ENGINE_FLAG] = "1"
-    plugin.register()
-    return LLM(model=str(model), dtype="float32", enforce_eager=True, max_model_len=1024, seed=0,
-               kv_cache_memory_bytes=512 << 20, logits_processors=[SteeringLogitsProcessor])
+    return open_steering_llm(model, dtype="float32", enforce_eager=True, max_model_len=1024, seed=0,
+                             kv_cache_memory_bytes=512 << 20)
 
 
 def run(model: Path, sets: list[Path], target: str, out: Path, *, classify_rules: list[str] = (),
@@ -62,10 +57,11 @@ def run(model: Path, sets: list[Path], target: str, out: Path, *, classify_rules
     from steerserve.steering.methods.stats import StatsPlan
     from steerserve.steering.plan import Plan
 
-    from .experts import read_counts
+    from .engine import vllm_compat
+    from .engine.router_hook import read_counts
 
     llm = llm or open_engine(model)
-    layout = moe_layout(llm.llm_engine.model_config.hf_text_config)
+    layout = moe_layout(vllm_compat.llm_model_config(llm).hf_text_config)
     if layout is None:
         raise SystemExit(f"{model} has no routed experts")
     tok = llm.get_tokenizer()

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .engine import Engine
+from .engine.async_engine import Engine
 from .http.metrics import Metrics
 from .pool import Lease
 

@@ -12,7 +12,7 @@ counts as one eviction. An adapter evicted and reloaded by vLLM on its own betwe
 when more adapters are wanted at once than `max_cpu_loras`) is not seen: loads and evictions are lower bounds.
 A deleted or replaced adapter leaves the engine, and its uploaded files the disk, once its last request is done.
 
-IAPT adapters (server/iapt.py) need no engine slot: each worker loads them on first use into its own LRU of
+IAPT adapters (server/engine/iapt_hook.py) need no engine slot: each worker loads them on first use into its own LRU of
 `max_cpu_loras` adapters, keyed by registration. The pool keeps the same LRU here, so residency, loads and
 evictions read the same for both kinds; a cold IAPT adapter is loaded once here first (in a thread), so that
 broken files fail this request cleanly instead of inside an engine step.

@@ -25,7 +25,7 @@ from steerserve.steering import urial
 from steerserve.steering.model import SpecError
 
 from . import generation as gen
-from .engine import Engine
+from .engine.async_engine import Engine
 from .http.auth import Principal
 from .http.errors import BadRequest, Forbidden
 from .http.metrics import Metrics

@@ -136,7 +136,7 @@ def _ranges(layers: tuple[int, ...]) -> str:
     return ", ".join(map(str, layers))
 
 
-# ---- the routing math, run in the engine for steered tokens (server/experts.py) ----
+# ---- the routing math, run in the engine for steered tokens (server/engine/router_hook.py) ----
 
 @dataclass(frozen=True)
 class RouterConfig:

@@ -9,7 +9,7 @@ under one `extra_args` key:
 Each part is a frozen dataclass of flat, already validated numbers (token ids, gains) and never user text; it
 serialises itself (`to_json`), deserialises and checks itself (`from_json`, ValueError if malformed), and says
 whether it changes hidden states (`HIDDEN_STATE`: it then enters the prefix-cache salt, `cache_salt`). The server
-builds plans (`steering.spec.compile_spec`), the worker-side processor reads them (server/worker.py).
+builds plans (`steering.spec.compile_spec`), the worker-side processor reads them (server/engine/processor.py).
 """
 from __future__ import annotations
 

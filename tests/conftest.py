@@ -121,3 +121,17 @@ def http(server: Server, api_keys):
     """An HTTP client acting as tenant alice."""
     with httpx.Client(base_url=server.url, timeout=120, headers=auth(api_keys["alice"])) as client:
         yield client
+
+
+@pytest.fixture(scope="module")
+def steering_llms():
+    """Builds this module's offline steering engines: `steering_llms(model, **engine_kwargs)` is a `vllm.LLM` with
+    steerserve's plugin hooks and steering processor (server/engine/builder.py: `steering_llm`), the engine
+    arguments passed as given. After the module every engine is dropped and the hooks unregistered, so later
+    modules' engines get plain vLLM."""
+    from contextlib import ExitStack
+
+    from steerserve.server.engine.builder import steering_llm
+
+    with ExitStack() as engines:
+        yield lambda model, **engine_kwargs: engines.enter_context(steering_llm(model, **engine_kwargs))

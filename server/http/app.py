@@ -16,7 +16,7 @@ from steerserve.steering.spec import SteeringSpec
 
 from .. import prompting
 from ..adapters import AdapterStore, ServedModel
-from ..engine import Engine
+from ..engine.async_engine import Engine
 from ..pool import AdapterPool
 from ..profiles import ProfileStore
 from ..tenants import TenantStore

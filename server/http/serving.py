@@ -12,11 +12,12 @@ from steerserve.steering.methods.stats import StatsPlan
 from steerserve.steering.plan import PlanPart
 
 from .. import generation as gen
-from .. import iapt, prompting, steer
+from .. import prompting, steer
 from ..adapters import Adapter
 from ..chat import render as render_chat
-from ..engine import Engine, reads_prefix_cache
-from ..experts import read_counts
+from ..engine import iapt_hook as iapt
+from ..engine.async_engine import Engine, reads_prefix_cache
+from ..engine.router_hook import read_counts
 from ..pool import AdapterPool
 from .auth import Principal
 from .errors import BadRequest, NotFound
@@ -51,7 +52,7 @@ class Served:
             headers["X-Adapter-Applied"] = f"{self.adapter.name}; scope={self.adapter.scope}"
         return headers
 
-    # IAPT adapters (server/iapt.py): 4 placeholders after the instruction, the adapter in the plan (so no
+    # IAPT adapters (server/engine/iapt_hook.py): 4 placeholders after the instruction, the adapter in the plan (so no
     # prefix-cache reads, and a salt so no other request reads their blocks).
     @property
     def iapt(self) -> bool:

@@ -12,7 +12,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from ..adapters import Adapter, AdapterStore, ServedModel, validate_adapter_name
-from ..engine import Engine
+from ..engine.async_engine import Engine
 from ..pool import AdapterPool
 from ..profiles import GLOBAL, ProfileStore
 from ..prompting import PrefixStore

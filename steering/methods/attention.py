@@ -1,5 +1,5 @@
 """Attention steering (sink, spans, mode): the method's registration. The math is steering/attention.py, the
-engine side server/attention.py."""
+engine side server/engine/attention_backend.py."""
 from __future__ import annotations
 
 from typing import Any

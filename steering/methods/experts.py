@@ -1,5 +1,5 @@
 """MoE expert steering (off, on): the method's registration. The math is steering/experts.py, the engine side
-server/experts.py."""
+server/engine/router_hook.py."""
 from __future__ import annotations
 
 from typing import Any

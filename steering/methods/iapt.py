@@ -1,5 +1,5 @@
 """IAPT adapters (instruction-aware soft prompts): a plan part the server adds for an IAPT adapter (no spec), and
-the start-up self-test. The math is steering/iapt.py, the engine side server/iapt.py."""
+the start-up self-test. The math is steering/iapt.py, the engine side server/engine/iapt_hook.py."""
 from __future__ import annotations
 
 import tempfile

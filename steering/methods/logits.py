@@ -1,5 +1,5 @@
 """Logits steering (bias, rules): the method's registration. The math is steering/logits.py, the worker side
-server/worker.py (the logits processor itself applies it)."""
+server/engine/processor.py (the logits processor itself applies it)."""
 from __future__ import annotations
 
 from ..logits import LogitsSpec, compile_logits

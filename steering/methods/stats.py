@@ -1,5 +1,5 @@
 """Routed-expert counts (`steering_stats.routed_experts`): a plan part the server adds when a request asks for
-them; the experts engine hook (server/experts.py) counts. Not a steering method: it changes nothing."""
+them; the experts engine hook (server/engine/router_hook.py) counts. Not a steering method: it changes nothing."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -11,7 +11,7 @@ from .base import Method
 
 @dataclass(frozen=True)
 class StatsPlan(PlanPart):
-    """`key`: where the workers publish this request's counts (server/experts.py `read_counts`)."""
+    """`key`: where the workers publish this request's counts (server/engine/router_hook.py `read_counts`)."""
 
     FAMILY: ClassVar[str] = "stats"
 

@@ -1,4 +1,4 @@
-"""A stand-in for server/engine.py's `Engine` with no model behind it, for tests of pure HTTP behaviour (auth,
+"""A stand-in for server/engine/async_engine.py's `Engine` with no model behind it, for tests of pure HTTP behaviour (auth,
 validation, error shapes, headers, OpenAPI, metrics). Never use it to test what steering does to a model."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from steerserve.server.engine import ModelInfo
+from steerserve.server.engine.async_engine import ModelInfo
 from steerserve.steering.model import ModelFacts
 
 NAME = "fake-model"

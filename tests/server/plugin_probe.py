@@ -17,15 +17,13 @@ def main(model_dir: str) -> None:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import vllm
-    from vllm.model_executor.layers.fused_moe.router.base_router import BaseRouter
-    from vllm.v1.attention.backends.registry import _ATTN_OVERRIDES, AttentionBackendEnum
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-    from steerserve.server import lora_fix, plugin, step
+    from steerserve.server.engine import forward_hook, lora_ops_patch, plugin, vllm_compat
 
     # vLLM's loader resolves the entry point to this module's `register` when it builds the engine: count calls.
     calls, register = [], plugin.register
     plugin.register = lambda: (calls.append(1), register())[1]
+    BaseRouter, GPUModelRunner = vllm_compat.router_class(), vllm_compat.model_runner_class()
     router, forward = BaseRouter.__dict__["_select_experts"], GPUModelRunner.__dict__["_model_forward"]
 
     llm = vllm.LLM(model=model_dir, dtype="float32", enforce_eager=True, max_model_len=256, seed=0,
@@ -35,14 +33,14 @@ def main(model_dir: str) -> None:
     outs = llm.generate(PROMPTS, vllm.SamplingParams(temperature=0, max_tokens=8, logprobs=3), use_tqdm=False)
     print(MARK + json.dumps({
         "plugin_calls": len(calls),
-        "attention_override": _ATTN_OVERRIDES.get(AttentionBackendEnum.CPU_ATTN),
+        "attention_override": vllm_compat.cpu_attention_override(),
         "attention_impls": sorted({name for worker in impls for name in worker}),
         "router_is_vllms": BaseRouter.__dict__["_select_experts"] is router,
         "router_marked": getattr(BaseRouter._select_experts, "__steerserve__", False),
         "forward_is_vllms": GPUModelRunner.__dict__["_model_forward"] is forward,
         "forward_marked": getattr(GPUModelRunner._model_forward, "__steerserve__", False),
-        "step_hooks": len(step._HOOKS),
-        "lora_fix": lora_fix.is_applied(),
+        "step_hooks": len(forward_hook._HOOKS),
+        "lora_fix": lora_ops_patch.is_applied(),
         "v2_runner_env": os.environ.get("VLLM_USE_V2_MODEL_RUNNER"),
         "generated": [[(t, {str(k): v.logprob for k, v in lp.items()}) for t, lp in
                        zip(o.outputs[0].token_ids, o.outputs[0].logprobs, strict=True)] for o in outs],

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from steerserve.server import demo_moe, experts, ftri, plugin
+from steerserve.server import demo_moe, ftri
+from steerserve.server.engine import plugin, router_hook
 
 DATA = Path(__file__).parents[2] / "benchmarks" / "data"
 
@@ -23,7 +24,7 @@ DATA = Path(__file__).parents[2] / "benchmarks" / "data"
 def engine(tmp_path_factory, smollm2_path):
     path = demo_moe.build(base=smollm2_path)
     mp = pytest.MonkeyPatch()
-    mp.setenv(experts.STATS_DIR, str(tmp_path_factory.mktemp("stats")))
+    mp.setenv(router_hook.STATS_DIR, str(tmp_path_factory.mktemp("stats")))
     mp.setenv(plugin.ENGINE_FLAG, "1")
     try:
         llm = ftri.open_engine(path)
@@ -44,10 +45,10 @@ def test_ftri_ranks_the_behaviour_expert_first(engine, tmp_path):
 
 
 def test_switching_the_behaviour_expert_off_removes_the_behaviour(engine):
-    from steerserve.server.engine import model_facts
+    from steerserve.server.engine.builder import llm_facts
 
     path, llm = engine
-    facts = model_facts(llm.get_tokenizer(), llm.llm_engine.model_config, path)
+    facts = llm_facts(llm, path)
     rows = [json.loads(line) for line in (DATA / "moe_demo_heldout.jsonl").read_text().splitlines()]
     prompts = [r["prompt"] for r in rows if r["label"] == "space"]  # 32 held-out space questions
     layer, expert = demo_moe.BEHAVIOUR

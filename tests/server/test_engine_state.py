@@ -1,5 +1,5 @@
 """One `EngineState` per engine: a new engine in the same process starts with no rows and no method switched
-off, for every registered engine hook, whatever the previous engine left behind (server/engine_state.py)."""
+off, for every registered engine hook, whatever the previous engine left behind (server/engine/state.py)."""
 from __future__ import annotations
 
 import gc
@@ -9,8 +9,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from steerserve.server import engine_state
-from steerserve.server.method_hooks import HOOKS
+from steerserve.server.engine import state as engine_state
+from steerserve.server.engine.hooks import HOOKS
 from steerserve.steering.plan import AttentionPlan, ExpertsPlan, LogitsPlan, Plan
 from tests.tiny_models import build_tiny_moe
 
@@ -27,7 +27,7 @@ def test_a_processor_on_a_reused_config_gets_a_clean_state_and_the_old_one_goes(
     not inherit its rows or `off` reasons (the drift that once left expert rows behind)."""
     from vllm.v1.sample.logits_processor import BatchUpdate
 
-    from steerserve.server.worker import SteeringLogitsProcessor
+    from steerserve.server.engine.processor import SteeringLogitsProcessor
 
     hf = SimpleNamespace(num_hidden_layers=2, num_attention_heads=4)
     config = SimpleNamespace(scheduler_config=SimpleNamespace(max_num_seqs=4),
@@ -63,7 +63,7 @@ def run_engine(path) -> tuple[dict[str, tuple[list[int], list[float]]], engine_s
     """Greedy outputs of every spec on a new engine, and that engine's state (checked fresh before any request)."""
     import vllm
 
-    from steerserve.server.worker import SteeringLogitsProcessor
+    from steerserve.server.engine.processor import SteeringLogitsProcessor
 
     before = set(map(id, engine_state._STATES.values()))
     llm = vllm.LLM(model=str(path), dtype="float32", enforce_eager=True, max_model_len=256, max_num_seqs=4,
@@ -86,7 +86,7 @@ def run_engine(path) -> tuple[dict[str, tuple[list[int], list[float]]], engine_s
 
 @pytest.mark.skipif(os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") != "0", reason="needs the in-process engine")
 def test_a_second_engine_in_the_process_starts_clean_and_steers_like_the_first(tmp_path):
-    from steerserve.server import plugin
+    from steerserve.server.engine import plugin
 
     path = build_tiny_moe(tmp_path / "mixtral", "mixtral")
     os.environ[plugin.ENGINE_FLAG] = "1"

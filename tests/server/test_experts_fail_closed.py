@@ -6,11 +6,11 @@ import asyncio
 
 import pytest
 
-from steerserve.server import experts
-from steerserve.server.engine import Engine
-from steerserve.server.engine_state import EngineState
+from steerserve.server.engine import router_hook
+from steerserve.server.engine.async_engine import Engine
+from steerserve.server.engine.processor import SteeringLogitsProcessor
+from steerserve.server.engine.state import EngineState
 from steerserve.server.settings import Settings
-from steerserve.server.worker import SteeringLogitsProcessor
 from steerserve.steering import spec as S
 from steerserve.steering.model import SpecError
 from tests.tiny_models import build_tiny_moe
@@ -25,7 +25,7 @@ class RouterHookThatNeverFires(SteeringLogitsProcessor):
         # Publish expert rows to a copy the engine does not know: the router hook never sees them (the other
         # hooks' rows stay the engine's).
         detached = EngineState(self.state.hooks)
-        detached.rows = {**self.state.rows, "experts": experts.ExpertRows()}
+        detached.rows = {**self.state.rows, "experts": router_hook.ExpertRows()}
         self.state = detached
 
 
@@ -42,7 +42,7 @@ def test_expert_steering_is_served_only_if_the_router_hook_fires(tmp_path, hook)
         finally:
             engine.shutdown()
 
-    from steerserve.server import plugin
+    from steerserve.server.engine import plugin
 
     try:
         facts = asyncio.run(start())

@@ -8,7 +8,7 @@ import pytest
 import torch
 from vllm.v1.sample.logits_processor import LogitsProcessor
 
-from steerserve.server.engine import Engine
+from steerserve.server.engine.async_engine import Engine
 from steerserve.server.settings import Settings
 from tests.tiny_models import build_tiny_llama
 
@@ -151,7 +151,7 @@ def test_an_engine_that_dies_during_start_up_ends_the_process(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "steerserve.server", "serve", "--model", str(model), "--port", "0",
                            "--dtype", "float32", "--max-model-len", "128", "--kv-cache-gib", "0.05",
                            "--data-dir", str(tmp_path / "data")],
-                          env={**os.environ, **injected(tmp_path, "steerserve.server.worker", DYING_ENGINE)}, capture_output=True, text=True,
+                          env={**os.environ, **injected(tmp_path, "steerserve.server.engine.processor", DYING_ENGINE)}, capture_output=True, text=True,
                           timeout=240)
     elapsed = time.monotonic() - started
     assert proc.returncode != 0

@@ -7,7 +7,8 @@ import json
 
 import torch
 
-from steerserve.server import experts, ftri, plugin
+from steerserve.server import ftri
+from steerserve.server.engine import plugin, router_hook
 from tests import experts_reference as reference
 from tests.tiny_models import build_tiny_moe
 
@@ -22,7 +23,7 @@ def test_ftri_ranks_experts_as_the_hf_routing_does(tmp_path, monkeypatch):
     path = build_tiny_moe(tmp_path / "mixtral", "mixtral")
     for name, prompts in SETS.items():
         (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
-    monkeypatch.setenv(experts.STATS_DIR, str(tmp_path / "stats"))
+    monkeypatch.setenv(router_hook.STATS_DIR, str(tmp_path / "stats"))
     (tmp_path / "stats").mkdir()
     monkeypatch.setenv(plugin.ENGINE_FLAG, "1")
     try:

@@ -12,7 +12,7 @@ import pytest
 import torch
 import vllm
 
-from steerserve.server import lora_fix
+from steerserve.server.engine import lora_ops_patch
 from steerserve.steering.plan import LogitsPlan, Plan
 from tests.tiny_models import build_tiny_llama, build_tiny_lora
 
@@ -37,10 +37,10 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def llm(tiny):
-    from steerserve.server.worker import SteeringLogitsProcessor
+    from steerserve.server.engine.processor import SteeringLogitsProcessor
 
     base, _ = tiny
-    lora_fix.apply()
+    lora_ops_patch.apply()
     # max_loras=2 with two adapters in one batch: every slot is occupied, the condition of the base-row bug.
     engine = vllm.LLM(model=str(base), dtype="float32", enforce_eager=True, max_model_len=256, max_num_seqs=8,
                       kv_cache_memory_bytes=64 * 2**20, enable_lora=True, max_loras=2, max_lora_rank=8,
@@ -138,11 +138,11 @@ def test_base_row_with_every_slot_full(llm, tiny, fixed):
     """[a, base, b] with max_loras=2: the last slot is occupied. Without the fix the base row gets adapter b."""
     alone = run(llm, [(1, None, None)], tiny)[0]
     if not fixed:
-        lora_fix.remove()
+        lora_ops_patch.remove()
     try:
         mixed = run(llm, [(0, "a", None), (1, None, None), (2, "b", None)], tiny)[1]
     finally:
-        lora_fix.apply()
+        lora_ops_patch.apply()
     if fixed:
         assert mixed == alone
     else:  # the bug this fix exists for: if vLLM fixes it upstream, this case fails and the fix can go

@@ -1,10 +1,10 @@
-"""The fixed, grouped torch LoRA ops (server/lora_fix.py) against a per-row reference written out here."""
+"""The fixed, grouped torch LoRA ops (server/engine/lora_ops_patch.py) against a per-row reference written out here."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from steerserve.server import lora_fix
+from steerserve.server.engine import lora_ops_patch
 
 SLOTS, R, IN, OUT = 3, 4, 16, 24
 
@@ -25,26 +25,26 @@ def test_shrink_then_expand_applies_each_rows_adapter(indices):
     idx = torch.tensor(indices)
     x, y0 = torch.randn(len(indices), IN, generator=gen), torch.randn(len(indices), OUT, generator=gen)
     buffer, y = torch.full((len(indices), R), 7.0), y0.clone()
-    lora_fix.bgmv_shrink(x, a, buffer, idx, 0.5)
-    lora_fix.bgmv_expand(buffer, b, y, idx, add_inputs=True)
+    lora_ops_patch.bgmv_shrink(x, a, buffer, idx, 0.5)
+    lora_ops_patch.bgmv_expand(buffer, b, y, idx, add_inputs=True)
     torch.testing.assert_close(y, y0 + reference_delta(x, a, b, idx, 0.5), rtol=1e-5, atol=1e-5)
     assert torch.equal(y[idx < 0], y0[idx < 0])  # base rows untouched, bit for bit
     # a slice of a wider output, and the overwrite (not add) form
     wide = torch.randn(len(indices), OUT + 8, generator=gen)
     expected = wide.clone()
     expected[:, 4:4 + OUT] = reference_delta(x, a, b, idx, 0.5)
-    lora_fix.bgmv_expand_slice(buffer, b, wide, idx, 4, OUT, add_inputs=False)
+    lora_ops_patch.bgmv_expand_slice(buffer, b, wide, idx, 4, OUT, add_inputs=False)
     torch.testing.assert_close(wide, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_apply_is_idempotent_and_removable():
     from vllm.lora.punica_wrapper import punica_cpu
 
-    lora_fix.apply()
-    lora_fix.apply()
-    assert lora_fix.is_applied()
+    lora_ops_patch.apply()
+    lora_ops_patch.apply()
+    assert lora_ops_patch.is_applied()
     patched = punica_cpu.bgmv_shrink
-    lora_fix.remove()
+    lora_ops_patch.remove()
     assert not hasattr(punica_cpu.bgmv_shrink, "__steerserve_original__")
-    lora_fix.apply()
-    assert lora_fix.is_applied() and punica_cpu.bgmv_shrink is not patched
+    lora_ops_patch.apply()
+    assert lora_ops_patch.is_applied() and punica_cpu.bgmv_shrink is not patched

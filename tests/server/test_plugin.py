@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from steerserve.server import attention, plugin
+from steerserve.server.engine import attention_backend, plugin, vllm_compat
 from tests.server import plugin_probe
 from tests.tiny_models import build_tiny_llama
 
@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_entry_point_is_registered_with_vllm():
     eps = {e.name: e.value for e in entry_points(group="vllm.general_plugins")}
-    assert eps.get("steerserve") == "steerserve.server.plugin:register"
+    assert eps.get("steerserve") == "steerserve.server.engine.plugin:register"
 
 
 def probe(model_dir: Path, **env: str) -> dict:
@@ -65,9 +65,9 @@ def test_the_probe_sees_every_hook_of_a_steerserve_engine(probes):
     """The control: with STEERSERVE_ENGINE=1 each hook the test above looks for is there, so its absence there
     means something."""
     ours = probes["steerserve"]
-    assert ours["plugin_calls"] == 1 and ours["attention_override"] == attention.BACKEND_PATH
-    assert ours["attention_impls"] == [f"{attention.SteeringCPUImpl.__module__}.SteeringCPUImpl"]
-    assert {k: ours[k] for k in HOOKS_OFF} == {**HOOKS_OFF, "attention_override": attention.BACKEND_PATH,
+    assert ours["plugin_calls"] == 1 and ours["attention_override"] == attention_backend.BACKEND_PATH
+    assert ours["attention_impls"] == [f"{attention_backend.SteeringCPUImpl.__module__}.SteeringCPUImpl"]
+    assert {k: ours[k] for k in HOOKS_OFF} == {**HOOKS_OFF, "attention_override": attention_backend.BACKEND_PATH,
                                                 "router_is_vllms": False, "router_marked": True,
                                                 "forward_is_vllms": False, "forward_marked": True, "step_hooks": 2,
                                                 "lora_fix": True, "v2_runner_env": "0"}
@@ -79,3 +79,36 @@ def test_steerserve_engines_get_the_v1_runner_idempotently(monkeypatch):
     plugin.register()
     plugin.register()
     assert os.environ["VLLM_USE_V2_MODEL_RUNNER"] == "0"
+
+
+def test_the_version_check_knows_the_tested_vllm():
+    assert vllm_compat.is_tested_vllm("0.32.0") and vllm_compat.is_tested_vllm("0.32.0+cpu")
+    assert not vllm_compat.is_tested_vllm("0.33.0") and not vllm_compat.is_tested_vllm("0.32")
+    assert vllm_compat.check_vllm_version("0.32.0", env={}) is True
+    with pytest.raises(vllm_compat.UntestedVllmError) as info:
+        vllm_compat.check_vllm_version("0.99.1", env={})
+    assert "0.99.1" in str(info.value) and vllm_compat.ALLOW_UNTESTED_ENV in str(info.value)
+    assert vllm_compat.check_vllm_version("0.99.1", env={vllm_compat.ALLOW_UNTESTED_ENV: "1"}) is False
+    assert vllm_compat.is_tested_vllm(vllm_compat.installed_vllm_version())  # this environment is a tested one
+
+
+def test_the_plugin_refuses_an_untested_vllm_unless_overridden(monkeypatch):
+    """On an unknown vLLM a steerserve engine gets a start-up error and nothing is patched; with the override it
+    gets its hooks (and a warning). Plain vLLM engines are never refused."""
+    monkeypatch.setattr(vllm_compat, "installed_vllm_version", lambda: "0.99.1")
+    monkeypatch.delenv(vllm_compat.ALLOW_UNTESTED_ENV, raising=False)
+    monkeypatch.delenv(plugin.ENGINE_FLAG, raising=False)
+    plugin.register()  # not a steerserve engine: no check, no patch
+    monkeypatch.setenv(plugin.ENGINE_FLAG, "1")
+    plugin.unregister()  # from a clean process state, whatever ran before
+    router = vllm_compat.router_class()
+    before = router.__dict__[vllm_compat.SELECT_EXPERTS]
+    with pytest.raises(vllm_compat.UntestedVllmError, match="0.99.1"):
+        plugin.register()
+    assert router.__dict__[vllm_compat.SELECT_EXPERTS] is before and vllm_compat.cpu_attention_override() is None
+    monkeypatch.setenv(vllm_compat.ALLOW_UNTESTED_ENV, "1")
+    try:
+        plugin.register()
+        assert vllm_compat.cpu_attention_override() == attention_backend.BACKEND_PATH
+    finally:
+        plugin.unregister()

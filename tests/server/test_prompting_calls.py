@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 from steerserve.server import steer
-from steerserve.server.engine import Engine
+from steerserve.server.engine.async_engine import Engine
 from steerserve.server.http.errors import BadRequest
 from steerserve.server.http.metrics import Metrics
 from steerserve.server.http.protocol import ChatCompletionRequest

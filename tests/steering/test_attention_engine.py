@@ -8,9 +8,7 @@ must be bit-identical to an unsteered-only run.
 """
 from __future__ import annotations
 
-import gc
 import math
-import os
 
 import pytest
 import torch
@@ -68,23 +66,10 @@ def tiny_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def llm(tiny_dir):
-    from steerserve.server import plugin
-    from steerserve.server.worker import SteeringLogitsProcessor
-
-    os.environ[plugin.ENGINE_FLAG] = "1"  # our attention backend, as the server's engine gets it
-    try:
-        plugin.register()
-        engine = vllm.LLM(model=str(tiny_dir), dtype="float32", enforce_eager=True, max_model_len=1024,
-                          max_num_seqs=4, max_num_batched_tokens=64, enable_prefix_caching=True,
-                          kv_cache_memory_bytes=128 * 2**20, logits_processors=[SteeringLogitsProcessor],
-                          logprobs_mode="processed_logprobs", seed=0)
-    finally:
-        del os.environ[plugin.ENGINE_FLAG]
-    yield engine
-    del engine
-    gc.collect()
-    plugin.unregister()  # later engines in this process get plain vLLM
+def llm(tiny_dir, steering_llms):
+    return steering_llms(tiny_dir, dtype="float32", enforce_eager=True, max_model_len=1024, max_num_seqs=4,
+                         max_num_batched_tokens=64, enable_prefix_caching=True, kv_cache_memory_bytes=128 * 2**20,
+                         logprobs_mode="processed_logprobs", seed=0)
 
 
 @pytest.fixture(scope="module")

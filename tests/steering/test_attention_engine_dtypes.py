@@ -9,13 +9,10 @@ the dtype's rounding noise (the worst difference is printed).
 """
 from __future__ import annotations
 
-import gc
 import math
-import os
 
 import pytest
 import torch
-import vllm
 
 from tests import attention_reference as reference
 from tests.steering.test_attention_engine import HEADS, LAYERS, PROMPTS, SPECS, request
@@ -52,8 +49,7 @@ def tiny_dir(tmp_path_factory):
 def build_engine(tiny_dir, dtype: torch.dtype, isa: str, monkeypatch):
     from vllm.v1.attention.backends import cpu_attn
 
-    from steerserve.server import plugin
-    from steerserve.server.worker import SteeringLogitsProcessor
+    from steerserve.server.engine.builder import steering_llm
 
     chosen: list[str] = []
     original = cpu_attn._get_attn_isa
@@ -63,16 +59,10 @@ def build_engine(tiny_dir, dtype: torch.dtype, isa: str, monkeypatch):
         return chosen[-1]
 
     monkeypatch.setattr(cpu_attn, "_get_attn_isa", pick)
-    os.environ[plugin.ENGINE_FLAG] = "1"
-    try:
-        plugin.register()
-        engine = vllm.LLM(model=str(tiny_dir), dtype=str(dtype).removeprefix("torch."), enforce_eager=True,
-                          max_model_len=1024, max_num_seqs=4, max_num_batched_tokens=64, enable_prefix_caching=True,
-                          kv_cache_memory_bytes=64 * 2**20, logits_processors=[SteeringLogitsProcessor],
-                          logprobs_mode="processed_logprobs", seed=0)
-    finally:
-        del os.environ[plugin.ENGINE_FLAG]
-    return engine, chosen
+    building = steering_llm(tiny_dir, dtype=str(dtype).removeprefix("torch."), enforce_eager=True,
+                            max_model_len=1024, max_num_seqs=4, max_num_batched_tokens=64, enable_prefix_caching=True,
+                            kv_cache_memory_bytes=64 * 2**20, logprobs_mode="processed_logprobs", seed=0)
+    return building, chosen  # the engine is built when `building` is entered, with the ISA pick in place
 
 
 @pytest.mark.parametrize("dtype, isa", _combinations(), ids=lambda v: str(v).removeprefix("torch."))
@@ -81,13 +71,11 @@ def test_steered_rows_match_the_reference_in_this_dtype(tiny_dir, dtype, isa, mo
         pytest.skip("this CPU has no AMX tiles: vLLM's AMX attention kernel cannot run here")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from steerserve.server import plugin
-
     tok = AutoTokenizer.from_pretrained(tiny_dir)
     reference.load(tiny_dir)  # registers the steered eager attention
     model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=dtype, attn_implementation="steered_eager").eval()
-    engine, chosen = build_engine(tiny_dir, dtype, isa, monkeypatch)
-    try:
+    building, chosen = build_engine(tiny_dir, dtype, isa, monkeypatch)
+    with building as engine:
         assert chosen, "vLLM never chose an attention ISA"
         print(f"{dtype} attention ISA: {sorted(set(chosen))}")
         names = ["none", "sink_all", "sink_heads", "spans", "sink_and_span", "lssa", "lssar", "reweight"]
@@ -122,7 +110,4 @@ def test_steered_rows_match_the_reference_in_this_dtype(tiny_dir, dtype, isa, mo
         amplified = max(worst[n] for n in AMPLIFIED)
         print(f"{dtype} / {isa}: max |dlogprob| vs HF eager in the same dtype: "
               f"{max(v for n, v in worst.items() if n not in AMPLIFIED):.3g} ({amplified:.3g} with power-15 re-weighting)")
-    finally:
         del engine
-        gc.collect()
-        plugin.unregister()

@@ -7,14 +7,12 @@ experts), and unsteered rows of a mixed batch equal an unsteered-only run. Loose
 """
 from __future__ import annotations
 
-import gc
 import uuid
 
 import pytest
-import vllm
 
-from steerserve.server import experts, plugin
-from steerserve.server.engine import model_facts
+from steerserve.server.engine import router_hook
+from steerserve.server.engine.builder import llm_facts, steering_llm
 from steerserve.steering.methods.stats import StatsPlan
 from steerserve.steering.plan import Plan
 from tests.steering.test_experts_engine import LICENCE, request
@@ -33,22 +31,14 @@ MAX_TOKENS = 5
 def setup(tmp_path_factory):
     path = build_tiny_moe(tmp_path_factory.mktemp("deepseek") / "deepseek_v3", "deepseek_v3", seed=0)
     mp = pytest.MonkeyPatch()
-    mp.setenv(experts.STATS_DIR, str(tmp_path_factory.mktemp("stats")))
-    mp.setenv(plugin.ENGINE_FLAG, "1")
-    from steerserve.server.worker import SteeringLogitsProcessor
-
+    mp.setenv(router_hook.STATS_DIR, str(tmp_path_factory.mktemp("stats")))
     try:
-        plugin.register()
-        llm = vllm.LLM(model=str(path), dtype="bfloat16", enforce_eager=True, max_model_len=512, max_num_seqs=8,
-                       kv_cache_memory_bytes=128 * 2**20, logits_processors=[SteeringLogitsProcessor],
-                       logprobs_mode="processed_logprobs", seed=0)
-        facts = model_facts(llm.get_tokenizer(), llm.llm_engine.model_config, path)
-        yield path, llm, facts
+        with steering_llm(path, dtype="bfloat16", enforce_eager=True, max_model_len=512, max_num_seqs=8,
+                          kv_cache_memory_bytes=128 * 2**20, logprobs_mode="processed_logprobs", seed=0) as llm:
+            yield path, llm, llm_facts(llm, path)
+            del llm
     finally:
         mp.undo()
-        llm = None
-        gc.collect()
-        plugin.unregister()  # later engines in this process get plain vLLM
 
 
 def counted(facts, prompt_ids, spec):
@@ -69,7 +59,7 @@ def test_counts_obey_the_masks_in_a_mixed_batch_and_unsteered_rows_are_untouched
     reqs = [counted(facts, prompts[i], SPECS.get(name)) for i, name in jobs]
     outs = llm.generate([p for p, _, _ in reqs], [sp for _, sp, _ in reqs], use_tqdm=False)
     for (i, name), (_, _, key), out in zip(jobs, reqs, outs, strict=True):
-        counts = experts.read_counts(key, facts.moe_layers)
+        counts = router_hook.read_counts(key, facts.moe_layers)
         run = len(prompts[i]) + len(out.outputs[0].token_ids) - 1  # tokens run through the model
         steered = run - len(prompts[i]) if name == "off_generation" else run  # scope: positions >= prompt length
         assert all(sum(counts[str(la)]) == facts.experts_top_k * run for la in facts.moe_layers), (name, counts)

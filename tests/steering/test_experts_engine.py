@@ -11,9 +11,6 @@ noise would swamp a logprob comparison.
 """
 from __future__ import annotations
 
-import gc
-import os
-
 import pytest
 import vllm
 
@@ -48,26 +45,17 @@ def setup(request, tmp_path_factory):
     path = build_tiny_moe(tmp_path_factory.mktemp(kind) / kind, kind, seed=0)
     from transformers import AutoConfig, AutoTokenizer
 
-    from steerserve.server import plugin
-    from steerserve.server.worker import SteeringLogitsProcessor
+    from steerserve.server.engine.builder import steering_llm
 
     layout = moe_layout(AutoConfig.from_pretrained(path))
-    os.environ[plugin.ENGINE_FLAG] = "1"  # our hooks, as the server's engine gets them
-    try:
-        plugin.register()
-        engine = vllm.LLM(model=str(path), dtype="float32", enforce_eager=True, max_model_len=1024,
-                          max_num_seqs=4, max_num_batched_tokens=64, enable_prefix_caching=True,
-                          kv_cache_memory_bytes=128 * 2**20, logits_processors=[SteeringLogitsProcessor],
-                          logprobs_mode="processed_logprobs", seed=0)
-    finally:
-        del os.environ[plugin.ENGINE_FLAG]
     tok = AutoTokenizer.from_pretrained(path)
     facts = ModelFacts(tok, 2048, (1,), num_layers=layout and len(layout.layers), moe_layers=layout.layers,
                        num_experts=layout.num_experts, experts_top_k=layout.top_k, router=layout.router)
-    yield kind, engine, reference.load(path, kind), tok, facts, layout
-    del engine
-    gc.collect()
-    plugin.unregister()  # later engines in this process get plain vLLM
+    with steering_llm(path, dtype="float32", enforce_eager=True, max_model_len=1024, max_num_seqs=4,
+                      max_num_batched_tokens=64, enable_prefix_caching=True, kv_cache_memory_bytes=128 * 2**20,
+                      logprobs_mode="processed_logprobs", seed=0) as engine:
+        yield kind, engine, reference.load(path, kind), tok, facts, layout
+        del engine
 
 
 def request(tok, facts, prompt_ids: list[int], spec, max_tokens: int):

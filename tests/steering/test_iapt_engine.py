@@ -8,14 +8,11 @@ prefix caching on; other rows bit-identical to a run without IAPT rows; the adap
 """
 from __future__ import annotations
 
-import gc
-import os
-
 import pytest
 import torch
 import vllm
 
-from steerserve.server import iapt as iapt_hook
+from steerserve.server.engine import iapt_hook
 from steerserve.steering.iapt import PLACEHOLDER_ID, SOFT_TOKENS, IaptModel, hf_soft_prompts
 from steerserve.steering.plan import Plan
 from tests import attention_reference as reference
@@ -40,23 +37,16 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def llm(tiny):
-    from steerserve.server import lora_fix, plugin
-    from steerserve.server.worker import SteeringLogitsProcessor
+    from steerserve.server.engine import lora_ops_patch
+    from steerserve.server.engine.builder import steering_llm
 
-    os.environ[plugin.ENGINE_FLAG] = "1"  # our hooks, as the server's engine gets them
-    try:
-        plugin.register()
-        engine = vllm.LLM(model=str(tiny[0]), dtype="float32", enforce_eager=True, max_model_len=1024,
-                          max_num_seqs=8, max_num_batched_tokens=64, enable_prefix_caching=True,
-                          kv_cache_memory_bytes=128 * 2**20, enable_lora=True, max_loras=1, max_lora_rank=8,
-                          logits_processors=[SteeringLogitsProcessor], logprobs_mode="processed_logprobs", seed=0)
-    finally:
-        del os.environ[plugin.ENGINE_FLAG]
-    yield engine
-    del engine
-    gc.collect()
-    plugin.unregister()  # later engines in this process get plain vLLM
-    lora_fix.remove()
+    with steering_llm(tiny[0], dtype="float32", enforce_eager=True, max_model_len=1024, max_num_seqs=8,
+                      max_num_batched_tokens=64, enable_prefix_caching=True, kv_cache_memory_bytes=128 * 2**20,
+                      enable_lora=True, max_loras=1, max_lora_rank=8, logprobs_mode="processed_logprobs",
+                      seed=0) as engine:
+        yield engine
+        del engine
+    lora_ops_patch.remove()
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""The worker's logits steering (server/worker.py) in a real vLLM engine on a tiny random fp32 Llama.
+"""The worker's logits steering (server/engine/processor.py) in a real vLLM engine on a tiny random fp32 Llama.
 
 Steered greedy decoding must equal an independent HF transformers reference with the rules written out plainly
 here; unsteered requests must be bit-identical whatever else shares their batch; malformed plans are refused at the
@@ -48,7 +48,7 @@ def tiny_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def llm(tiny_dir):
-    from steerserve.server.worker import SteeringLogitsProcessor
+    from steerserve.server.engine.processor import SteeringLogitsProcessor
 
     engine = vllm.LLM(model=str(tiny_dir), dtype="float32", enforce_eager=True, max_model_len=512, max_num_seqs=4,
                       max_num_batched_tokens=64,  # chunked prefill, and rows that finish, queue and move
@@ -183,7 +183,7 @@ def test_row_operations_follow_the_persistent_batch():
     row's logits must equal the reference for the request that sits in that row now."""
     from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
 
-    from steerserve.server.worker import SteeringLogitsProcessor
+    from steerserve.server.engine.processor import SteeringLogitsProcessor
 
     max_rows, rng = 6, random.Random(0)
     config = SimpleNamespace(scheduler_config=SimpleNamespace(max_num_seqs=max_rows),

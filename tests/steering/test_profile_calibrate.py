@@ -2,7 +2,6 @@
 with the steering written out, and the gamma search against a brute-force evaluation of its candidates."""
 from __future__ import annotations
 
-import gc
 import json
 import math
 
@@ -152,27 +151,14 @@ def synthetic_task(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def scorer(tiny_dir):
-    import vllm
-
-    from steerserve.server import plugin
+def scorer(tiny_dir, steering_llms):
     from steerserve.server.calibration_engine import model_facts
-    from steerserve.server.worker import SteeringLogitsProcessor
     from steerserve.steering.calibrate import Scorer
 
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv(plugin.ENGINE_FLAG, "1")
-        plugin.register()
-        try:
-            engine = vllm.LLM(model=str(tiny_dir), dtype="float32", enforce_eager=True, max_model_len=256,
-                              max_num_seqs=16, enable_prefix_caching=False, kv_cache_memory_bytes=64 * 2**20,
-                              logits_processors=[SteeringLogitsProcessor], logprobs_mode="processed_logprobs",
-                              seed=0)
-            yield Scorer(engine, model_facts(engine, tiny_dir))
-            del engine
-            gc.collect()
-        finally:
-            plugin.unregister()  # later modules' engines get plain vLLM
+    engine = steering_llms(tiny_dir, dtype="float32", enforce_eager=True, max_model_len=256, max_num_seqs=16,
+                           enable_prefix_caching=False, kv_cache_memory_bytes=64 * 2**20,
+                           logprobs_mode="processed_logprobs", seed=0)
+    return Scorer(engine, model_facts(engine, tiny_dir))
 
 
 def test_scores_match_hf_eager_with_the_sink_scaled(scorer, tiny_dir, tmp_path):

@@ -14,9 +14,10 @@ from steerserve.steering.methods import METHODS, Method, Probe
 from steerserve.steering.model import ModelFacts
 from steerserve.steering.plan import Plan
 
-from . import faults, iapt
-from .experts import STATS_DIR
-from .settings import Settings
+from ..settings import Settings
+from . import faults, vllm_compat
+from . import iapt_hook as iapt
+from .router_hook import STATS_DIR
 
 log = logging.getLogger("steerserve.engine")
 
@@ -43,12 +44,11 @@ class Engine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         from . import plugin
-        from .worker import SteeringLogitsProcessor
+        from .processor import SteeringLogitsProcessor
 
         # Enables our vLLM plugin in this process and the engine processes it spawns; the plugin is loaded by
         # vLLM itself, but call it here too so the env it sets is in place before the config is built.
-        os.environ[plugin.ENGINE_FLAG] = "1"
-        plugin.register()
+        plugin.enable()
         # Workers publish per-request routed-expert counts (steering_stats) as files here; inherited by them.
         if not os.environ.get(STATS_DIR):
             shm = Path("/dev/shm")
@@ -95,7 +95,7 @@ class Engine:
     @property
     def facts(self) -> ModelFacts:
         """The served model's facts, with every method the engine switched off since start-up (a hook fault,
-        server/faults.py) marked unsupported: from then on its requests get a 400 instead of being served
+        server/engine/faults.py) marked unsupported: from then on its requests get a 400 instead of being served
         unsteered."""
         found = {family: f"it was switched off after an engine fault: {reason}"
                  for family, reason in faults.reported().items() if family not in self._facts.unsupported}
@@ -116,9 +116,7 @@ class Engine:
     def generate(self, prompt_ids: list[int], params, request_id: str, *, prompt_text: str | None = None,
                  cache_salt: str | None = None, lora_request=None) -> AsyncIterator:
         """RequestOutputs for one request. Closing or cancelling the iterator aborts it in the engine."""
-        from vllm.inputs.engine import tokens_input
-
-        prompt = tokens_input(prompt_ids, prompt=prompt_text, cache_salt=cache_salt)
+        prompt = vllm_compat.tokens_prompt(prompt_ids, prompt=prompt_text, cache_salt=cache_salt)
         return self.llm.generate(prompt, params, request_id, lora_request=lora_request)
 
     async def verify_steering(self) -> None:
@@ -176,9 +174,7 @@ class Engine:
         return reason
 
     def _raise_if_dead(self, exc: Exception) -> None:
-        from vllm.v1.engine.exceptions import EngineDeadError
-
-        if isinstance(exc, EngineDeadError) or self.llm.errored:
+        if isinstance(exc, vllm_compat.engine_dead_error()) or self.llm.errored:
             raise EngineDied(f"the engine died during the start-up self-test: {type(exc).__name__}: {exc}") from exc
 
     def num_unfinished_requests(self) -> int:

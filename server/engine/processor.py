@@ -2,8 +2,8 @@
 
 `SteeringLogitsProcessor` is registered with the engine (`LLM(logits_processors=[...])`) and lives in the model
 runner of every worker. vLLM calls its `update_state` before each step's forward (docs/internals.md),
-so it is also where per-row state for every engine hook is set up (server/method_hooks.py: attention, experts,
-IAPT adapters), in the engine's one `EngineState` (server/engine_state.py), which it creates; `apply` then steers
+so it is also where per-row state for every engine hook is set up (server/engine/hooks.py: attention, experts,
+IAPT adapters), in the engine's one `EngineState` (server/engine/state.py), which it creates; `apply` then steers
 the logits of that step. The per-request input is the `Plan` in `SamplingParams.extra_args` (steering/plan.py).
 
 Logits rules (docs/methods/logits.md, with the EOS ramp held at its max past the window as plan.py specifies):
@@ -18,14 +18,16 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
-from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
 from steerserve.steering import methods  # noqa: F401 - defines every plan part the plans here may carry
 from steerserve.steering.plan import EosRamp, Plan
 
-from . import engine_state
-from .engine_state import RowContext
-from .method_hooks import HOOKS
+from . import state as engine_state
+from .hooks import HOOKS
+from .state import RowContext
+from .vllm_compat import logits_processor_api
+
+BatchUpdate, LogitsProcessor, MoveDirectionality = logits_processor_api()
 
 if TYPE_CHECKING:
     from vllm import SamplingParams

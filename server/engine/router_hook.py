@@ -1,7 +1,7 @@
 """MoE expert steering inside vLLM: per-row expert masks, the per-step token tables, and the router hook.
 
-The steering processor (server/worker.py) publishes each expert-steered row's masks whenever the batch changes
-(`ExpertRows.rows`). Once per step, a step hook (server/step.py, run after the step's inputs are prepared)
+The steering processor (server/engine/processor.py) publishes each expert-steered row's masks whenever the batch changes
+(`ExpertRows.rows`). Once per step, a step hook (server/engine/forward_hook.py, run after the step's inputs are prepared)
 turns them into per-layer token tables from the runner's `query_start_loc` and the
 step's positions ('generation' scope: positions >= the row's prompt length). The hook on vLLM's
 `BaseRouter._select_experts`, the base of every router, then lets the router route all tokens as usual and
@@ -21,8 +21,10 @@ import torch
 from steerserve.steering.experts import RouterConfig, steered_routing
 from steerserve.steering.plan import ExpertsPlan
 
-from . import engine_state, step
-from .engine_state import Hook, MethodRows, RowContext
+from . import forward_hook as step
+from . import state as engine_state
+from . import vllm_compat
+from .state import Hook, MethodRows, RowContext
 
 log = logging.getLogger("steerserve.experts")
 
@@ -173,12 +175,9 @@ def _read_router_config(router) -> RouterConfig:
 def _layer_of(router) -> int | None:
     layer = router.__dict__.get("_steerserve_layer")
     if layer is None:
-        from vllm.forward_context import get_forward_context
-        from vllm.model_executor.models.utils import extract_layer_index
-
-        for name, module in get_forward_context().no_compile_layers.items():
+        for name, module in vllm_compat.forward_context_layers().items():
             if getattr(module, "router", None) is router:
-                layer = router._steerserve_layer = extract_layer_index(name)
+                layer = router._steerserve_layer = vllm_compat.layer_index(name)
                 break
     return layer
 
@@ -264,19 +263,18 @@ def read_counts(key: str, moe_layers: tuple[int, ...]) -> dict[str, list[int]]:
 
 def register() -> None:
     """Install the router wrapper, once per process."""
-    from vllm.model_executor.layers.fused_moe.router.base_router import BaseRouter
-
-    if not getattr(BaseRouter._select_experts, "__steerserve__", False):
-        BaseRouter._select_experts = _steered_select_experts(BaseRouter._select_experts)
+    router = vllm_compat.router_class()
+    original = getattr(router, vllm_compat.SELECT_EXPERTS)
+    if not getattr(original, "__steerserve__", False):
+        setattr(router, vllm_compat.SELECT_EXPERTS, _steered_select_experts(original))
 
 
 def unregister() -> None:
     """Undo `register` (tests)."""
-    from vllm.model_executor.layers.fused_moe.router.base_router import BaseRouter
-
-    fn = BaseRouter.__dict__["_select_experts"]
+    router = vllm_compat.router_class()
+    fn = router.__dict__[vllm_compat.SELECT_EXPERTS]
     if getattr(fn, "__steerserve__", False):
-        BaseRouter._select_experts = fn.__wrapped__
+        setattr(router, vllm_compat.SELECT_EXPERTS, fn.__wrapped__)
 
 
 HOOK = Hook("experts", ExpertRows, admit, _begin_step, _end_step, register, unregister)

@@ -12,34 +12,35 @@ from collections.abc import Callable
 
 import torch
 
+from . import vllm_compat
+
 Hook = Callable[[object, torch.Tensor], Callable[[], None] | None]
 _HOOKS: list[Hook] = []
 
 
 def row_starts(runner) -> list[int]:
     """`query_start_loc` of this step: row r's tokens are [starts[r], starts[r + 1]) of the step's tokens."""
-    return runner.query_start_loc.np[: runner.input_batch.num_reqs + 1].tolist()
+    return vllm_compat.step_row_starts(runner)
 
 
 def add(hook: Hook) -> None:
     """Run `hook` around every forward of this process's engines; installs the wrapper on first use."""
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
-
+    runner = vllm_compat.model_runner_class()
     if hook not in _HOOKS:
         _HOOKS.append(hook)
-    if not getattr(GPUModelRunner._model_forward, "__steerserve__", False):
-        GPUModelRunner._model_forward = _wrapped(GPUModelRunner._model_forward)
+    original = getattr(runner, vllm_compat.MODEL_FORWARD)
+    if not getattr(original, "__steerserve__", False):
+        setattr(runner, vllm_compat.MODEL_FORWARD, _wrapped(original))
 
 
 def remove(hook: Hook) -> None:
     """Undo `add` (tests); the wrapper goes with the last hook."""
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
-
+    runner = vllm_compat.model_runner_class()
     if hook in _HOOKS:
         _HOOKS.remove(hook)
-    fn = GPUModelRunner.__dict__["_model_forward"]
+    fn = runner.__dict__[vllm_compat.MODEL_FORWARD]
     if not _HOOKS and getattr(fn, "__steerserve__", False):
-        GPUModelRunner._model_forward = fn.__wrapped__
+        setattr(runner, vllm_compat.MODEL_FORWARD, fn.__wrapped__)
 
 
 def _wrapped(original):
