@@ -69,7 +69,7 @@ def test_the_probe_sees_every_hook_of_a_steerserve_engine(probes):
     assert ours["attention_impls"] == [f"{attention_backend.SteeringCPUImpl.__module__}.SteeringCPUImpl"]
     assert {k: ours[k] for k in HOOKS_OFF} == {**HOOKS_OFF, "attention_override": attention_backend.BACKEND_PATH,
                                                 "router_is_vllms": False, "router_marked": True,
-                                                "forward_is_vllms": False, "forward_marked": True, "step_hooks": 2,
+                                                "forward_is_vllms": False, "forward_marked": True, "step_hooks": 1,  # the EngineState step hook, shared by every method
                                                 "lora_fix": True, "v2_runner_env": "0"}
 
 
