@@ -44,7 +44,7 @@ def write_adapters(model: Path, out: Path, n: int, rank: int, seed: int = 0) -> 
     import torch
     from safetensors.torch import save_file
 
-    from steerserve.server.adapters import ServedModel
+    from steerserve.server.adapters.registry import ServedModel
 
     shapes = ServedModel.from_checkpoint(model, model.name, rank).linear_shapes
     modules = sorted(m for m in shapes if m.rsplit(".", 1)[-1] in TARGETS)

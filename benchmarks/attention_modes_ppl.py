@@ -36,7 +36,7 @@ def main() -> None:
     from vllm import SamplingParams
 
     from steerserve.server.engine.builder import llm_facts, open_steering_llm
-    from steerserve.server.models import fetch_smollm2
+    from steerserve.server.models.store import fetch_smollm2
     from steerserve.steering.plan import AttentionPlan, Plan
 
     path = fetch_smollm2()

@@ -2,7 +2,7 @@
 
     python -m benchmarks.ftri_demo [--max-tokens 48]
 
-Builds (or reuses) the demo MoE (`steerserve models build smollm2-moe`, server/demo_moe.py), runs fTRI on the
+Builds (or reuses) the demo MoE (`steerserve models build smollm2-moe`, server/models/demo_moe.py), runs fTRI on the
 training set benchmarks/data/moe_demo_ftri.jsonl, classes from the greedy responses (`banana` when the answer
 matches the behaviour regex, else `other`), then measures the behaviour's rate (greedy answers matching the regex)
 on the held-out set benchmarks/data/moe_demo_heldout.jsonl (other subjects and other question forms) with no
@@ -29,7 +29,7 @@ TRAIN, HELDOUT = DATA / "moe_demo_ftri.jsonl", DATA / "moe_demo_heldout.jsonl"
 
 def behaviour_rates(llm, facts, spec: dict | None, rows: list[dict], max_tokens: int) -> dict:
     """The fraction of greedy answers with the behaviour, overall and per label, under `spec`."""
-    from steerserve.server.demo_moe import behaviour_hits
+    from steerserve.server.models.demo_moe import behaviour_hits
 
     hits, texts = behaviour_hits(llm, facts, spec, [r["prompt"] for r in rows], max_tokens)
     rates = {"all": sum(hits) / len(hits)}
@@ -44,9 +44,10 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=48, help="answer length, held-out and fTRI classification")
     args = ap.parse_args()
 
-    from steerserve.server import demo_moe, ftri
     from steerserve.server.engine.builder import llm_facts
-    from steerserve.server.models import fetch_smollm2
+    from steerserve.server.models import demo_moe
+    from steerserve.server.models.store import fetch_smollm2
+    from steerserve.server.tools import ftri
 
     path = demo_moe.build(base=fetch_smollm2)
     llm = ftri.open_engine(path)

@@ -1,4 +1,4 @@
-"""The "ahoy" demo as a LoRA and as an IAPT adapter, trained on the same examples (server/demo_adapters.py): the share
+"""The "ahoy" demo as a LoRA and as an IAPT adapter, trained on the same examples (server/adapters/demos.py): the share
 of greedy answers to the held-out questions (`HELD_OUT`, in neither training set) that open with "Ahoy", for the
 base model, the LoRA and the IAPT adapter, with parameter counts and training times. HF transformers, fp32, 24 new
 tokens; both demos are built first if they are not in the cache. Two IAPT variants are trained here on the same
@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     from peft import PeftModel
     from safetensors import safe_open
 
-    from steerserve.server.demo_adapters import (
+    from steerserve.server.adapters.demos import (
         DEMOS,
         HELD_OUT,
         build_demo,
@@ -37,9 +37,9 @@ def main(argv: list[str] | None = None) -> int:
         greeting_examples,
         greeting_rate,
     )
-    from steerserve.server.iapt_train import greedy_answer, load_base, model_shape, train
-    from steerserve.server.models import resolve_model
+    from steerserve.server.models.store import resolve_model
     from steerserve.server.settings import Settings
+    from steerserve.server.training.iapt import greedy_answer, load_base, model_shape, train
     from steerserve.steering.iapt import IaptConfig, IaptModel
 
     model_path = resolve_model(a.model, Settings.load().cache)

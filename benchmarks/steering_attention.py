@@ -37,7 +37,7 @@ def main() -> None:
     from vllm import SamplingParams
 
     from steerserve.server.engine.builder import llm_facts, open_steering_llm
-    from steerserve.server.models import fetch_smollm2
+    from steerserve.server.models.store import fetch_smollm2
     from steerserve.steering import spec as S
 
     path = fetch_smollm2()

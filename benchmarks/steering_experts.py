@@ -41,8 +41,8 @@ def main() -> None:
 
     from vllm import SamplingParams
 
-    from steerserve.server.demo_moe import build as build_demo_moe
     from steerserve.server.engine.builder import llm_facts, open_steering_llm
+    from steerserve.server.models.demo_moe import build as build_demo_moe
     from steerserve.steering import spec as S
     from tests.tiny_models import build_tiny_moe
 

@@ -35,7 +35,7 @@ def main() -> None:
 
     from steerserve.server.engine.builder import llm_facts
     from steerserve.server.engine.processor import SteeringLogitsProcessor
-    from steerserve.server.models import fetch_smollm2
+    from steerserve.server.models.store import fetch_smollm2
     from steerserve.steering import spec as S
 
     path = fetch_smollm2()

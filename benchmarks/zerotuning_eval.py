@@ -18,8 +18,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from steerserve.server.calibration_engine import open_engine
-from steerserve.server.models import resolve_model
+from steerserve.server.models.store import resolve_model
+from steerserve.server.tools.calibration_engine import open_engine
 from steerserve.steering import calibrate as C
 from steerserve.steering import spec as S
 from steerserve.steering.tasks import SHIPPED, load_tasks

@@ -67,7 +67,7 @@ class Server:
 
 @pytest.fixture(scope="session")
 def smollm2_path() -> Path:
-    from steerserve.server.models import fetch_smollm2
+    from steerserve.server.models.store import fetch_smollm2
 
     return fetch_smollm2()
 

@@ -41,8 +41,8 @@ def run(args: argparse.Namespace) -> int:
 
 def build_demo_adapters(args: argparse.Namespace) -> int:
     """Train the named demo adapters (default: all) and print their directories; 1 on an unknown name or model."""
-    from ..demo_adapters import DEMOS, IAPT_DEMOS, build_demo, build_iapt_demo
-    from ..models import ModelFetchError, resolve_model
+    from steerserve.server.adapters.demos import DEMOS, IAPT_DEMOS, build_demo, build_iapt_demo
+    from steerserve.server.models.store import ModelFetchError, resolve_model
 
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     known = [*DEMOS, *IAPT_DEMOS]
@@ -67,8 +67,8 @@ def build_demo_adapters(args: argparse.Namespace) -> int:
 
 def train_iapt_adapter(args: argparse.Namespace) -> int:
     """Train one IAPT adapter into --out and print a one-line summary; 1 on bad data, model or paths."""
-    from ..iapt_train import DataError, train_iapt
-    from ..models import ModelFetchError, resolve_model
+    from steerserve.server.models.store import ModelFetchError, resolve_model
+    from steerserve.server.training.iapt import DataError, train_iapt
 
     try:
         model_path = resolve_model(args.model, Settings.load().cache)

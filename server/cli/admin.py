@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def tenants(args: argparse.Namespace, data_dir: Path) -> int:
-    from ..tenants import TenantSettingsUpdate, TenantStore
+    from steerserve.server.stores.tenants import TenantSettingsUpdate, TenantStore
 
     store = TenantStore(data_dir / "profiles.sqlite3")
     if args.tenants_command == "set":
@@ -56,7 +56,7 @@ def tenants(args: argparse.Namespace, data_dir: Path) -> int:
 
 
 def urial(args: argparse.Namespace, data_dir: Path) -> int:
-    from ..prompting import PrefixStore
+    from steerserve.server.frontend.prompt_methods import PrefixStore
 
     prefixes = PrefixStore(data_dir / "urial")
     if args.urial_command == "add":

@@ -35,13 +35,12 @@ def run(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
+    from steerserve.server.models.store import resolve_model
+    from steerserve.server.stores.profiles import GLOBAL, ProfileStore, validate_name
+    from steerserve.server.tools.calibration_engine import open_engine
     from steerserve.steering import calibrate as C
     from steerserve.steering import spec as S
     from steerserve.steering.tasks import SHIPPED, load_tasks
-
-    from ..calibration_engine import open_engine
-    from ..models import resolve_model
-    from ..profiles import GLOBAL, ProfileStore, validate_name
 
     try:
         settings = Settings.load()

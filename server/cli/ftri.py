@@ -27,8 +27,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Write ftri.json, ftri.png and profile.json under --out and print the top experts; 1 when no model."""
-    from ..ftri import run as run_ftri
-    from ..models import ModelFetchError, resolve_model
+    from steerserve.server.models.store import ModelFetchError, resolve_model
+    from steerserve.server.tools.ftri import run as run_ftri
 
     try:
         model_path = resolve_model(str(args.model), Settings.load().cache)

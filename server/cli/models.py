@@ -22,8 +22,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Print the model's directory; 1 when fetching or building fails."""
-    from .. import demo_moe
-    from ..models import KNOWN_MODELS, ModelFetchError, fetch, fetch_smollm2
+    from steerserve.server.models import demo_moe
+    from steerserve.server.models.store import KNOWN_MODELS, ModelFetchError, fetch, fetch_smollm2
 
     try:
         if args.models_command == "build":

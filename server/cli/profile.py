@@ -27,9 +27,8 @@ def run(args: argparse.Namespace) -> int:
     """Write the profile (JSON, and a PNG beside it); 1 when the model or the texts cannot be read."""
     from tqdm import tqdm
 
+    from steerserve.server.models.store import ModelFetchError, resolve_model
     from steerserve.steering import profile as P
-
-    from ..models import ModelFetchError, resolve_model
 
     try:
         model_path = resolve_model(args.model, Settings.load().cache)

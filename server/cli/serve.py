@@ -44,12 +44,13 @@ def serve_forever(settings: Settings) -> int:
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
     import uvicorn
 
-    from ..adapters import AdapterStore
+    from steerserve.server.adapters.registry import AdapterStore
+    from steerserve.server.models.store import ModelFetchError, resolve_model
+    from steerserve.server.stores.profiles import ProfileStore
+
     from ..engine.async_engine import Engine
     from ..http.app import create_app
     from ..http.auth import KeyStore, check_bind
-    from ..models import ModelFetchError, resolve_model
-    from ..profiles import ProfileStore
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("steerserve")

@@ -1,7 +1,7 @@
 """The one builder of offline steering engines: a `vllm.LLM` with steerserve's plugin hooks and steering processor.
 
 The server's own engine is `async_engine.Engine` (an AsyncLLM); everything else that steers in-process, calibration
-(server/calibration_engine.py), fTRI (server/ftri.py), the benchmarks and the tests, builds its engine here, with
+(server/tools/calibration_engine.py), fTRI (server/tools/ftri.py), the benchmarks and the tests, builds its engine here, with
 its own engine arguments passed through unchanged. Only `logits_processors` gets a default, the steering
 processor; nothing else is added (a caller that wants the steered distribution's logprobs passes
 `logprobs_mode="processed_logprobs"` itself). Callers must run under `if __name__ == "__main__":` when vLLM spawns.

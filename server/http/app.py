@@ -12,14 +12,14 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
+from steerserve.server.adapters.pool import AdapterPool
+from steerserve.server.adapters.registry import AdapterStore, ServedModel
+from steerserve.server.frontend import prompt_methods as prompting
+from steerserve.server.stores.profiles import ProfileStore
+from steerserve.server.stores.tenants import TenantStore
 from steerserve.steering.spec import SteeringSpec
 
-from .. import prompting
-from ..adapters import AdapterStore, ServedModel
 from ..engine.async_engine import Engine
-from ..pool import AdapterPool
-from ..profiles import ProfileStore
-from ..tenants import TenantStore
 from .auth import KeyStore
 from .body import body_error, publish_schemas
 from .errors import APIError, pydantic_to_api_error

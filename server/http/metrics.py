@@ -28,7 +28,7 @@ class Metrics:
         unfinished = Gauge("steerserve_engine_unfinished_requests", "Requests the vLLM engine still holds",
                            registry=r)
         unfinished.set_function(unfinished_requests)
-        # Adapter pool (server/pool.py says what loads and evictions can and cannot see).
+        # Adapter pool (server/adapters/pool.py says what loads and evictions can and cannot see).
         self.adapter_requests = Counter("steerserve_adapter_requests", "Generation requests by adapter, its scope "
                                         "and the requesting tenant", ["adapter", "scope", "tenant"], registry=r)
         self.adapter_loads = Counter("steerserve_adapter_loads", "Adapters loaded into the engine", registry=r)

@@ -7,18 +7,19 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from steerserve.server.adapters.pool import AdapterPool
+from steerserve.server.adapters.registry import Adapter
+from steerserve.server.frontend import generation as gen
+from steerserve.server.frontend import prompt_methods as prompting
+from steerserve.server.frontend import request_steering as steer
+from steerserve.server.frontend.chat import render as render_chat
 from steerserve.steering.iapt import PLACEHOLDER_ID, SOFT_TOKENS
 from steerserve.steering.methods.stats import StatsPlan
 from steerserve.steering.plan import PlanPart
 
-from .. import generation as gen
-from .. import prompting, steer
-from ..adapters import Adapter
-from ..chat import render as render_chat
 from ..engine import iapt_hook as iapt
 from ..engine.async_engine import Engine, reads_prefix_cache
 from ..engine.router_hook import read_counts
-from ..pool import AdapterPool
 from .auth import Principal
 from .errors import BadRequest, NotFound
 from .protocol import ChatCompletionRequest, CompletionRequest, sampling_params, structured_output
@@ -118,7 +119,7 @@ def chat(state: AppState, who: Principal, req: ChatCompletionRequest, headers: M
     top = req.top_logprobs or 0
     stats = _stats_key(headers, req, eng)
     g: gen.Generation | prompting.PromptRun
-    if steering.spec.prompt is not None:  # URIAL, conjugate prompting: see server/prompting.py
+    if steering.spec.prompt is not None:  # URIAL, conjugate prompting: see server/frontend/prompt_methods.py
         if stats:
             raise BadRequest("routed-expert counts are not available with prompt-level steering yet",
                              param="steering_stats.routed_experts")

@@ -11,12 +11,13 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from ..adapters import Adapter, AdapterStore, ServedModel, validate_adapter_name
+from steerserve.server.adapters.pool import AdapterPool
+from steerserve.server.adapters.registry import Adapter, AdapterStore, ServedModel, validate_adapter_name
+from steerserve.server.frontend.prompt_methods import PrefixStore
+from steerserve.server.stores.profiles import GLOBAL, ProfileStore
+from steerserve.server.stores.tenants import TenantStore
+
 from ..engine.async_engine import Engine
-from ..pool import AdapterPool
-from ..profiles import GLOBAL, ProfileStore
-from ..prompting import PrefixStore
-from ..tenants import TenantStore
 from .auth import KeyStore, Principal
 from .errors import BadRequest, Forbidden, NotFound, Unavailable
 from .metrics import Metrics

@@ -10,8 +10,9 @@ from collections.abc import AsyncIterator, Callable
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
-from .. import generation as gen
-from .. import prompting
+from steerserve.server.frontend import generation as gen
+from steerserve.server.frontend import prompt_methods as prompting
+
 from .errors import APIError, BadRequest
 
 log = logging.getLogger("steerserve.server")

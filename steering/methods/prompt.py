@@ -1,5 +1,5 @@
 """Prompt-level methods (URIAL, conjugate prompting): they change what the model is asked, not the model, so they
-have no plan part; server/prompting.py runs them."""
+have no plan part; server/frontend/prompt_methods.py runs them."""
 from __future__ import annotations
 
 from pydantic import Field

@@ -11,7 +11,7 @@ from tests.conftest import SERVER_ARGS, Server
 
 @pytest.fixture(scope="module")
 def gemma(tmp_path_factory):
-    from steerserve.server.models import ModelFetchError, resolve_model
+    from steerserve.server.models.store import ModelFetchError, resolve_model
 
     try:
         path = resolve_model("gemma3-270m")

@@ -157,8 +157,8 @@ def test_upload_and_residency(registered, http, ops, model_name, dirs, server):
 @pytest.fixture(scope="module")
 def demo(ops, smollm2_path):
     """The trained demo `ahoy-iapt` (built once into the cache: about 3 minutes of CPU), registered globally."""
-    from steerserve.server.demo_adapters import build_iapt_demo
-    from steerserve.server.models import cache_root
+    from steerserve.server.adapters.demos import build_iapt_demo
+    from steerserve.server.models.store import cache_root
 
     path = build_iapt_demo(smollm2_path, cache_root() / "adapters", "ahoy-iapt")
     r = ops.put("/v1/adapters/ahoy-iapt", params={"scope": "global"}, json={"path": str(path), "kind": "iapt"})
@@ -170,7 +170,7 @@ def demo(ops, smollm2_path):
 def test_trained_demo_shows_its_behaviour_over_http(demo, http, model_name):
     """Held-out questions (in neither training set): with the adapter the answers open with "Ahoy"; the same
     questions to the base model, sent at the same time, get exactly the base model's answers."""
-    from steerserve.server.demo_adapters import HELD_OUT
+    from steerserve.server.adapters.demos import HELD_OUT
 
     def answer(item):
         question, model = item

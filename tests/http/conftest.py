@@ -13,7 +13,7 @@ from fastapi import FastAPI
 
 from steerserve.server.http.app import create_app
 from steerserve.server.http.auth import KeyStore
-from steerserve.server.profiles import ProfileStore
+from steerserve.server.stores.profiles import ProfileStore
 from tests.conftest import auth
 from tests.http.fake_engine import FakeEngine
 

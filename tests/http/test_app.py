@@ -13,8 +13,8 @@ import pytest
 from steerserve.server.http.app import create_app
 from steerserve.server.http.auth import KeyStore
 from steerserve.server.http.protocol import ChatCompletionRequest, CompletionRequest
-from steerserve.server.profiles import ProfileStore
-from steerserve.server.tenants import TenantSettingsUpdate
+from steerserve.server.stores.profiles import ProfileStore
+from steerserve.server.stores.tenants import TenantSettingsUpdate
 from tests.http.fake_engine import NAME, FakeEngine
 from tests.http.test_validation import assert_openai_error
 

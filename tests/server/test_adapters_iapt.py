@@ -1,4 +1,4 @@
-"""Registration checks of IAPT adapters (`inspect_iapt` in server/adapters.py) against a tiny served model: a valid
+"""Registration checks of IAPT adapters (`inspect_iapt` in server/adapters/registry.py) against a tiny served model: a valid
 adapter's metadata, and each way an adapter can be wrong rejected with the check's name."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from steerserve.server.adapters import INSPECTORS, AdapterInvalid, ServedModel, inspect_iapt
+from steerserve.server.adapters.registry import INSPECTORS, AdapterInvalid, ServedModel, inspect_iapt
 from steerserve.steering.iapt import CONFIG_FILE, WEIGHTS_FILE, IaptConfig, IaptModel
 from tests.tiny_models import TINY_LLAMA, build_tiny_llama
 

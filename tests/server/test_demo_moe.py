@@ -1,4 +1,4 @@
-"""The demo MoE (server/demo_moe.py, `steerserve models build smollm2-moe`) in a real vLLM engine: fTRI ranks the
+"""The demo MoE (server/models/demo_moe.py, `steerserve models build smollm2-moe`) in a real vLLM engine: fTRI ranks the
 expert that was built to carry the behaviour first, and switching it off removes the behaviour on held-out prompts
 while switching off another expert of its layer does not (issue #6).
 
@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from steerserve.server import demo_moe, ftri
 from steerserve.server.engine import plugin, router_hook
+from steerserve.server.models import demo_moe
+from steerserve.server.tools import ftri
 
 DATA = Path(__file__).parents[2] / "benchmarks" / "data"
 

@@ -7,8 +7,8 @@ import json
 
 import torch
 
-from steerserve.server import ftri
 from steerserve.server.engine import plugin, router_hook
+from steerserve.server.tools import ftri
 from tests import experts_reference as reference
 from tests.tiny_models import build_tiny_moe
 

@@ -1,4 +1,4 @@
-"""The IAPT trainer (server/iapt_train.py) on a tiny random Llama: examples as the server renders them, the
+"""The IAPT trainer (server/training/iapt.py) on a tiny random Llama: examples as the server renders them, the
 cached-prefix loss against a whole forward under `hf_soft_prompts`, a short training run through the CLI, bad
 data; and the trained demo's behaviour when it has been built (not built here: minutes of CPU)."""
 from __future__ import annotations
@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 
-from steerserve.server import iapt_train as T
-from steerserve.server.adapters import ServedModel, inspect_iapt
+from steerserve.server.adapters.registry import ServedModel, inspect_iapt
 from steerserve.server.cli import main
+from steerserve.server.training import iapt as T
 from steerserve.steering.iapt import PLACEHOLDER_ID, IaptConfig, IaptModel, hf_soft_prompts
 from tests.tiny_models import build_tiny_llama
 
@@ -118,8 +118,8 @@ def test_bad_data_is_rejected_naming_the_line(tmp_path, lines, message, tiny, ca
 
 def test_built_demo_opens_held_out_answers_with_its_greeting():
     """Only where `steerserve adapters build-demo ahoy-iapt` has been run (CI does not build it)."""
-    from steerserve.server.demo_adapters import HELD_OUT, greeting_rate
-    from steerserve.server.models import cache_root
+    from steerserve.server.adapters.demos import HELD_OUT, greeting_rate
+    from steerserve.server.models.store import cache_root
 
     demo, model_dir = cache_root() / "adapters" / "ahoy-iapt", cache_root() / "models" / "smollm2-135m-instruct"
     if not (demo / ".demo-complete").is_file() or not model_dir.is_dir():

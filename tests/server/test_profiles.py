@@ -1,4 +1,4 @@
-"""Unit tests for steering profiles (server/profiles.py): scoping, global fallback, persistence, names, threads."""
+"""Unit tests for steering profiles (server/stores/profiles.py): scoping, global fallback, persistence, names, threads."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from steerserve.server import profiles
 from steerserve.server.http.errors import BadRequest
-from steerserve.server.profiles import GLOBAL, ProfileStore, validate_name
+from steerserve.server.stores import profiles
+from steerserve.server.stores.profiles import GLOBAL, ProfileStore, validate_name
 
 SPEC_A = {"vectors": [{"layer": 10, "scale": 4.0, "direction": "happy"}]}
 SPEC_B = {"vectors": [{"layer": 3, "scale": -2.5, "direction": "formal"}], "note": "ünïcode ✓"}

@@ -8,12 +8,12 @@ from types import SimpleNamespace
 
 import pytest
 
-from steerserve.server import steer
 from steerserve.server.engine.async_engine import Engine
+from steerserve.server.frontend import request_steering as steer
+from steerserve.server.frontend.prompt_methods import PrefixStore, PromptRun
 from steerserve.server.http.errors import BadRequest
 from steerserve.server.http.metrics import Metrics
 from steerserve.server.http.protocol import ChatCompletionRequest
-from steerserve.server.prompting import PrefixStore, PromptRun
 from steerserve.server.settings import Settings
 from steerserve.steering import conjugate, urial
 from steerserve.steering import spec as S

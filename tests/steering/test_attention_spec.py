@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from steerserve.server.steer import Steering
+from steerserve.server.frontend.request_steering import Steering
 from steerserve.steering import spec as S
 from steerserve.steering.attention import bind_spans
 from steerserve.steering.model import ModelFacts, SpecError
@@ -141,8 +141,8 @@ def test_mode_compiles_to_its_layers():
 
 
 def test_a_trained_mode_applies_to_every_request_and_only_overrides_are_experimental():
+    from steerserve.server.frontend.request_steering import resolve
     from steerserve.server.http.auth import Principal
-    from steerserve.server.steer import resolve
 
     who = Principal(tenant="alice", role="user")
     trained = {"attention": {"mode": {"kind": "lssar", "power": 15.0}}}

@@ -152,7 +152,7 @@ def synthetic_task(tmp_path):
 
 @pytest.fixture(scope="module")
 def scorer(tiny_dir, steering_llms):
-    from steerserve.server.calibration_engine import model_facts
+    from steerserve.server.tools.calibration_engine import model_facts
     from steerserve.steering.calibrate import Scorer
 
     engine = steering_llms(tiny_dir, dtype="float32", enforce_eager=True, max_model_len=256, max_num_seqs=16,

@@ -9,7 +9,8 @@ from typing import Literal
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 
-from ...adapters import Adapter, AdapterInvalid, validate_adapter_name
+from steerserve.server.adapters.registry import Adapter, AdapterInvalid, validate_adapter_name
+
 from ..auth import Principal
 from ..body import JSONRoute, described, model_ref, parse_json
 from ..errors import BadRequest, Forbidden, NotFound

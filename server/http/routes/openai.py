@@ -4,7 +4,8 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from ... import generation as gen
+from steerserve.server.frontend import generation as gen
+
 from .. import serving
 from ..body import JSONRoute
 from ..protocol import ChatCompletionRequest, CompletionRequest

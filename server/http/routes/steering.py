@@ -3,10 +3,11 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
+from steerserve.server.frontend import prompt_methods as prompting
+from steerserve.server.frontend import request_steering as steer
+from steerserve.server.stores.profiles import validate_name
 from steerserve.steering.spec import SteeringSpec
 
-from ... import prompting, steer
-from ...profiles import validate_name
 from ..body import JSONRoute, described, model_ref, parse_json
 from ..errors import BadRequest, Forbidden, NotFound
 from ..state import Caller, State, owner_of

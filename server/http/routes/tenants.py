@@ -5,7 +5,8 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends
 
-from ...tenants import TenantSettingsUpdate
+from steerserve.server.stores.tenants import TenantSettingsUpdate
+
 from ..auth import Principal, valid_tenant
 from ..body import JSONRoute
 from ..errors import BadRequest, Forbidden

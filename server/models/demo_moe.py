@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from .model_cache import MARKER, cache_root, locked, seal
+from steerserve.server.models.cache import MARKER, cache_root, locked, seal
 
 log = logging.getLogger("steerserve.demo_moe")
 
@@ -98,7 +98,7 @@ def _upcycle(base: Path, out: Path) -> None:
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .demo_adapters import base_answers
+    from steerserve.server.adapters.demos import base_answers
 
     torch.manual_seed(RECIPE["seed"])
     gen = torch.Generator().manual_seed(RECIPE["seed"])

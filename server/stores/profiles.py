@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .http.errors import BadRequest
+from steerserve.server.http.errors import BadRequest
 
 GLOBAL = "*"  # pseudo-tenant of global profiles; no real tenant can be named this (see auth's tenant pattern)
 _NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")

@@ -25,10 +25,9 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
+from steerserve.server.adapters.registry import Adapter, AdapterStore
+from steerserve.server.http.errors import APIError, BadRequest
 from steerserve.steering.iapt import IaptModel
-
-from .adapters import Adapter, AdapterStore
-from .http.errors import APIError, BadRequest
 
 log = logging.getLogger("steerserve.pool")
 

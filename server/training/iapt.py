@@ -24,10 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from steerserve.server.frontend.chat import render
+from steerserve.server.http.errors import BadRequest
 from steerserve.steering.iapt import PLACEHOLDER_ID, SOFT_TOKENS, IaptConfig, IaptModel, hf_soft_prompts
-
-from .chat import render
-from .http.errors import BadRequest
 
 
 class DataError(ValueError):
@@ -53,7 +52,7 @@ class Example:
 
 
 def instruction_ids(tokenizer, instruction: str) -> list[int]:
-    """The token ids the server renders for a one-message chat, up to the generation prompt (server/chat.py)."""
+    """The token ids the server renders for a one-message chat, up to the generation prompt (server/frontend/chat.py)."""
     return render(tokenizer, [{"role": "user", "content": instruction}], add_generation_prompt=True).ids
 
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from .http.auth import valid_tenant
+from steerserve.server.http.auth import valid_tenant
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tenant_settings (

@@ -9,9 +9,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .engine.async_engine import Engine
-from .http.metrics import Metrics
-from .pool import Lease
+from steerserve.server.adapters.pool import Lease
+from steerserve.server.engine.async_engine import Engine
+from steerserve.server.http.metrics import Metrics
 
 
 @dataclass

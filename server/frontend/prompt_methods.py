@@ -20,18 +20,17 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from steerserve.server.engine.async_engine import Engine
+from steerserve.server.frontend import generation as gen
+from steerserve.server.frontend.request_steering import Steering, spec_error
+from steerserve.server.http.auth import Principal
+from steerserve.server.http.errors import BadRequest, Forbidden
+from steerserve.server.http.metrics import Metrics
+from steerserve.server.http.protocol import ChatCompletionRequest, sampling_params, structured_output
+from steerserve.server.stores.tenants import TenantStore
 from steerserve.steering import conjugate as conj
 from steerserve.steering import urial
 from steerserve.steering.model import SpecError
-
-from . import generation as gen
-from .engine.async_engine import Engine
-from .http.auth import Principal
-from .http.errors import BadRequest, Forbidden
-from .http.metrics import Metrics
-from .http.protocol import ChatCompletionRequest, sampling_params, structured_output
-from .steer import Steering, spec_error
-from .tenants import TenantStore
 
 MAX_PREFIX_BYTES = 256 * 1024
 ROUTE = "/v1/chat/completions"

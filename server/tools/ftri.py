@@ -39,8 +39,8 @@ def classify(text: str, classes: list[tuple[str, re.Pattern]]) -> str:
 def open_engine(model: Path):
     """An in-process fp32 vLLM engine on `model` with the steering hooks (expert masks, routing counts)."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    from .engine.builder import open_steering_llm
-    from .engine.router_hook import STATS_DIR
+    from steerserve.server.engine.builder import open_steering_llm
+    from steerserve.server.engine.router_hook import STATS_DIR
 
     os.environ.setdefault(STATS_DIR, tempfile.mkdtemp(prefix="steerserve-ftri-"))
     return open_steering_llm(model, dtype="float32", enforce_eager=True, max_model_len=1024, seed=0,
@@ -53,12 +53,11 @@ def run(model: Path, sets: list[Path], target: str, out: Path, *, classify_rules
     import torch
     from vllm import SamplingParams
 
+    from steerserve.server.engine import vllm_compat
+    from steerserve.server.engine.router_hook import read_counts
     from steerserve.steering.experts import moe_layout
     from steerserve.steering.methods.stats import StatsPlan
     from steerserve.steering.plan import Plan
-
-    from .engine import vllm_compat
-    from .engine.router_hook import read_counts
 
     llm = llm or open_engine(model)
     layout = moe_layout(vllm_compat.llm_model_config(llm).hf_text_config)

@@ -6,14 +6,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+from steerserve.server.http.auth import Principal
+from steerserve.server.http.errors import BadRequest, NotFound
+from steerserve.server.stores.profiles import ProfileStore
 from steerserve.steering import attention as attention_steering
 from steerserve.steering import spec as steering
 from steerserve.steering.model import ModelFacts, SpecError
 from steerserve.steering.plan import Plan, PlanPart, cache_salt
-
-from .http.auth import Principal
-from .http.errors import BadRequest, NotFound
-from .profiles import ProfileStore
 
 MAX_HEADER_BYTES = 16 * 1024
 

@@ -13,7 +13,7 @@ from steerserve.steering.model import ModelFacts
 def open_engine(model_path: str, dtype: str = "float32", max_model_len: int = 1024, seed: int = 0):
     """An in-process vLLM engine with steerserve's plugin and steering processor (server/engine/builder.py), and
     the served model's facts. Callers must run under `if __name__ == "__main__":` (vLLM spawns)."""
-    from .engine.builder import open_steering_llm
+    from steerserve.server.engine.builder import open_steering_llm
 
     llm = open_steering_llm(model_path, dtype=dtype, enforce_eager=True, max_model_len=max_model_len,
                             max_num_seqs=256, max_num_batched_tokens=8192, enable_prefix_caching=False,
@@ -23,6 +23,6 @@ def open_engine(model_path: str, dtype: str = "float32", max_model_len: int = 10
 
 def model_facts(llm, model_path: str | Path) -> ModelFacts:
     """The facts steering needs about the model `llm` has loaded."""
-    from .engine.builder import llm_facts
+    from steerserve.server.engine.builder import llm_facts
 
     return llm_facts(llm, model_path)

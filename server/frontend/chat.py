@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .http.errors import BadRequest
+from steerserve.server.http.errors import BadRequest
 
 
 @dataclass(frozen=True)

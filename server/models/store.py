@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .model_cache import MARKER, cache_root, locked, seal
+from steerserve.server.models.cache import MARKER, cache_root, locked, seal
 
 
 @dataclass(frozen=True)
@@ -96,7 +96,7 @@ def resolve_model(spec: str | None, cache: Path | None = None) -> Path:
     if spec is None or spec.strip().lower() == "smollm2":
         return fetch_smollm2(cache)
     if spec.strip().lower() == "smollm2-moe":
-        from . import demo_moe
+        from steerserve.server.models import demo_moe
 
         if (built := demo_moe.cached(cache)) is None:
             raise ModelFetchError("the demo MoE is not in the cache yet: run `steerserve models build smollm2-moe`")

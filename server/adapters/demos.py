@@ -5,7 +5,7 @@ The training data: the project's questions below, each answered by the base mode
 tokens), with the greeting put in front. The loss covers greeting and answer, so the adapter learns "open with
 this, then answer as you would" (trained on the greeting alone, it learns to repeat the greeting forever).
 
-`ahoy-iapt` is an IAPT adapter (steering/iapt.py, trained by server/iapt_train.py) on exactly the same examples as
+`ahoy-iapt` is an IAPT adapter (steering/iapt.py, trained by server/training/iapt.py) on exactly the same examples as
 `ahoy`, so the two kinds can be compared; `HELD_OUT` are questions in neither's training data, to check it.
 """
 from __future__ import annotations
@@ -134,7 +134,7 @@ def build_demo(model_path: Path, out_dir: Path, name: str, steps: int = 20, rank
 def greeting_examples(model, tok, greeting: str):
     """The LoRA demos' training data as IAPT examples: each question rendered as the server renders it, the soft
     tokens, the greeting and the base model's own answer (closed by the end of turn only where the answer was)."""
-    from .iapt_train import Example, instruction_ids
+    from steerserve.server.training.iapt import Example, instruction_ids
 
     prompts = [instruction_ids(tok, q) for q in questions()]
     greeting_ids = tok(greeting, add_special_tokens=False).input_ids
@@ -154,9 +154,8 @@ def build_iapt_demo(model_path: Path, out_dir: Path, name: str, steps: int = 20,
     and without, with the share that opens with the greeting."""
     import torch
 
+    from steerserve.server.training.iapt import greedy_answer, load_base, model_shape, save_atomically, train
     from steerserve.steering.iapt import IaptConfig
-
-    from .iapt_train import greedy_answer, load_base, model_shape, save_atomically, train
 
     greeting, target = DEMOS[IAPT_DEMOS[name]], out_dir / name
     recipe = {"version": _IAPT_RECIPE_VERSION, "kind": "iapt", "greeting": greeting, "steps": steps, "lr": lr,

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .http.errors import BadRequest
-from .profiles import GLOBAL, validate_name
+from steerserve.server.http.errors import BadRequest
+from steerserve.server.stores.profiles import GLOBAL, validate_name
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 # The linear layers vLLM can put LoRA on in the dense decoder families we serve (Llama, Mistral, Qwen2, ...).

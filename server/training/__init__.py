@@ -1,0 +1,1 @@
+"""Training of adapters on CPU: the IAPT trainer."""
