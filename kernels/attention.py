@@ -5,8 +5,9 @@ Two routes to the same math (ZeroTuning and span steering, docs/methods/attentio
 - `paged_attention`: causal attention over the paged cache that adds per-(row, head) biases to the scores
   before the softmax: `sink_log_gain` (ln gamma) on key 0 and `key_bias` (e.g. ln alpha) on keys 0..Kb-1.
   One launch serves a mixed batch of decode rows and prefill chunks; it also returns the log-sum-exp.
-- `sink_correction`: the exact post-hoc ZeroTuning correction of an unmodified FlashAttention output from its
-  log-sum-exp, so a backend can keep FlashAttention and pay one dot product per (token, head) for steered rows.
+- `sink_correction` (kernels/sink_correction.py): the exact post-hoc ZeroTuning correction of an unmodified
+  FlashAttention output from its log-sum-exp, so a backend can keep FlashAttention and pay one dot product per
+  (token, head) for steered rows.
 
 Shared conventions (vLLM V1 metadata, GPU flash layout):
 - q, out: [T, Hq, D], T = all query tokens of the batch; row r owns tokens query_start_loc[r]:query_start_loc[r+1].
@@ -17,7 +18,7 @@ Shared conventions (vLLM V1 metadata, GPU flash layout):
 - Biases never apply to the query at absolute position 0: it sees only key 0, so its output is v0 whatever the
   bias, and skipping it keeps gamma = 0 (ln gamma = -inf) from turning into 0/0.
 
-`paged_attention(..., mode=)` also computes the softplus / re-weighted attention functions of
+`paged_attention(..., mode=)` also computes the softplus / re-weighted attention functions (kernels/attention_modes.py) of
 docs/methods/attention-modes.md (LSSA, LSSAR, and softmax + re-weighting), with the same biases, in one or two
 passes over the keys (a compile-time switch: the softmax kernel is unchanged). They never split the keys (below),
 so small decode batches at long contexts leave SMs idle in those modes.
@@ -37,167 +38,13 @@ import torch
 import triton
 import triton.language as tl
 
+from .attention_modes import MODES, mode_attention
+from .paged_metadata import check_metadata, dot_precision
+from .sink_correction import sink_correction
+
 __all__ = ["paged_attention", "sink_correction"]
 
 
-# Attention modes (the `mode` argument of paged_attention; a constexpr, so each mode compiles its own kernel).
-_MODES = {"softmax": 0, "lssa": 1, "lssar": 2, "reweight": 3}
-
-
-@triton.jit
-def _softplus(x):
-    # max(x, 0) + log1p(exp(-|x|)), with log1p(e) = log(u) * e / (u - 1), u = 1 + e (accurate to a few ulps
-    # without libdevice; u == 1 means e is below half an ulp of 1, where log1p(e) = e).
-    e = tl.exp(-tl.abs(x))
-    u = 1.0 + e
-    log1p = tl.where(u == 1.0, e, tl.log(u) * (e / tl.where(u == 1.0, 1.0, u - 1.0)))
-    return tl.maximum(x, 0.0) + log1p
-
-
-@triton.jit
-def _mode_tile(q, q_gain, start_n, kv_end, q_pos, row, head, kv_head, m_valid, steerable, sink, offs_d, d_valid,
-               k_cache_ptr, block_table_ptr, key_bias_ptr, scale, key_bias_len, block_size,
-               stride_kb, stride_kt, stride_kh, stride_kd, stride_btr, stride_btb, stride_br, stride_bh, stride_bk,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_SINK: tl.constexpr, HAS_KEY_BIAS: tl.constexpr,
-               DOT_PRECISION: tl.constexpr, SOFTPLUS: tl.constexpr):
-    """One key tile of a non-softmax mode: (w, phys, slot, n_valid, visible) with w [BLOCK_M, BLOCK_N] the biased
-    softplus weights phi * exp(bias) (0 on invisible keys) if SOFTPLUS, else the biased scaled scores
-    scale q.k + bias (-inf on invisible keys). Gathers K as the softmax loop does."""
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    n_valid = offs_n < kv_end
-    phys = tl.load(block_table_ptr + row * stride_btr + (offs_n // block_size) * stride_btb,
-                   mask=n_valid, other=0).to(tl.int64)
-    slot = offs_n % block_size
-    k = tl.load(k_cache_ptr + phys[None, :] * stride_kb + slot[None, :] * stride_kt + kv_head * stride_kh
-                + offs_d[:, None] * stride_kd, mask=n_valid[None, :] & d_valid[:, None], other=0.0)
-    s = tl.dot(q, k, input_precision=DOT_PRECISION)
-    bias = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    if HAS_SINK:
-        if start_n == 0:
-            bias += tl.where(offs_n[None, :] == 0, sink[:, None], 0.0)
-    if HAS_KEY_BIAS:
-        if start_n < key_bias_len:
-            bias += tl.load(key_bias_ptr + row * stride_br + head[:, None] * stride_bh
-                            + offs_n[None, :] * stride_bk,
-                            mask=(m_valid & steerable)[:, None] & (offs_n < key_bias_len)[None, :], other=0.0)
-    visible = (offs_n[None, :] <= q_pos[:, None]) & n_valid[None, :]
-    if SOFTPLUS:
-        # q^.k^ = q.k / (|q| |k|) (torch's normalize: x / max(|x|, 1e-12)); q_gain = ln(D) ln(p+1) / |q|.
-        k32 = k.to(tl.float32)
-        k_norm = tl.maximum(tl.sqrt(tl.sum(k32 * k32, 0)), 1e-12)
-        w = _softplus(s * q_gain[:, None] / k_norm[None, :])
-        if HAS_SINK or HAS_KEY_BIAS:
-            w = w * tl.exp(bias)
-        w = tl.where(visible, w, 0.0)
-    else:
-        s = s * scale
-        if HAS_SINK or HAS_KEY_BIAS:
-            s = s + bias
-        w = tl.where(visible, s, float("-inf"))
-    return w, phys, slot, n_valid, visible
-
-
-@triton.jit
-def _mode_attention(
-    q, q_pos, tok, row, head, kv_head, m_valid, steerable, sink, offs_d, d_valid, seq_len, context_len,
-    local_block, q_len, k_cache_ptr, v_cache_ptr, block_table_ptr, key_bias_ptr, out_ptr, lse_ptr,
-    scale, key_bias_len, block_size, log_head_dim, power,
-    stride_kb, stride_kt, stride_kh, stride_kd, stride_vb, stride_vt, stride_vh, stride_vd,
-    stride_btr, stride_btb, stride_br, stride_bh, stride_bk, stride_ot, stride_oh, stride_od,
-    stride_lt, stride_lh,
-    HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_SINK: tl.constexpr, HAS_KEY_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, MODE: tl.constexpr,
-):
-    # The non-softmax modes of _paged_attention_kernel (MODE 1 lssa, 2 lssar, 3 reweight), for one program's
-    # query tile. Pass 1 gets each query's normaliser: for lssa(r) Z = sum phi (phi = softplus weights, no max
-    # needed: phi <= ln(D) ln(p+1) + ln 2) and max phi; for reweight the softmax max m and sum l. lssa is then
-    # done in the same pass (out = sum phi v / Z). The re-weighting modes need a = phi / Z (or exp(s - m) / l)
-    # before the ReLU threshold, so a second pass recomputes the weights and accumulates r v and sum r.
-    SOFTPLUS: tl.constexpr = MODE == 1 or MODE == 2
-    kv_end = tl.minimum(seq_len, context_len + tl.minimum((local_block + 1) * BLOCK_Q, q_len))
-    pos_f = q_pos.to(tl.float32)
-    q_gain = tl.zeros([BLOCK_M], tl.float32)
-    if SOFTPLUS:
-        q32 = q.to(tl.float32)
-        q_gain = log_head_dim * tl.log(pos_f + 1.0) / tl.maximum(tl.sqrt(tl.sum(q32 * q32, 1)), 1e-12)
-
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # softplus: max phi (0 once a key is seen)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
-    for start_n in range(0, kv_end, BLOCK_N):
-        w, phys, slot, n_valid, visible = _mode_tile(
-            q, q_gain, start_n, kv_end, q_pos, row, head, kv_head, m_valid, steerable, sink, offs_d, d_valid,
-            k_cache_ptr, block_table_ptr, key_bias_ptr, scale, key_bias_len, block_size,
-            stride_kb, stride_kt, stride_kh, stride_kd, stride_btr, stride_btb, stride_br, stride_bh, stride_bk,
-            BLOCK_M, BLOCK_N, HAS_SINK, HAS_KEY_BIAS, DOT_PRECISION, SOFTPLUS)
-        if SOFTPLUS:
-            m_i = tl.maximum(m_i, tl.max(w, 1))
-            l_i += tl.sum(w, 1)
-            if MODE == 1:
-                v = tl.load(v_cache_ptr + phys[:, None] * stride_vb + slot[:, None] * stride_vt
-                            + kv_head * stride_vh + offs_d[None, :] * stride_vd,
-                            mask=n_valid[:, None] & d_valid[None, :], other=0.0)
-                acc += tl.dot(w.to(v.dtype), v, input_precision=DOT_PRECISION)
-        else:  # online softmax statistics only (same -inf guard as the softmax loop)
-            m_new = tl.maximum(m_i, tl.max(w, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            l_i = l_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(w - m_safe[:, None]), 1)
-            m_i = m_new
-
-    has_mass = l_i > 0.0
-    l_safe = tl.where(has_mass, l_i, 1.0)
-    if SOFTPLUS:
-        lse = tl.where(has_mass, tl.log(l_safe), float("-inf"))  # ln Z
-    else:
-        lse = tl.where(has_mass, m_i + tl.log(l_safe), float("-inf"))  # the softmax's log-sum-exp
-    if MODE == 1:
-        out = acc / l_safe[:, None]
-    else:
-        # r_j = ReLU(N a_j - o)^power with N = p + 1 (absolute position), o = 0 for p < 3 else 1. N a_j reaches
-        # N ~ 8k, and 8192^15 overflows fp32, so pass 2 accumulates r_j / bound^power with bound = max_j (N a_j - o)
-        # = N max(a) - o (max a = max phi / Z, or exp(0) / l): every term is <= 1 (up to rounding) and the
-        # ratio is exact, the 1e-8 of a' = r / (sum r + 1e-8) becoming 1e-8 / bound^power (computed in log2).
-        # bound <= 0 (all a_j = 1/N): r = 0, out = 0.
-        n_keys = pos_f + 1.0
-        offset = tl.where(q_pos < 3, 0.0, 1.0)
-        if SOFTPLUS:
-            a_max = m_i / l_safe
-            a_norm = 1.0 / l_safe  # a = phi / Z
-        else:
-            a_max = 1.0 / l_safe
-            a_norm = 1.0 / l_safe  # a = exp(s - m) / l
-        m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
-        bound = n_keys * a_max - offset
-        active = has_mass & (bound > 0.0)
-        inv_bound = 1.0 / tl.where(active, bound, 1.0)
-        r_sum = tl.zeros([BLOCK_M], tl.float32)
-        for start_n in range(0, kv_end, BLOCK_N):
-            w, phys, slot, n_valid, visible = _mode_tile(
-                q, q_gain, start_n, kv_end, q_pos, row, head, kv_head, m_valid, steerable, sink, offs_d, d_valid,
-                k_cache_ptr, block_table_ptr, key_bias_ptr, scale, key_bias_len, block_size,
-                stride_kb, stride_kt, stride_kh, stride_kd, stride_btr, stride_btb, stride_br, stride_bh,
-                stride_bk, BLOCK_M, BLOCK_N, HAS_SINK, HAS_KEY_BIAS, DOT_PRECISION, SOFTPLUS)
-            if SOFTPLUS:
-                a = w * a_norm[:, None]
-            else:
-                a = tl.exp(w - m_safe[:, None]) * a_norm[:, None]
-            x = (n_keys[:, None] * a - offset[:, None]) * inv_bound[:, None]
-            r = tl.where(visible & active[:, None] & (x > 0.0), tl.exp2(power * tl.log2(tl.maximum(x, 1e-30))), 0.0)
-            r_sum += tl.sum(r, 1)
-            v = tl.load(v_cache_ptr + phys[:, None] * stride_vb + slot[:, None] * stride_vt + kv_head * stride_vh
-                        + offs_d[None, :] * stride_vd,
-                        mask=n_valid[:, None] & d_valid[None, :], other=0.0)
-            acc += tl.dot(r.to(v.dtype), v, input_precision=DOT_PRECISION)
-        # 1e-8 / bound^power, capped at 2^100 (out <= N max|v| / 2^100 is 0 then, as it is without the cap).
-        eps = tl.exp2(tl.minimum(-26.575424759098897 - power * tl.log2(tl.where(active, bound, 1.0)), 100.0))
-        out = tl.where(active[:, None], acc / (r_sum + eps)[:, None], 0.0)
-    tile = m_valid[:, None] & d_valid[None, :]
-    tl.store(out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :] * stride_od,
-             out.to(out_ptr.dtype.element_ty), mask=tile)
-    tl.store(lse_ptr + tok * stride_lt + head * stride_lh, lse, mask=m_valid)
-
-
-# Batch-dependent ints are not specialised (== 1, % 16): one compiled variant serves every batch shape.
 @triton.jit(do_not_specialize=["num_rows", "key_bias_len", "stride_br", "stride_bh"])
 def _paged_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_table_ptr, query_start_loc_ptr, seq_lens_ptr,
@@ -257,7 +104,7 @@ def _paged_attention_kernel(
         sink = tl.load(sink_log_gain_ptr + row * stride_sr + head * stride_sh, mask=m_valid, other=0.0)
         sink = tl.where(q_pos > 0, sink, 0.0)
     else:
-        sink = tl.zeros([BLOCK_M], tl.float32)  # never read: only names an argument of _mode_attention
+        sink = tl.zeros([BLOCK_M], tl.float32)  # never read: only names an argument of mode_attention
     steerable = q_pos > 0
 
     if MODE == 0:  # softmax: one online pass (flash attention)
@@ -322,8 +169,8 @@ def _paged_attention_kernel(
             tl.store(part_out_ptr + split * stride_pos + tok[:, None] * stride_pot + head[:, None] * stride_poh
                      + offs_d[None, :], out, mask=tile)
             tl.store(part_lse_ptr + split * stride_pls + tok * stride_plt + head, lse, mask=m_valid)
-    else:  # lssa / lssar / reweight (module docstring): one or two passes in _mode_attention
-        _mode_attention(
+    else:  # lssa / lssar / reweight (module docstring): one or two passes in mode_attention
+        mode_attention(
             q, q_pos, tok, row, head, kv_head, m_valid, steerable, sink, offs_d, d_valid, seq_len, context_len,
             local_block, q_len, k_cache_ptr, v_cache_ptr, block_table_ptr, key_bias_ptr, out_ptr, lse_ptr,
             scale, key_bias_len, block_size, log_head_dim, power,
@@ -390,29 +237,6 @@ def _auto_kv_splits(q: torch.Tensor, num_tokens: int, num_rows: int, num_kv_head
     return min(16, triton.cdiv(2 * sms, programs), triton.cdiv(max_keys, 512))
 
 
-def _check_metadata(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
-                    query_start_loc: torch.Tensor, seq_lens: torch.Tensor) -> tuple[int, int, int, int, int]:
-    if q.dim() != 3 or k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
-        raise ValueError("q must be [T, Hq, D]; k_cache and v_cache [num_blocks, block_size, Hkv, D]")
-    num_tokens, num_heads, head_dim = q.shape
-    num_kv_heads = k_cache.shape[2]
-    if k_cache.shape[3] != head_dim or num_heads % num_kv_heads:
-        raise ValueError(f"head_dim {head_dim} vs cache {k_cache.shape[3]}, or Hq={num_heads} not a multiple "
-                         f"of Hkv={num_kv_heads}")
-    num_rows = seq_lens.shape[0]
-    if query_start_loc.shape[0] != num_rows + 1 or block_table.shape[0] < num_rows:
-        raise ValueError("query_start_loc must be [R+1] and block_table [>=R, max_blocks] for seq_lens [R]")
-    for name, t in (("block_table", block_table), ("query_start_loc", query_start_loc), ("seq_lens", seq_lens)):
-        if t.dtype != torch.int32:
-            raise ValueError(f"{name} must be int32, got {t.dtype}")
-    return num_tokens, num_heads, head_dim, num_kv_heads, num_rows
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    # fp32 models should get fp32 scores; the default TF32 would cost ~1e-3 relative error on GPU.
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
                     query_start_loc: torch.Tensor, seq_lens: torch.Tensor, scale: float, *,
                     sink_log_gain: torch.Tensor | None = None, key_bias: torch.Tensor | None = None,
@@ -455,10 +279,10 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     sink_correction does not apply to them). A re-weighted row whose a_j are all equal (N a_j - o <= 0 for every j)
     gets out = 0, as the formula gives.
     """
-    num_tokens, num_heads, head_dim, num_kv_heads, num_rows = _check_metadata(
+    num_tokens, num_heads, head_dim, num_kv_heads, num_rows = check_metadata(
         q, k_cache, v_cache, block_table, query_start_loc, seq_lens)
-    if mode not in _MODES:
-        raise ValueError(f"mode must be one of {sorted(_MODES)}, got {mode!r}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {sorted(MODES)}, got {mode!r}")
     if mode != "softmax":
         if num_kv_splits is not None and num_kv_splits > 1:
             raise ValueError(f"num_kv_splits > 1 (split keys) is implemented for mode='softmax' only, not {mode!r}")
@@ -508,7 +332,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, GROUP=group,
         BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=block_n,
         HAS_SINK=sink_log_gain is not None, HAS_KEY_BIAS=key_bias is not None,
-        DOT_PRECISION=_dot_precision(q.dtype), NUM_SPLITS=num_kv_splits, MODE=_MODES[mode], num_warps=4,
+        DOT_PRECISION=dot_precision(q.dtype), NUM_SPLITS=num_kv_splits, MODE=MODES[mode], num_warps=4,
     )
     if num_kv_splits > 1:
         _merge_splits_kernel[(num_tokens,)](
@@ -518,104 +342,3 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
             NUM_SPLITS=num_kv_splits, num_warps=4,
         )
     return out, lse
-
-
-@triton.jit(do_not_specialize=["num_pairs", "num_rows", "search_steps"])
-def _sink_correction_kernel(
-    out_ptr, lse_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_table_ptr, query_start_loc_ptr, seq_lens_ptr,
-    log_gain_ptr,
-    scale, num_pairs, num_heads, num_rows, search_steps,
-    stride_ot, stride_oh, stride_od,
-    stride_lt, stride_lh,
-    stride_qt, stride_qh, stride_qd,
-    stride_kb, stride_kh, stride_kd,
-    stride_vb, stride_vh, stride_vd,
-    stride_btr,
-    stride_gr, stride_gh,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, GROUP: tl.constexpr, BLOCK: tl.constexpr,
-):
-    # One lane per (token, head) pair; pairs are flattened token-major so a block mostly stays in one row.
-    pair = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    in_range = pair < num_pairs
-    tok = pair // num_heads
-    head = pair % num_heads
-
-    # Row of each token: the last r with query_start_loc[r] <= tok (vectorised binary search).
-    lo = tl.zeros([BLOCK], tl.int32)
-    hi = tl.zeros([BLOCK], tl.int32) + num_rows
-    for _ in range(search_steps):
-        mid = (lo + hi) // 2
-        go_right = tl.load(query_start_loc_ptr + mid, mask=in_range, other=0) <= tok
-        lo = tl.where(go_right, mid, lo)
-        hi = tl.where(go_right, hi, mid)
-    row = lo
-    q_start = tl.load(query_start_loc_ptr + row, mask=in_range, other=0)
-    q_len = tl.load(query_start_loc_ptr + row + 1, mask=in_range, other=0) - q_start
-    pos = tl.load(seq_lens_ptr + row, mask=in_range, other=0) - q_len + (tok - q_start)
-
-    log_gain = tl.load(log_gain_ptr + row * stride_gr + head * stride_gh, mask=in_range, other=0.0)
-    # Unsteered pairs are neither read nor written: they stay bit-identical. Position 0 sees only key 0.
-    active = in_range & (log_gain != 0.0) & (pos > 0)
-
-    offs_d = tl.arange(0, HEAD_DIM_PAD)
-    tile = active[:, None] & (offs_d < HEAD_DIM)[None, :]
-    kv_head = head // GROUP
-    # Key 0 is slot 0 of the row's first block; int64 as in the attention kernel.
-    first_block = tl.load(block_table_ptr + row * stride_btr, mask=active, other=0).to(tl.int64)
-    q = tl.load(q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :] * stride_qd,
-                mask=tile, other=0.0).to(tl.float32)
-    k0 = tl.load(k_cache_ptr + first_block[:, None] * stride_kb + kv_head[:, None] * stride_kh
-                 + offs_d[None, :] * stride_kd, mask=tile, other=0.0).to(tl.float32)
-    v0 = tl.load(v_cache_ptr + first_block[:, None] * stride_vb + kv_head[:, None] * stride_vh
-                 + offs_d[None, :] * stride_vd, mask=tile, other=0.0).to(tl.float32)
-    o_ptrs = out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :] * stride_od
-    o = tl.load(o_ptrs, mask=tile, other=0.0).to(tl.float32)
-    lse = tl.load(lse_ptr + tok * stride_lt + head * stride_lh, mask=active, other=0.0)
-
-    a0 = tl.exp(tl.sum(q * k0, 1) * scale - lse)  # key 0's share of the unmodified softmax
-    w0 = (tl.exp(log_gain) - 1.0) * a0
-    # 1 + (g - 1) a0 >= 1 - a0 >= 0; it is 0 only for g = 0 with all mass on the sink, where the other keys'
-    # distribution is lost anyway: clamp to stay finite (use paged_attention's bias for that regime).
-    denom = tl.maximum(1.0 + w0, 1e-30)
-    corrected = (o + w0[:, None] * v0) / denom[:, None]
-    tl.store(o_ptrs, corrected.to(out_ptr.dtype.element_ty), mask=tile)
-
-
-def sink_correction(out: torch.Tensor, lse: torch.Tensor, q: torch.Tensor, k_cache: torch.Tensor,
-                    v_cache: torch.Tensor, block_table: torch.Tensor, query_start_loc: torch.Tensor,
-                    seq_lens: torch.Tensor, log_gain: torch.Tensor, scale: float) -> torch.Tensor:
-    """Apply ZeroTuning's gain post hoc to an unmodified attention output, in place; returns `out`.
-
-    out: [T, Hq, D] attention output of q over the same keys (FlashAttention's, or paged_attention without
-      biases); corrected in place to what `paged_attention(..., sink_log_gain=log_gain)` gives:
-      a0 = exp(scale * q.k0 - lse), g = exp(log_gain[r, h]), out' = (out + (g-1) a0 v0) / (1 + (g-1) a0),
-      in fp32, with k0/v0 read from the cache (block_table[r, 0], slot 0, KV head h // (Hq // Hkv)).
-    lse: fp32 [T, Hq], any strides. FlashAttention's varlen `softmax_lse` is [Hq, T]: pass `lse.t()` (no copy).
-    log_gain: fp32 [R, Hq] (ln gamma). Pairs with log_gain == 0, and queries at absolute position 0, are not
-      touched at all (bit-identical). The other metadata is as for `paged_attention`.
-    Precision: exact in fp32 up to rounding, but the result inherits out's rounding (fp16/bf16) and loses
-    relative precision like eps / (1 - a0) as gamma -> 0 on heads that put nearly all mass on the sink.
-    """
-    num_tokens, num_heads, head_dim, num_kv_heads, num_rows = _check_metadata(
-        q, k_cache, v_cache, block_table, query_start_loc, seq_lens)
-    if out.shape != q.shape or lse.shape != (num_tokens, num_heads) or lse.dtype != torch.float32:
-        raise ValueError(f"out must be [T, Hq, D] like q and lse fp32 [T, Hq]; got {list(out.shape)} and "
-                         f"{lse.dtype} {list(lse.shape)} (FlashAttention's [Hq, T] lse: pass lse.t())")
-    if log_gain.shape != (num_rows, num_heads) or log_gain.dtype != torch.float32:
-        raise ValueError(f"log_gain must be fp32 [{num_rows}, {num_heads}], got "
-                         f"{log_gain.dtype} {list(log_gain.shape)}")
-    if num_tokens == 0 or num_rows == 0:
-        return out
-    num_pairs = num_tokens * num_heads
-    block = 32
-    _sink_correction_kernel[(triton.cdiv(num_pairs, block),)](
-        out, lse, q, k_cache, v_cache, block_table, query_start_loc, seq_lens, log_gain,
-        scale, num_pairs, num_heads, num_rows, max(1, num_rows.bit_length()),
-        *out.stride(), *lse.stride(), *q.stride(),
-        k_cache.stride(0), k_cache.stride(2), k_cache.stride(3),
-        v_cache.stride(0), v_cache.stride(2), v_cache.stride(3),
-        block_table.stride(0), *log_gain.stride(),
-        HEAD_DIM=head_dim, HEAD_DIM_PAD=triton.next_power_of_2(head_dim), GROUP=num_heads // num_kv_heads,
-        BLOCK=block, num_warps=4,
-    )
-    return out
