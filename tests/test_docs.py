@@ -17,12 +17,18 @@ THIS = Path(__file__).resolve()
 TEXT_SUFFIXES = {".py", ".md", ".toml", ".yml", ".yaml", ".sh", ".html", ".js", ".cfg", ".ini", ".txt"}
 TEXT_NAMES = {"Makefile", "run"}  # `run`: .ci/run, a shell script without a suffix
 
-# Notes that live outside the repository. `docs/models.md` is ours, so a bare `models.md` only counts when it is
-# not preceded by `docs/` and is not a markdown link that resolves to a file here (docs/ pages link `models.md`).
+# Notes that live outside the repository, by name. The names are assembled here rather than written out, so that
+# this file, which must name them to find them, does not itself cite them. Our own page with the same name as one
+# of the notes (docs/<models page>) is ours: a bare mention only counts when it is not preceded by `docs/` and is
+# not a markdown link that resolves to a file here (docs/ pages link it by its bare name).
+MD = ".md"
+NOTE_PAGES = ("methods", "architecture", "landscape", "style")
+NOTE_TAGS = ("vllm" + "-notes", "scale-out" + "-notes", "shared" + "/docs")
+MODELS_PAGE = "models" + MD  # a note's name, and also one of our docs pages
 OUTSIDE_NOTES = re.compile(
-    r"\b(?:methods|architecture|landscape|style)\.md\b"
-    r"|vllm-notes|scale-out-notes|shared/docs"
-    r"|(?<!docs/)\bmodels\.md\b"
+    r"\b(?:" + "|".join(NOTE_PAGES) + r")\.md\b"
+    + "|" + "|".join(re.escape(tag) for tag in NOTE_TAGS)
+    + r"|(?<!docs/)\b" + re.escape(MODELS_PAGE) + r"\b"
 )
 
 FENCE = re.compile(r"^\s*(```|~~~)")
@@ -117,18 +123,19 @@ def test_relative_links_in_markdown_resolve():
 
 
 def test_the_checks_catch_planted_problems(tmp_path):
-    assert outside_note_citations("see vllm-notes §6\nfine\n(methods.md §3)") == [
-        (1, "see vllm-notes §6"), (3, "(methods.md §3)")]
-    assert outside_note_citations("the store (models.md): ...")
-    assert not outside_note_citations("see docs/models.md and docs/methods/attention-modes.md")
+    notes, first_page, models = NOTE_TAGS[0], NOTE_PAGES[0] + MD, MODELS_PAGE
+    assert outside_note_citations(f"see {notes} §6\nfine\n({first_page} §3)") == [
+        (1, f"see {notes} §6"), (3, f"({first_page} §3)")]
+    assert outside_note_citations(f"the store ({models}): ...")
+    assert not outside_note_citations(f"see docs/{models} and docs/methods/attention-modes.md")
 
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "there.md").write_text("# there\n")
-    (tmp_path / "docs" / "models.md").write_text("# models\n")
+    (tmp_path / "docs" / models).write_text("# models\n")
     page = tmp_path / "docs" / "page.md"
-    assert not outside_note_citations("[models](models.md#gemma)", page)
-    assert outside_note_citations("[models](../models.md) and models.md", page) == [
-        (1, "[models](../models.md) and models.md")]
+    assert not outside_note_citations(f"[models]({models}#gemma)", page)
+    assert outside_note_citations(f"[models](../{models}) and {models}", page) == [
+        (1, f"[models](../{models}) and {models}")]
 
     page = tmp_path / "README.md"
     page.write_text("[ok](docs/there.md#a) [web](https://example.org) [anchor](#top) ![img](docs/there.md)\n"
