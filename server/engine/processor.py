@@ -172,8 +172,15 @@ class SteeringLogitsProcessor(LogitsProcessor):
 
     def _admit(self, i: int, params: SamplingParams | None, prompt_len: int, output_ids: list[int]) -> bool:
         plan = Plan.from_extra_args(params.extra_args if params is not None else None) or Plan("")
-        hooks = {h.family: state for h in self.state.hooks
-                 if (state := h.admit(plan, prompt_len, self.context)) is not None}
+        hooks = {}
+        for hook in self.state.hooks:
+            try:
+                state = hook.admit(plan, prompt_len, self.context)
+            except Exception as exc:  # noqa: BLE001 - never kill the engine: switch the method off, report why
+                self.state.rows[hook.family].switch_off(f"{type(exc).__name__}: {exc}")
+                continue
+            if state is not None:
+                hooks[hook.family] = state
         if not hooks and plan.logits.is_noop():
             return False
         rec = self.rows.records[i] = _Row(plan, output_ids, hooks)

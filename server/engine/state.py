@@ -160,7 +160,10 @@ def _begin_step(runner, positions: torch.Tensor):
         _RUNNING[0] = None
         for hook in state.hooks:
             if hook.end_step is not None and hook.family in finished:
-                hook.end_step(finished[hook.family])
+                try:
+                    hook.end_step(finished[hook.family])
+                except Exception as exc:  # noqa: BLE001 - never kill the engine: switch the method off, report why
+                    state.rows[hook.family].switch_off(f"{type(exc).__name__}: {exc}")
     return done
 
 

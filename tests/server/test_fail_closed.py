@@ -187,3 +187,33 @@ def test_a_hook_fault_while_serving_switches_its_method_off_for_later_requests(t
     assert "injected fault in a steered row" in (facts.attention_unsupported or ""), facts.attention_unsupported
     with pytest.raises(S.SpecError, match="switched off after an engine fault"):
         S.compile_spec(S.merge([S.parse({"attention": {"sink": {"gamma": 0.5}}}, "steering")]), facts)
+
+
+FAULT_ON_ADMISSION = """
+def patch(module):
+    original = module.row_steer
+
+    def row_steer(plan, prompt_len, num_layers, num_heads):
+        if min(plan.sink_log_gains or (0.0,)) > -1:  # not the start-up probe (gamma = e^-20)
+            raise RuntimeError("injected fault admitting a steered row")
+        return original(plan, prompt_len, num_layers, num_heads)
+
+    module.row_steer = row_steer
+"""
+
+
+def test_a_fault_admitting_a_row_switches_its_method_off_and_the_engine_serves_on(tmp_path, monkeypatch):
+    """The processor sets up each new row's hook state before the step: a failure there must not kill the engine
+    either (it would take every tenant's requests with it)."""
+    from steerserve.steering import spec as S
+    from steerserve.steering.plan import AttentionPlan, LogitsPlan, Plan
+
+    for name, value in injected(tmp_path, "steerserve.server.engine.attention_backend", FAULT_ON_ADMISSION).items():
+        monkeypatch.setenv(name, value)
+    mild = Plan("t", attention=AttentionPlan((-0.5,) * (2 * 4)))
+    before, facts, outs, errored = serve_tiny(tmp_path, [mild, Plan("t", LogitsPlan(bias_ids=(7,), bias_values=(100.0,)))])
+    assert before is None and not errored
+    assert outs[1] == [7, 7, 7]  # the engine serves on, logits steering included
+    assert "injected fault admitting a steered row" in (facts.attention_unsupported or ""), facts.attention_unsupported
+    with pytest.raises(S.SpecError, match="switched off after an engine fault"):
+        S.compile_spec(S.merge([S.parse({"attention": {"sink": {"gamma": 0.5}}}, "steering")]), facts)
