@@ -110,7 +110,8 @@ def completion(state: AppState, who: Principal, req: CompletionRequest, headers:
     stats = _stats_key(headers, req, eng)
     steering = _full(steering.bind([len(p.ids) for p in prompts], None), served, stats)
     params = _params(eng, req, max(prompts, key=lambda p: len(p.ids)), req.logprobs, steering)
-    g = gen.Generation(eng, state.metrics, COMPLETIONS, prompts, params, "cmpl", steering.salt_for, served.acquire)
+    g = gen.Generation(eng, state.metrics, COMPLETIONS, prompts, params, "cmpl", steering.salt_for, served.acquire,
+                       who.tenant, steering.plan is not None)
     return Run(g, eng, steering, served, stats)
 
 
@@ -132,7 +133,7 @@ def chat(state: AppState, who: Principal, req: ChatCompletionRequest, headers: M
         params = _params(eng, req, prompt, top if req.logprobs else None, steering,
                          structured_output(req.response_format))
         g = gen.Generation(eng, state.metrics, CHAT, [prompt], params, "chatcmpl", steering.salt_for,
-                           served.acquire)
+                           served.acquire, who.tenant, steering.plan is not None)
     return Run(g, eng, steering, served, stats)
 
 
@@ -152,6 +153,7 @@ def _admit(state: AppState, who: Principal, req, headers: Mapping[str, str], rou
         raise BadRequest("span steering (steering.attention.spans) cannot be combined with prompt-level "
                          "methods yet: their targets refer to the chat template's tokens",
                          param="steering.attention.spans", code="invalid_steering")
+    state.metrics.count_request(who.tenant, sorted({m.split(".")[0] for m in steering.spec.methods()}))
     return eng, steering, served
 
 
