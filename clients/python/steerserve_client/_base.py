@@ -56,7 +56,7 @@ class _PublicClasses(ModelMetaclass):
             # A generated model names models defined after it; resolve them in its own module before a
             # subclass elsewhere inherits its fields.
             base.model_rebuild()
-            for field, info in base.__pydantic_fields__.items():
+            for field, info in base.model_fields.items():
                 if field in own or field in annotations or field in namespace:
                     continue
                 annotation = _retyped(info.annotation)
