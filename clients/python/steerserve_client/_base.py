@@ -3,8 +3,8 @@
 `_spec.py` is generated from the server's steering schema (`make sdk-types`); its models subclass `Spec`.
 steering.py puts a hand-written class over some of them (`class Rules(_spec.RulesSpec)`: a nicer name, builders,
 client-side checks the schema cannot express). Such a class becomes the SDK's *public class* for that generated
-model: every model defined after it whose inherited fields name the generated model gets them retyped to the
-public class, with the generated constraints, defaults and descriptions unchanged. So
+model: in every subclass of a generated model defined after it, the inherited fields that name that generated
+model are retyped to the public class, with the generated constraints, defaults and descriptions unchanged. So
 `Steering.model_validate(json).logits.rules` is a `Rules`, while a family with no hand-written class (a new
 method's, right after regeneration) keeps its generated models and works as they are.
 
