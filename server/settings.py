@@ -43,6 +43,8 @@ class Settings(BaseSettings):
     adapter_root: Path | None = Field(None, description="Users may register adapters by server path only inside "
                                       "this directory (admins anywhere); uploads always work.")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    playground: bool = Field(True, description="Serve the steering playground page at /playground "
+                             "(docs/playground.md); --no-playground turns it off (404).")
     attention_mode: Literal["softmax", "lssa", "lssar", "reweight"] = Field(
         "softmax", description="The attention function the served model was trained with (docs/methods/attention-modes.md); "
                                "applies to every request. Default: softmax.")

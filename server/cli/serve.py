@@ -73,7 +73,7 @@ def serve_forever(settings: Settings) -> int:
         server.should_exit = True
 
     app = create_app(lambda: Engine(settings, model_path), keys, profiles, on_engine_failure=stop_serving,
-                     adapters=adapters, adapter_root=settings.adapter_root)
+                     adapters=adapters, adapter_root=settings.adapter_root, playground=settings.playground)
     server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level))
     server.run()
     return 1 if failed else 0

@@ -25,6 +25,7 @@ from .body import body_error, publish_schemas
 from .errors import APIError, pydantic_to_api_error
 from .metrics import Metrics, MetricsMiddleware
 from .routes import ROUTERS
+from .routes import playground as playground_routes
 from .routes.adapters import PathRegistration
 from .state import AppState
 from .streaming import ClientDisconnected
@@ -35,11 +36,12 @@ log = logging.getLogger("steerserve.server")
 def create_app(engine_factory: Callable[[], Engine], keys: KeyStore, profiles: ProfileStore,
                on_engine_failure: Callable[[], None] = lambda: None, adapters: AdapterStore | None = None,
                adapter_root: Path | None = None, tenants: TenantStore | None = None,
-               prefixes: prompting.PrefixStore | None = None) -> FastAPI:
+               prefixes: prompting.PrefixStore | None = None, playground: bool = True) -> FastAPI:
     """The app. `engine_factory` builds the engine in a worker thread, so /health answers while it loads;
     `on_engine_failure` is called if it cannot be built or fails its steering self-test (the CLI then exits
     non-zero). `adapters`: the adapter registry, served when the engine has LoRA enabled. Tenant settings and
-    URIAL prefixes live beside the profiles unless given."""
+    URIAL prefixes live beside the profiles unless given. `playground`: serve the playground page
+    (server/http/routes/playground.py); off, its routes do not exist (404)."""
     state = AppState(keys=keys, profiles=profiles, tenants=tenants or TenantStore(profiles.path),
                      prefixes=prefixes or prompting.PrefixStore(profiles.path.parent / "urial"),
                      metrics=Metrics(lambda: state.engine.num_unfinished_requests() if state.engine else 0),
@@ -73,6 +75,8 @@ def create_app(engine_factory: Callable[[], Engine], keys: KeyStore, profiles: P
     app.state.steerserve = state
     for router in ROUTERS:
         app.include_router(router)
+    if playground:
+        app.include_router(playground_routes.router)
     publish_schemas(app, SteeringSpec, PathRegistration)  # bodies the profile and adapter routes read themselves
     app.add_middleware(MetricsMiddleware, metrics=state.metrics, router=app.router)
 
