@@ -86,7 +86,7 @@ async function runPane(pane, req, whole) {
   try {
     const response = await call(req.path, { method: "POST", body });
     if (!response.ok) throw new Error(await errorText(response));
-    const applied = response.headers.get("X-Steering-Applied") || "none";
+    const applied = response.headers.get("X-Steering-Applied") ?? "(absent)";
     const adapter = response.headers.get("X-Adapter-Applied");
     if (whole) {
       const data = await response.json();
