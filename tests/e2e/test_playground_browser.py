@@ -213,3 +213,40 @@ def test_controls_come_from_the_schema(page, server, api_keys):
     assert spec_json(page) == {"zz_new": {"scale": 2, "direction": "down", "normalise": True,
                                           "gains": {f'{shape["num_layers"] - 1}.{shape["num_heads"] - 1}': 0.5}}}
     assert page.errors == []
+
+
+def test_pictures(page, server, api_keys):
+    """The sink profile in the server's data dir as three layer x head heatmaps with the flagged heads marked,
+    and routed-expert counts as bars (drawn from given counts: the session model is dense)."""
+    shape = httpx.get(f"{server.url}/playground/api/model", headers=auth(api_keys["alice"])).json()
+    layers, heads = shape["num_layers"], shape["num_heads"]
+    ramp = [[(layer * heads + head) / (layers * heads - 1) for head in range(heads)] for layer in range(layers)]
+    profile = {"model": shape["name"], "texts": 2, "num_layers": layers, "num_heads": heads, "key0_mass": ramp,
+               "row_entropy": ramp, "col_entropy": ramp, "sink_heads": ["0.1"], "dormant_heads": ["1.2", "2.3"]}
+    sinks = server.adapter_root.parent / "data" / "sinks.json"  # the session server's --data-dir
+    sinks.write_text(json.dumps(profile))
+    try:
+        sign_in(page, server, api_keys["alice"])
+        page.wait_for_selector("#sinks svg")
+        maps = page.locator("#sinks svg")
+        assert maps.count() == 3
+        for i, marked in enumerate((2, 1, 1)):
+            assert maps.nth(i).locator("rect").count() == layers * heads
+            assert maps.nth(i).locator("text.mark").count() == marked
+        fill = [maps.nth(0).locator(f'rect[data-head="{h}"]').get_attribute("fill")
+                for h in ("0.0", f"{layers // 2}.0", f"{layers - 1}.{heads - 1}")]
+        darkness = [sum(int(c) for c in f[4:-1].split(",")) for f in fill]
+        assert darkness[0] > darkness[1] > darkness[2]  # more mass, darker
+    finally:
+        sinks.unlink()
+    bars = page.evaluate("""async () => {
+        const charts = await import('/playground/static/charts.js');
+        const node = charts.expertBars({"1": [4, 0, 2, 8], "3": [1, 1, 1, 1]}, ["1.1"]);
+        document.querySelector('#experts').append(node);
+        return [...node.querySelectorAll('rect')].map(
+            (r) => [r.dataset.expert, r.getAttribute('class'), Number(r.getAttribute('height'))]);
+    }""")
+    assert [b[0] for b in bars] == ["1.0", "1.1", "1.2", "1.3", "3.0", "3.1", "3.2", "3.3"]
+    assert [b[1] for b in bars] == ["on", "off", "on", "on", "on", "on", "on", "on"]
+    assert [b[2] for b in bars] == [30, 1, 15, 60, 60, 60, 60, 60]  # to scale per layer; an empty bar is 1 px
+    assert page.errors == []

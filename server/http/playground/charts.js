@@ -33,7 +33,7 @@ export function sinkHeatmaps(profile) {
     const cell = 14, left = 28, top = 30, layers = grid.length, heads = (grid[0] || []).length;
     const values = grid.flat();
     const lo = Math.min(...values), hi = Math.max(...values);
-    const pic = svg("svg", { width: left + heads * cell + 4, height: top + layers * cell + 4, role: "img",
+    const pic = svg("svg", { width: Math.max(left + heads * cell + 4, 220), height: top + layers * cell + 4, role: "img",
                              "aria-label": `${title} per layer and head`, class: "heatmap" });
     pic.append(svg("text", { x: left, y: 12, class: "title" }, `${title} (${lo.toFixed(2)}–${hi.toFixed(2)})`));
     for (let h = 0; h < heads; h++) pic.append(svg("text", { x: left + h * cell + 3, y: top - 4, class: "tick" }, h));
@@ -41,7 +41,7 @@ export function sinkHeatmaps(profile) {
       pic.append(svg("text", { x: 2, y: top + l * cell + 11, class: "tick" }, l));
       row.forEach((v, h) => {
         const rect = svg("rect", { x: left + h * cell, y: top + l * cell, width: cell - 1, height: cell - 1,
-                                   fill: colour(hi > lo ? (v - lo) / (hi - lo) : 0) });
+                                   fill: colour(hi > lo ? (v - lo) / (hi - lo) : 0), "data-head": `${l}.${h}` });
         rect.append(svg("title", {}, `layer ${l}, head ${h}: ${v.toFixed(3)}`));
         pic.append(rect);
         if (marks.has(`${l}.${h}`)) {
@@ -68,7 +68,8 @@ export function expertBars(counts, off = []) {
     row.forEach((n, e) => {
       const h = Math.round((height * n) / max);
       const bar = svg("rect", { x: 36 + e * width, y: height + 14 - h, width: width - 1, height: Math.max(h, 1),
-                                class: offSet.has(`${layer}.${e}`) ? "off" : "on" });
+                                class: offSet.has(`${layer}.${e}`) ? "off" : "on", "data-expert": `${layer}.${e}`,
+                                "data-count": n });
       bar.append(svg("title", {}, `layer ${layer}, expert ${e}: ${n}`));
       pic.append(bar);
     });
