@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -28,18 +29,14 @@ DOCS_SCREENSHOT = Path(__file__).resolve().parents[2] / "docs" / "images" / "pla
 HOW = ("run `apt-get install -y chromium` as root (or `make test` as root, which does it) and install the dev "
        "extra (`pip install -e .[dev]`, which has playwright); then `pytest tests/e2e/test_playground_browser.py`")
 
-pytestmark = pytest.mark.slow
+# Decided before any fixture runs, so a machine without the browser does not start the session server for nothing.
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not CHROMIUM.exists(), reason=f"no Chromium at {CHROMIUM}: {HOW}")]
+sync_api = pytest.importorskip("playwright.sync_api", reason=f"the playwright package is not installed: {HOW}")
 
 
 @pytest.fixture(scope="module")
 def browser_context(tmp_path_factory):
-    if not CHROMIUM.exists():
-        pytest.skip(f"no Chromium at {CHROMIUM}: {HOW}")
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        pytest.skip(f"the playwright package is not installed: {HOW}")
-    with sync_playwright() as p:
+    with sync_api.sync_playwright() as p:
         context = p.chromium.launch_persistent_context(
             str(tmp_path_factory.mktemp("chromium-profile")), executable_path=str(CHROMIUM), headless=True,
             args=FLAGS, viewport={"width": 1280, "height": 1000})
@@ -134,10 +131,15 @@ def test_side_by_side_steering_and_export(page, server, api_keys, model_name, tm
                          env={**os.environ, "STEERSERVE_API_KEY": key})
     assert run.returncode == 0, run.stderr
     assert json.loads(run.stdout)["choices"][0]["message"]["content"] == steered
+    # The openai-python and SDK snippets too: each prints the steered answer (and what was applied).
     for kind in ("openai", "sdk"):
         page.click(f"[data-export={kind}]")
         snippet = page.inner_text("#export-text")
-        assert key not in snippet and '"steering"' in snippet or "steering=" in snippet
+        assert key not in snippet
+        run = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, timeout=120,
+                             env={**os.environ, "STEERSERVE_API_KEY": key})
+        assert run.returncode == 0, run.stderr
+        assert steered in run.stdout and "attention.sink" in run.stdout, (kind, run.stdout)
 
     # Every JSON call is sent as JSON with the key in its header only; nothing is stored; no CSP violation.
     # (Only the first call, which finds out that the server wants a key, goes without one.)

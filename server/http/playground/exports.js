@@ -73,6 +73,7 @@ export function sdkPython(request, origin) {
     `r = client.${chat ? "chat" : "complete"}(`,
     ...args.map((a) => `    ${a},`),
     ")",
-    "print(r.applied, r.text)",
+    "print(r.applied)  # the fingerprint and methods of X-Steering-Applied",
+    "print(r.text)",
   ].join("\n");
 }
