@@ -29,13 +29,14 @@ test: model lint browser
 
 # Debian's Chromium for the playground's browser test, installed only where it is missing and we are root with
 # apt (as in CI); anywhere else those tests skip and say how to run them.
+CHROMIUM ?= /usr/bin/chromium
 browser:
-	@if [ -x /usr/bin/chromium ]; then :; \
+	@if [ -x $(CHROMIUM) ]; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1 || \
 	  { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null; } || \
 	  echo "could not install chromium: the playground's browser tests will skip"; \
-	else echo "no /usr/bin/chromium (install it with apt-get install chromium as root): the playground's browser tests will skip"; fi
+	else echo "no $(CHROMIUM) (install it with apt-get install chromium as root): the playground's browser tests will skip"; fi
 
 # Re-take the playground screenshot in the docs (docs/images/playground.png) from the browser test.
 playground-screenshot: model browser

@@ -99,7 +99,7 @@ def test_side_by_side_steering_and_export(page, server, api_keys, model_name, tm
     assert page.input_value('input[type=number][data-path="attention.sink.gamma"]') == "0.25"
     page.fill("#spec-json", json.dumps(spec))
 
-    page.fill("#max-tokens", "24")
+    page.fill("#max-tokens", "16")
     page.click("#run")
     page.wait_for_selector("#pane-plain[data-done=true]", timeout=60_000)
     page.wait_for_selector("#pane-steered[data-done=true]", timeout=60_000)
@@ -111,7 +111,7 @@ def test_side_by_side_steering_and_export(page, server, api_keys, model_name, tm
 
     # The panes hold what the API answers to the same requests, sent directly (temperature 0).
     def direct(steering: dict | None) -> httpx.Response:
-        body = {"model": model_name, "max_tokens": 24, "temperature": 0,
+        body = {"model": model_name, "max_tokens": 16, "temperature": 0,
                 "messages": [{"role": "user", "content": "What is the capital of France?"}]}
         return httpx.post(f"{server.url}/v1/chat/completions", headers=auth(key), timeout=120,
                           json={**body, **({"steering": steering} if steering else {})})
