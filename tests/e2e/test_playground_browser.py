@@ -127,7 +127,7 @@ def test_side_by_side_steering_and_export(page, server, api_keys, model_name, tm
     command = page.inner_text("#export-text")
     assert key not in command and "$STEERSERVE_API_KEY" in command
     assert shutil.which("curl"), "curl is needed to run the exported command"
-    run = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=120,
+    run = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=300,
                          env={**os.environ, "STEERSERVE_API_KEY": key})
     assert run.returncode == 0, run.stderr
     assert json.loads(run.stdout)["choices"][0]["message"]["content"] == steered
@@ -218,8 +218,7 @@ def test_controls_come_from_the_schema(page, server, api_keys):
 
 
 def test_pictures(page, server, api_keys):
-    """The sink profile in the server's data dir as three layer x head heatmaps with the flagged heads marked,
-    and routed-expert counts as bars (drawn from given counts: the session model is dense)."""
+    """The sink profile in the server's data dir as three layer x head heatmaps with the flagged heads marked."""
     shape = httpx.get(f"{server.url}/playground/api/model", headers=auth(api_keys["alice"])).json()
     layers, heads = shape["num_layers"], shape["num_heads"]
     ramp = [[(layer * heads + head) / (layers * heads - 1) for head in range(heads)] for layer in range(layers)]
@@ -241,14 +240,44 @@ def test_pictures(page, server, api_keys):
         assert darkness[0] > darkness[1] > darkness[2]  # more mass, darker
     finally:
         sinks.unlink()
-    bars = page.evaluate("""async () => {
-        const charts = await import('/playground/static/charts.js');
-        const node = charts.expertBars({"1": [4, 0, 2, 8], "3": [1, 1, 1, 1]}, ["1.1"]);
-        document.querySelector('#experts').append(node);
-        return [...node.querySelectorAll('rect')].map(
-            (r) => [r.dataset.expert, r.getAttribute('class'), Number(r.getAttribute('height'))]);
-    }""")
+    assert page.errors == []
+
+
+def test_expert_counts_of_the_steered_answer(page, server, api_keys):
+    """On an MoE model the page asks for the steered answer's routed-expert counts (unstreamed, with
+    steering_stats) and draws them. The session model is dense, so the model's shape and that one answer are
+    stood in for by the browser; the unsteered answer comes from the server."""
+    asked = []
+
+    def moe_shape(route):
+        shape = route.fetch().json()
+        route.fulfill(json={**shape, "moe_layers": [1, 3], "num_experts": 4, "experts_top_k": 2})
+
+    def steered_with_stats(route):
+        body = json.loads(route.request.post_data)
+        if "steering" not in body:
+            return route.continue_()
+        asked.append(body)
+        route.fulfill(json={"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
+                            "choices": [{"index": 0, "finish_reason": "length",
+                                         "message": {"role": "assistant", "content": "routed"}}],
+                            "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7},
+                            "steering_stats": {"routed_experts": {"1": [4, 0, 2, 8], "3": [1, 1, 1, 1]}}},
+                      headers={"X-Steering-Applied": "abc; methods=experts.off"})
+
+    page.route("**/playground/api/model", moe_shape)
+    page.route("**/v1/chat/completions", steered_with_stats)
+    sign_in(page, server, api_keys["alice"])
+    page.check("#expert-stats")  # shown only for an MoE model
+    page.fill("#spec-json", json.dumps({"experts": {"off": ["1.1"]}}))
+    page.fill("#max-tokens", "4")
+    page.click("#run")
+    page.wait_for_selector("#pane-steered[data-done=true]")
+    page.wait_for_selector("#pane-plain[data-done=true]", timeout=60_000)
+    assert asked and asked[0]["steering_stats"] == {"routed_experts": True} and "stream" not in asked[0]
+    assert asked[0]["steering"] == {"experts": {"off": ["1.1"]}}
+    bars = page.eval_on_selector_all("#experts rect", """(rects) => rects.map(
+        (r) => [r.dataset.expert, r.getAttribute('class'), Number(r.getAttribute('height'))])""")
     assert [b[0] for b in bars] == ["1.0", "1.1", "1.2", "1.3", "3.0", "3.1", "3.2", "3.3"]
     assert [b[1] for b in bars] == ["on", "off", "on", "on", "on", "on", "on", "on"]
     assert [b[2] for b in bars] == [30, 1, 15, 60, 60, 60, 60, 60]  # to scale per layer; an empty bar is 1 px
-    assert page.errors == []

@@ -1,4 +1,5 @@
-"""One APIRouter per resource; `ROUTERS` is what the app includes, in this order."""
+"""One APIRouter per resource; `ROUTERS` is what the app always includes, in this order (the playground's router,
+`playground.router`, only when the setting is on)."""
 from __future__ import annotations
 
 from . import adapters, health, openai, steering, tenants
