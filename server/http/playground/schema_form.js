@@ -102,6 +102,7 @@ export class SpecForm {
     if (s.type === "array") return Array.from({ length: s.minItems || 0 }, () => this.initial(s.items || {}));
     if (s.type === "number" || s.type === "integer") {
       const { lo, hi } = bounds(s);
+      if (lo !== undefined && hi === undefined) return s.exclusiveMinimum !== undefined ? lo + 1 : lo;
       return Math.min(hi ?? 1, Math.max(lo ?? 1, 1));
     }
     if (s.type === "boolean") return false;
