@@ -80,7 +80,8 @@ class ToolCalling:
                 tools: list[dict[str, Any]] | None, tool_choice: Any, parallel_tool_calls: bool | None
                 ) -> ToolCalling | None:
         """None when the request has no tools to call (none given, or tool_choice "none"); else checked and
-        ready. `tool_choice` is "auto", "required" or {"type": "function", "function": {"name": ...}}."""
+        ready. `messages` and `tools` as sent (OpenAI's JSON); `tool_choice` is "auto", "required" or
+        {"type": "function", "function": {"name": ...}}."""
         if tool_choice is not None and tool_choice != "none" and not tools:
             raise BadRequest("tool_choice needs tools", param="tool_choice")
         if isinstance(tool_choice, dict) and tool_choice["function"]["name"] not in {

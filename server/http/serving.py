@@ -128,7 +128,7 @@ def chat(state: AppState, who: Principal, req: ChatCompletionRequest, headers: M
     stats = _stats_key(headers, req, eng)
     g: gen.Generation | prompting.PromptRun
     messages = [m.template_dict() for m in req.messages]
-    tools = ToolCalling.prepare(state.tool_parser, eng.tokenizer, messages, _dumped(req.tools),
+    tools = ToolCalling.prepare(state.tool_parser, eng.tokenizer, _dumped(req.messages), _dumped(req.tools),
                                 _dumped(req.tool_choice), req.parallel_tool_calls)
     if steering.spec.prompt is not None:  # URIAL, conjugate prompting: see server/frontend/prompt_methods.py
         if stats:
