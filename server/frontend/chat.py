@@ -49,3 +49,20 @@ def renders_tools(tokenizer, tools: list[dict[str, Any]]) -> bool:
     except Exception:  # a template that fails on tools does not support them (or not these: said as a 400)
         return False
     return with_tools != tokenizer.apply_chat_template(probe, tokenize=False, add_generation_prompt=True)
+
+
+def set_template(tokenizer, template: str) -> None:
+    """Make `template` the chat template every rendering with `tokenizer` uses (chats, prompt methods, tools).
+
+    Setting `tokenizer.chat_template` alone is not enough: vLLM's engine tokenizer answers `apply_chat_template`
+    from a pool of copies made when it was built. So the instance's `apply_chat_template` passes the template
+    explicitly unless a caller names one."""
+    original = tokenizer.apply_chat_template
+
+    def apply_chat_template(conversation, *args, **kwargs):
+        if kwargs.get("chat_template") is None:
+            kwargs["chat_template"] = template
+        return original(conversation, *args, **kwargs)
+
+    tokenizer.chat_template = template
+    tokenizer.apply_chat_template = apply_chat_template

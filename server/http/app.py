@@ -16,6 +16,7 @@ from steerserve.server.adapters.pool import AdapterPool
 from steerserve.server.adapters.registry import AdapterStore, ServedModel
 from steerserve.server.frontend import prompt_methods as prompting
 from steerserve.server.frontend import tool_calls
+from steerserve.server.frontend.chat import set_template
 from steerserve.server.stores.profiles import ProfileStore
 from steerserve.server.stores.tenants import TenantStore
 from steerserve.steering.spec import SteeringSpec
@@ -54,7 +55,7 @@ def create_app(engine_factory: Callable[[], Engine], keys: KeyStore, profiles: P
             eng = await asyncio.to_thread(engine_factory)
             await eng.verify_steering()
             if chat_template is not None:
-                eng.tokenizer.chat_template = chat_template
+                set_template(eng.tokenizer, chat_template)
             if tool_call_parser is not None:  # an unknown parser, or one this tokenizer cannot serve, stops start-up
                 tool_calls.parser_class(tool_call_parser, eng.tokenizer)
                 state.tool_parser = tool_call_parser
