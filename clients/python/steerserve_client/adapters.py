@@ -53,18 +53,22 @@ def _scope(scope: Scope | None) -> dict[str, str] | None:
     return None if scope is None else {"scope": scope}
 
 
-def _upload(files: str | Path | Iterable[str | Path]) -> Callable[[], list[tuple[str, tuple[str, bytes]]]]:
-    """The multipart parts of an adapter upload: a directory holding one kind's two files, or the files."""
+def _upload(files: str | Path | Iterable[str | Path]) -> list[tuple[str, tuple[str, bytes]]]:
+    """The multipart parts of an adapter upload: a directory holding one kind's two files, or those two files
+    (FileNotFoundError, before anything is sent, for anything else)."""
+    expected = " or ".join(" and ".join(names) for names in UPLOAD_FILES.values())
     if isinstance(files, str | Path) and Path(files).is_dir():
         folder = Path(files)
         kind = next((k for k, names in UPLOAD_FILES.items() if all((folder / n).is_file() for n in names)), None)
         if kind is None:
-            expected = " or ".join(" and ".join(names) for names in UPLOAD_FILES.values())
             raise FileNotFoundError(f"{folder} holds neither {expected}")
         paths = [folder / n for n in UPLOAD_FILES[kind]]
     else:
         paths = [Path(files)] if isinstance(files, str | Path) else [Path(f) for f in files]
-    return lambda: [(p.name, (p.name, p.read_bytes())) for p in paths]
+        if sorted(p.name for p in paths) not in [sorted(names) for names in UPLOAD_FILES.values()] or \
+                not all(p.is_file() for p in paths):
+            raise FileNotFoundError(f"an adapter upload is {expected}, got {[str(p) for p in paths]}")
+    return [(p.name, (p.name, p.read_bytes())) for p in paths]
 
 
 class Adapters:
@@ -94,7 +98,7 @@ class Adapters:
         """Register (or replace) an adapter by sending its files: a local directory holding them, or the two
         files (adapter_config.json + adapter_model.safetensors, or the IAPT pair). The server keeps the copy."""
         return Adapter.model_validate(self._admin.call("PUT", _path(name), params=_scope(scope),
-                                                       files=_upload(files)()))
+                                                       files=_upload(files)))
 
     def delete(self, name: str, scope: Scope = "tenant") -> None:
         """Delete; NotFound if there was none in that scope. Requests already using it finish with it."""
@@ -123,7 +127,7 @@ class AsyncAdapters:
 
     async def upload(self, name: str, files: str | Path | Iterable[str | Path], scope: Scope = "tenant") -> Adapter:
         return Adapter.model_validate(await self._admin.call("PUT", _path(name), params=_scope(scope),
-                                                             files=_upload(files)()))
+                                                             files=_upload(files)))
 
     async def delete(self, name: str, scope: Scope = "tenant") -> None:
         await self._admin.call("DELETE", _path(name), params=_scope(scope))
