@@ -15,9 +15,11 @@ import pytest
 from tests.conftest import auth
 
 QUESTION = "What is the capital of France?"
+# strict: the grammar then holds the arguments to the schema too (else only to JSON, and a 135M model rambles)
 WEATHER = {"type": "function", "function": {
-    "name": "get_weather", "description": "Get the current weather in a city.",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+    "name": "get_weather", "description": "Get the current weather in a city.", "strict": True,
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}},
+                   "required": ["city"], "additionalProperties": False}}}
 ASK_WEATHER = [{"role": "user", "content": "What is the weather like in Paris today?"}]
 OWL = {"logits": {"bias": {" owl": 100.0}}}  # forces the token: the answer must change
 
@@ -93,7 +95,7 @@ def test_a_forced_tool_call(openai_client, model_name):
     assert choice.finish_reason == "tool_calls" and choice.message.tool_calls
     call = choice.message.tool_calls[0]
     assert call.type == "function" and call.id and call.function.name == "get_weather"
-    assert isinstance(json.loads(call.function.arguments), dict)
+    assert set(json.loads(call.function.arguments)) == {"city"}
 
 
 def test_a_streamed_tool_call(openai_client, model_name):
@@ -107,7 +109,7 @@ def test_a_streamed_tool_call(openai_client, model_name):
             name = name or call.function.name
             arguments += call.function.arguments or ""
         finish = (chunk.choices[0].finish_reason if chunk.choices else None) or finish
-    assert name == "get_weather" and isinstance(json.loads(arguments), dict)
+    assert name == "get_weather" and set(json.loads(arguments)) == {"city"}
     assert finish == "stop"  # a named tool choice finishes with "stop", as OpenAI's does
     whole = chat(openai_client, model_name, ASK_WEATHER, tools=[WEATHER], tool_choice=named, max_tokens=60)
     assert json.loads(whole.choices[0].message.tool_calls[0].function.arguments) == json.loads(arguments)
