@@ -118,7 +118,8 @@ def completion(state: AppState, who: Principal, req: CompletionRequest, headers:
     stats = _stats_key(headers, req, eng)
     steering = _full(steering.bind([len(p.ids) for p in prompts], None), served, stats)
     params = _params(eng, req, max(prompts, key=lambda p: len(p.ids)), req.logprobs, steering)
-    g = gen.Generation(eng, state.metrics, COMPLETIONS, prompts, params, "cmpl", steering.salt_for, served.acquire)
+    g = gen.Generation(eng, state.metrics, COMPLETIONS, prompts, params, "cmpl", steering.salt_for, served.acquire,
+                       who.tenant, steering.plan is not None)
     return Run(g, eng, steering, served, stats)
 
 
@@ -149,7 +150,7 @@ def chat(state: AppState, who: Principal, req: ChatCompletionRequest, headers: M
         if tools:
             tools.prompt_ids = prompt.ids
         g = gen.Generation(eng, state.metrics, CHAT, [prompt], params, "chatcmpl", steering.salt_for,
-                           served.acquire)
+                           served.acquire, who.tenant, steering.plan is not None)
     return Run(g, eng, steering, served, stats, tools)
 
 
@@ -181,6 +182,7 @@ def _admit(state: AppState, who: Principal, req, headers: Mapping[str, str], rou
         raise BadRequest("span steering (steering.attention.spans) cannot be combined with prompt-level "
                          "methods yet: their targets refer to the chat template's tokens",
                          param="steering.attention.spans", code="invalid_steering")
+    state.metrics.count_request(who.tenant, sorted({m.split(".")[0] for m in steering.spec.methods()}))
     return eng, steering, served
 
 
