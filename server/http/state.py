@@ -38,6 +38,7 @@ class AppState:
     error: BaseException | None = None  # why the engine failed to start
     pool: AdapterPool | None = None
     base: ServedModel | None = None  # the base model adapters are checked against
+    tool_parser: str | None = None  # vLLM's tool-call parser for chat `tools` (None: requests with tools are a 400)
 
     def ready_engine(self) -> Engine:
         """The engine, or a 503 saying why there is none yet."""

@@ -1,7 +1,9 @@
 """steerserve-client: a typed Python SDK for steerserve (steering specs, steered calls, profiles, typed errors)."""
 from .__version__ import __version__
+from .adapters import Adapter, Adapters, AsyncAdapters, adapter_model
 from .client import AsyncSteerClient, SteerClient
 from .errors import (
+    AdapterNotFound,
     APIConnectionError,
     AuthenticationError,
     InvalidRequest,
@@ -33,7 +35,11 @@ from .steering import (
 # The public API, pinned by tests/clients/test_sdk_offline.py: adding or removing a name is a deliberate change.
 __all__ = [
     "APIConnectionError",
+    "Adapter",
+    "AdapterNotFound",
+    "Adapters",
     "Applied",
+    "AsyncAdapters",
     "AsyncProfiles",
     "AsyncSteerClient",
     "AsyncSteeredStream",
@@ -64,4 +70,5 @@ __all__ = [
     "SteeringError",
     "Urial",
     "__version__",
+    "adapter_model",
 ]

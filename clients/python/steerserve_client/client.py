@@ -12,6 +12,7 @@ from openai.types import Completion
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from ._admin import Admin, AsyncAdmin
+from .adapters import Adapters, AsyncAdapters
 from .errors import NotFound, from_openai
 from .profiles import AsyncProfiles, Profiles
 from .results import Applied, AsyncSteeredStream, SteeredResponse, SteeredStream
@@ -69,6 +70,7 @@ class SteerClient:
         admin = Admin(self._http, root, key)
         self._admin = admin
         self.profiles = Profiles(admin)
+        self.adapters = Adapters(admin, lambda: self._model(None))
         self.model = model
 
     @overload
@@ -154,6 +156,7 @@ class AsyncSteerClient:
         admin = AsyncAdmin(self._http, root, key)
         self._admin = admin
         self.profiles = AsyncProfiles(admin)
+        self.adapters = AsyncAdapters(admin, lambda: self._model(None))
         self.model = model
 
     @overload

@@ -2,6 +2,7 @@
 `playground.router`, only when the setting is on)."""
 from __future__ import annotations
 
-from . import adapters, health, openai, steering, tenants
+from . import adapters, health, openai, responses, steering, tenants, tokenize
 
-ROUTERS = (health.router, openai.router, steering.router, adapters.router, tenants.router)
+ROUTERS = (health.router, openai.router, responses.router, tokenize.router, steering.router, adapters.router,
+           tenants.router)
