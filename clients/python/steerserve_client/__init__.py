@@ -1,4 +1,4 @@
-"""steerserve-client: a typed Python SDK for steerserve (steering specs, steered calls, profiles, typed errors)."""
+"""steerserve-client: a typed Python SDK for steerserve (steering specs, steered calls, profiles, control vectors, typed errors)."""
 from .__version__ import __version__
 from .client import AsyncSteerClient, SteerClient
 from .errors import (
@@ -11,6 +11,7 @@ from .errors import (
     ServerError,
     SteeringError,
     SteerServeError,
+    VectorNotFound,
 )
 from .profiles import AsyncProfiles, Profile, Profiles
 from .results import Applied, AsyncSteeredStream, SteeredResponse, SteeredStream
@@ -29,6 +30,7 @@ from .steering import (
     Steering,
     Urial,
 )
+from .vectors import AsyncVectors, StoredVector, Vectors
 
 # The public API, pinned by tests/clients/test_sdk_offline.py: adding or removing a name is a deliberate change.
 __all__ = [
@@ -37,6 +39,7 @@ __all__ = [
     "AsyncProfiles",
     "AsyncSteerClient",
     "AsyncSteeredStream",
+    "AsyncVectors",
     "Attention",
     "AttentionMode",
     "AuthenticationError",
@@ -62,6 +65,9 @@ __all__ = [
     "SteeredStream",
     "Steering",
     "SteeringError",
+    "StoredVector",
     "Urial",
+    "VectorNotFound",
+    "Vectors",
     "__version__",
 ]

@@ -1,5 +1,5 @@
-"""`SteerClient` / `AsyncSteerClient`: the official `openai` client (`.openai`) plus steering, profiles and typed
-errors. Chat and completions go through openai; the server's own routes through httpx."""
+"""`SteerClient` / `AsyncSteerClient`: the official `openai` client (`.openai`) plus steering, profiles, the
+control vector store and typed errors. Chat and completions go through openai; the server's own routes through httpx."""
 from __future__ import annotations
 
 import os
@@ -16,6 +16,7 @@ from .errors import NotFound, from_openai
 from .profiles import AsyncProfiles, Profiles
 from .results import Applied, AsyncSteeredStream, SteeredResponse, SteeredStream
 from .steering import Steering
+from .vectors import AsyncVectors, Vectors
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8000"
 PROFILE_HEADER = "X-Steering-Profile"
@@ -69,6 +70,7 @@ class SteerClient:
         admin = Admin(self._http, root, key)
         self._admin = admin
         self.profiles = Profiles(admin)
+        self.vectors = Vectors(admin)
         self.model = model
 
     @overload
@@ -154,6 +156,7 @@ class AsyncSteerClient:
         admin = AsyncAdmin(self._http, root, key)
         self._admin = admin
         self.profiles = AsyncProfiles(admin)
+        self.vectors = AsyncVectors(admin)
         self.model = model
 
     @overload
