@@ -101,7 +101,7 @@ def template_pairs(spec: dict[str, Any], where: str = "template") -> list[Pair]:
     if unknown:
         raise DataError(f"{where}: unknown key {unknown[0]!r}")
     return [Pair(template.replace("{persona}", p) + suffix, template.replace("{persona}", n) + suffix)
-            for suffix in suffixes for p, n in zip(positive, negative)]
+            for suffix in suffixes for p, n in zip(positive, negative, strict=True)]
 
 
 def parse_layers(text: str | None, num_layers: int, allow_zero: bool) -> list[int]:
@@ -205,7 +205,7 @@ def train_vector(model_path: str | Path, pairs: Sequence[Pair], method: str, lay
     torch.manual_seed(seed)
     np.random.seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    model = AutoModelForCausalLM.from_pretrained(model_path, torch_dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
     num_layers = len(decoder_layers(model))
     if layers is None or isinstance(layers, str):
         layers = parse_layers(layers, num_layers, allow_layer_zero)
