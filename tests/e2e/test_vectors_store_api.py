@@ -123,3 +123,28 @@ def test_profiles_hold_names_and_follow_the_store(http, model_name):
         if vector is first:
             before = via_profile
     assert before != via_profile, "two different vectors gave one answer; the test cannot tell them apart"
+
+
+def test_cli_store_commands(server, api_keys, tmp_path, capsys):
+    import json
+
+    from steerserve.server.cli import main as steerserve
+    from steerserve.steering.vector_files import read_vector_file, write_vector_file
+
+    vector = unit_vector(6)
+    write_vector_file(vector, tmp_path / "cli.safetensors")
+    common = ["--url", server.url, "--api-key", api_keys["bob"]]
+    assert steerserve(["vectors", "put", "e2e-cli", str(tmp_path / "cli.safetensors"), *common]) == 0
+    assert json.loads(capsys.readouterr().out)["digest"] == vector.digest()
+    assert steerserve(["vectors", "list", *common]) == 0
+    assert "e2e-cli" in [v["name"] for v in json.loads(capsys.readouterr().out)["data"]]
+    out = tmp_path / "back.gguf"
+    assert steerserve(["vectors", "get", "e2e-cli", "--format", "gguf", "--out", str(out), *common]) == 0
+    assert read_vector_file(out).digest() == vector.digest()
+    assert steerserve(["vectors", "delete", "e2e-cli", *common]) == 0
+    capsys.readouterr()
+    assert steerserve(["vectors", "get", "e2e-cli", *common]) == 1
+    assert "HTTP 404: steering vector 'e2e-cli' not found" in capsys.readouterr().err
+    assert steerserve(["vectors", "put", "e2e-cli", str(tmp_path / "cli.safetensors"), "--scope", "global",
+                       *common]) == 1
+    assert "HTTP 403" in capsys.readouterr().err

@@ -137,3 +137,45 @@ def test_cli_writes_gguf_and_report_deterministically(tiny, tmp_path, capsys):
     assert steerserve(["vectors", "train", "--model", str(path), "--pairs", str(pairs), "--layers", "0",
                        "--out", str(tmp_path / "zero.safetensors"), "--quiet"]) == 0
     assert read_vector_file(tmp_path / "zero.safetensors").layers == (0,)
+
+
+def test_register_uploads_the_file_and_reports_failure(tiny, tmp_path, capsys, monkeypatch):
+    """`--register URL` PUTs the written file as the raw body, with the API key, under --name and --scope."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    seen, answers = [], [(200, {"name": "joy", "scope": "global"}), (400, {"error": {"message": "bad vector"}})]
+
+    class Store(BaseHTTPRequestHandler):
+        def do_PUT(self):  # noqa: N802 (the stdlib's name)
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            seen.append((self.path, self.headers["Authorization"], self.headers["Content-Type"], body))
+            status, answer = answers[len(seen) - 1]
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(json.dumps(answer).encode())
+
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Store)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    path, _, _ = tiny
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"positive": p, "negative": n}) + "\n" for p, n in TEXTS))
+    url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    monkeypatch.setenv("STEERSERVE_API_KEY", "sk-test")
+    try:
+        args = ["vectors", "train", "--model", str(path), "--pairs", str(pairs), "--layers", "2", "--quiet",
+                "--register", url + "/v1", "--name", "joy", "--scope", "global"]
+        assert steerserve([*args, "--out", str(tmp_path / "a.gguf")]) == 0
+        assert seen[0][:3] == ("/v1/steering/vectors/joy?scope=global", "Bearer sk-test", "application/octet-stream")
+        assert seen[0][3] == (tmp_path / "a.gguf").read_bytes()
+        report = json.loads((tmp_path / "a.json").read_text())
+        assert report["registered"]["name"] == "joy" and "registered as 'joy'" in capsys.readouterr().out
+        assert steerserve([*args, "--out", str(tmp_path / "b.gguf")]) == 1
+        assert "registering it failed: HTTP 400: bad vector" in capsys.readouterr().err
+        assert (tmp_path / "b.gguf").exists() and (tmp_path / "b.json").exists()
+    finally:
+        httpd.shutdown()
