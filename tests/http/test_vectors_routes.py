@@ -29,9 +29,7 @@ ROUTE = "/v1/steering/vectors"
 
 
 def with_hidden_size(facts, hidden: int):
-    """The fake engine's facts with a hidden size, wherever ModelFacts keeps it."""
-    if "hidden_size" in getattr(type(facts), "__dataclass_fields__", {}):
-        return replace(facts, hidden_size=hidden)
+    """The fake engine's facts with a hidden size, where the vectors method keeps it."""
     return replace(facts, extra={**facts.extra, "vectors": {"hidden_size": hidden}})
 
 

@@ -57,8 +57,7 @@ def not_found(name: str, param: str = "name") -> NotFound:
 
 def model_sizes(facts: ModelFacts) -> tuple[int, int]:
     """(hidden size, decoder layers) of the served model, as vectors are checked against."""
-    hidden = getattr(facts, "hidden_size", 0) or dict(facts.extra.get("vectors") or {}).get("hidden_size", 0)
-    return int(hidden), facts.num_layers
+    return int((facts.extra.get("vectors") or {}).get("hidden_size", 0)), facts.num_layers  # methods/vectors.py
 
 
 def check_vector(vector: ControlVector, facts: ModelFacts, param: str = "file") -> None:
