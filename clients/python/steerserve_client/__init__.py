@@ -28,6 +28,7 @@ from .steering import (
     Span,
     Steering,
     Urial,
+    VectorItem,
 )
 
 # The public API, pinned by tests/clients/test_sdk_offline.py: adding or removing a name is a deliberate change.
@@ -63,5 +64,6 @@ __all__ = [
     "Steering",
     "SteeringError",
     "Urial",
+    "VectorItem",
     "__version__",
 ]
