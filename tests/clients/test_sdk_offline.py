@@ -99,7 +99,7 @@ def test_public_api_is_pinned():
         "AttentionMode", "AuthenticationError", "Conjugate", "EosRamp", "Experts", "InvalidRequest", "KeyRange", "Logits",
         "NotFound", "PermissionDenied", "Profile", "ProfileNotFound", "Profiles", "Prompt", "Rules", "ServerError",
         "Sink", "Span", "SteerClient", "SteerServeError", "SteeredResponse", "SteeredStream", "Steering",
-        "SteeringError", "StoredVector", "Urial", "VectorNotFound", "Vectors", "__version__",
+        "SteeringError", "StoredVector", "Urial", "VectorItem", "VectorNotFound", "Vectors", "__version__",
     ]
     assert sc.__all__ == sorted(sc.__all__)
     public = {n for n in vars(sc) if not n.startswith("_")} - {"client", "errors", "profiles", "results", "steering",

@@ -29,6 +29,7 @@ from .steering import (
     Span,
     Steering,
     Urial,
+    VectorItem,
 )
 from .vectors import AsyncVectors, StoredVector, Vectors
 
@@ -67,6 +68,7 @@ __all__ = [
     "SteeringError",
     "StoredVector",
     "Urial",
+    "VectorItem",
     "VectorNotFound",
     "Vectors",
     "__version__",

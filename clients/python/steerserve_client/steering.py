@@ -1,6 +1,6 @@
 """Typed steering specs: the request field `steering` (and profile bodies) as pydantic models with builders.
 
-Every family the server applies is modelled (`logits`, `attention`, `experts`, `prompt`). Names, types and bounds
+Every family the server applies is modelled (`logits`, `attention`, `experts`, `prompt`, `vectors`). Names, types and bounds
 mirror the server's `GET /v1/steering/schema` exactly (tests/clients check it against the live server), so a spec that validates
 here is only ever refused by the server for model-specific reasons (e.g. a bias key that is not one token).
 """
@@ -211,6 +211,41 @@ class Experts(_Spec):
         return value
 
 
+Direction = Annotated[list[float], Field(min_length=1, max_length=65536)]
+
+
+class VectorItem(_Spec):
+    """One control vector: `VectorItem(name="calm", scale=4.0, layers=[8, 9, 10])` (a stored vector) or
+    `VectorItem(data={"12": [...hidden_size floats]}, mode="ablate")` (inline, at most 8 layers). Layer l acts on
+    the residual stream at the output of decoder layer l (llama.cpp's `direction.l`)."""
+
+    name: str | None = Field(None, min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]+$",
+                             description="A vector in the vector store (GET /v1/steering/vectors).")
+    data: dict[str, Direction] | None = Field(
+        None, min_length=1, max_length=8,
+        description='Inline directions, {"<decoder layer>": [hidden_size floats]}, at most 8 layers; layer l acts '
+                    "on the residual stream at the output of decoder layer l (llama.cpp's direction.l).")
+    scale: float | None = Field(None, ge=-1e4, le=1e4, description="add: the multiplier of each direction "
+                                "(default 1); ablate: absent or 1.")
+    layers: Literal["all"] | Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1, max_length=1024)] \
+        | None = Field(None, description='Decoder layers to steer (0-based); default or "all": every layer the '
+                                         "vector has. A layer the vector lacks is an error.")
+    tokens: Literal["all", "prompt", "generated"] | None = Field(
+        None, description="all (default): every token; prompt: prompt tokens only; generated: generated tokens only.")
+    mode: Literal["add", "ablate"] | None = Field(
+        None, description="add (default): h + scale * v; ablate: h - (h . u) u with u = v / |v|.")
+    normalize: bool | None = Field(None, description="add: scale each layer's direction to unit length first "
+                                                     "(default false).")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> VectorItem:
+        if (self.name is None) == (self.data is None):
+            raise ValueError("give exactly one of name (a stored vector) and data (inline directions)")
+        if self.mode == "ablate" and self.scale not in (None, 1.0):
+            raise ValueError("ablate removes the direction's component: scale must be absent or 1")
+        return self
+
+
 class Steering(_Spec):
     """A request's steering, e.g. `Steering(logits=Logits(bias={" Paris": 2.0}, rules=Rules.preset("hewitt2024")))`.
 
@@ -223,3 +258,4 @@ class Steering(_Spec):
     attention: Attention | None = None
     experts: Experts | None = None
     prompt: Prompt | None = None
+    vectors: Annotated[list[VectorItem], Field(max_length=16)] | None = None
