@@ -2,9 +2,9 @@
 behaviour (a joyful versus a gloomy tone, benchmarks/data/vectors_joy.json: 68 project-written pairs, 16 held-out
 prompts, two project-written lexicons), scored against `scale` for `mean` and `pca`. An evaluation, not a test.
 
-    python -m benchmarks.vectors_steer_study [--layers 8-20] [--scales -8 -4 0 4 8 12 16] [--backend hf|engine]
+    python -m benchmarks.vectors_steer_study [--layers 8-20] [--scales -8 -4 0 2 4 8 16] [--backend hf|engine]
 
-Per method and scale: the **tone score** of greedy answers (48 tokens) to the held-out prompts, 100 x (joyful
+Per method and scale: the **tone score** of greedy answers (32 tokens) to the held-out prompts, 100 x (joyful
 words - gloomy words) / words, averaged over the prompts (positive = joyful); and the **NLL** (nats/token) of the
 first 512 tokens of the GPL-3 + GFDL-1.3 + Apache-2.0 licence texts (/usr/share/common-licenses, as in the
 attention-modes table) with the vector applied to every token, i.e. how much the steering damages neutral text.
@@ -18,6 +18,7 @@ reference the engine is tested against. Writes benchmarks/results/vectors_steer_
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -104,7 +105,7 @@ class EngineBackend:
         from steerserve.server.engine.builder import llm_facts, open_steering_llm
 
         self.llm = open_steering_llm(path, dtype="float32", enforce_eager=True, max_model_len=2048,
-                                     max_num_seqs=16, kv_cache_memory_bytes=1 << 30, seed=0,
+                                     max_num_seqs=16, kv_cache_memory_bytes=1 << 28, seed=0,
                                      enable_prefix_caching=False)
         self.tok = self.llm.get_tokenizer()
         self.facts = llm_facts(self.llm, path)
@@ -145,10 +146,10 @@ class EngineBackend:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", default="8-20")
-    ap.add_argument("--scales", type=float, nargs="+", default=[-8, -4, 0, 4, 8, 12, 16])
+    ap.add_argument("--scales", type=float, nargs="+", default=[-8, -4, 0, 2, 4, 8, 16])
     ap.add_argument("--methods", nargs="+", default=["mean", "pca"])
     ap.add_argument("--backend", choices=("hf", "engine"), default="engine")
-    ap.add_argument("--max-tokens", type=int, default=48)
+    ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--text-tokens", type=int, default=512)
     args = ap.parse_args()
 
@@ -175,6 +176,7 @@ def main() -> None:
             reports[method] = {**json.loads(out.with_suffix(".json").read_text()),
                                "train_seconds": time.perf_counter() - started}
             vector = read_vector_file(out)
+            gc.collect()  # the trainer's HF model
             for scale in args.scales:
                 backend.steer(vector, scale)
                 started = time.perf_counter()

@@ -51,7 +51,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     train.add_argument("--name", help="the name to register it under (default: --out's stem)")
     for command in (vlist, put, get, delete, train):
         command.add_argument("--api-key", help="default: $STEERSERVE_API_KEY")
-        command.add_argument("--scope", choices=("tenant", "global"), help="global: the admin-managed vectors")
+        if command is not vlist:
+            command.add_argument("--scope", choices=("tenant", "global"), help="global: the admin-managed vectors")
         if command is not train:
             command.add_argument("--url", help=f"the server (default: $STEERSERVE_BASE_URL or {DEFAULT_URL})")
 
@@ -83,7 +84,7 @@ class ServerError(Exception):
 def _call(url: str, args: argparse.Namespace, method: str, name: str, body: bytes | None = None,
           fmt: str | None = None) -> bytes:
     path = "/v1/steering/vectors" + (f"/{urllib.parse.quote(name, safe='')}" if name else "")
-    query = {k: v for k, v in (("scope", args.scope), ("format", fmt)) if v}
+    query = {k: v for k, v in (("scope", getattr(args, "scope", None)), ("format", fmt)) if v}
     request = urllib.request.Request(url + path + ("?" + urllib.parse.urlencode(query) if query else ""),
                                      data=body, method=method)
     key = args.api_key or os.environ.get("STEERSERVE_API_KEY")
