@@ -1,6 +1,7 @@
 """Does it steer? Control vectors trained with `steerserve vectors train` on SmolLM2-135M-Instruct for one
 behaviour (a joyful versus a gloomy tone, benchmarks/data/vectors_joy.json: 68 project-written pairs, 16 held-out
-prompts, two project-written lexicons), scored against `scale` for `mean` and `pca`. An evaluation, not a test.
+prompts, two project-written lexicons), scored against `scale` for `mean`, `pca` and `pca-centred`. An
+evaluation, not a test.
 
     python -m benchmarks.vectors_steer_study [--layers 8-20] [--scales -8 -4 0 2 4 8 16] [--backend hf|engine]
 
@@ -147,7 +148,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", default="8-20")
     ap.add_argument("--scales", type=float, nargs="+", default=[-8, -4, 0, 2, 4, 8, 16])
-    ap.add_argument("--methods", nargs="+", default=["mean", "pca"])
+    ap.add_argument("--methods", nargs="+", default=["mean", "pca", "pca-centred"])
     ap.add_argument("--backend", choices=("hf", "engine"), default="engine")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--text-tokens", type=int, default=512)

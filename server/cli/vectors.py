@@ -39,7 +39,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     train.add_argument("--pairs", type=Path, required=True, help='JSONL of {"positive": str, "negative": str}, or '
                        'a JSON object {"template": "...{persona}...", "positive": [...], "negative": [...], '
                        '"suffixes": [...]}')
-    train.add_argument("--method", choices=("mean", "pca"), default="mean")
+    train.add_argument("--method", choices=("mean", "pca", "pca-centred"), default="mean",
+                       help="mean: mean difference (CAA); pca: first principal direction of the differences "
+                       "(representation reading); pca-centred: repeng's pca_diff (centres them first)")
     train.add_argument("--layers", help="'all' (default: every layer the file can hold; GGUF cannot hold 0), a "
                        "range 8-20, or a list 8,9,10")
     train.add_argument("--out", type=Path, required=True, help="the vector file: .gguf or .safetensors")

@@ -61,21 +61,20 @@ def test_methods_match_their_definitions_and_point_to_positive(tiny):
     layers = [1, 2]
     states = reference_states(model, tok, [t for pair in TEXTS for t in pair], layers)
     mean = train_vector(path, pairs, "mean", layers, batch_size=2)
-    pca = train_vector(path, pairs, "pca", layers, batch_size=2)
+    pcas = {m: train_vector(path, pairs, m, layers, batch_size=2) for m in ("pca", "pca-centred")}
     for layer in layers:
         pos, neg = states[layer][0::2].astype(np.float64), states[layer][1::2].astype(np.float64)
         diffs = pos - neg
         np.testing.assert_allclose(mean.vector.directions[layer], diffs.mean(0), atol=5e-5, rtol=1e-4)
-        # The first principal component of the centred differences: the top eigenvector of their covariance.
-        centred = diffs - diffs.mean(0)
-        eigvals, eigvecs = np.linalg.eigh(centred.T @ centred)
-        top = eigvecs[:, -1]
-        u = pca.vector.directions[layer].astype(np.float64)
-        assert abs(np.linalg.norm(u) - 1) < 1e-5
-        assert abs(abs(u @ top) - 1) < 1e-4
-        above = np.mean(pos @ u > neg @ u)
-        assert above >= np.mean(pos @ u < neg @ u)  # the sign: most pairs' positive text projects higher
-        assert pca.report["per_layer"][str(layer)]["separation"] == pytest.approx(above)
+        # pca: the top eigenvector of the differences' scatter matrix; pca-centred: of their covariance.
+        for method, d in (("pca", diffs), ("pca-centred", diffs - diffs.mean(0))):
+            top = np.linalg.eigh(d.T @ d)[1][:, -1]
+            u = pcas[method].vector.directions[layer].astype(np.float64)
+            assert abs(np.linalg.norm(u) - 1) < 1e-5
+            assert abs(abs(u @ top) - 1) < 1e-4, method
+            above = np.mean(pos @ u > neg @ u)
+            assert above >= np.mean(pos @ u < neg @ u)  # the sign: most pairs' positive text projects higher
+            assert pcas[method].report["per_layer"][str(layer)]["separation"] == pytest.approx(above)
     assert mean.report["method"] == "mean" and mean.report["layers"] == layers and mean.report["pairs"] == 4
 
 
@@ -83,7 +82,7 @@ def test_the_sign_follows_the_labels(tiny):
     path, _, _ = tiny
     pairs = [Pair(p, n) for p, n in TEXTS]
     swapped = [Pair(n, p) for p, n in TEXTS]
-    for method in ("mean", "pca"):
+    for method in ("mean", "pca", "pca-centred"):
         a = train_vector(path, pairs, method, [2]).vector.directions[2]
         b = train_vector(path, swapped, method, [2]).vector.directions[2]
         np.testing.assert_allclose(a, -b, atol=1e-5)
