@@ -14,7 +14,8 @@ layer for both methods (the residual stream's own norm at these layers is in the
 
 Backends: `engine` runs the steering through steerserve's own engine path (an offline vLLM engine with our plugin
 and the `vectors` plan part); `hf` applies the same addition with forward hooks on HF transformers (fp32), the
-reference the engine is tested against. Writes benchmarks/results/vectors_steer_study.{json,png}.
+reference the engine is tested against. Writes benchmarks/results/vectors_steer_study.{json,png} and the plot
+again as docs/guides/img/vectors_steer_study.png for the control vectors guide.
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 RESULTS = Path(__file__).parent / "results"
 DATA = Path(__file__).parent / "data" / "vectors_joy.json"
+DOC_PLOT = Path(__file__).parent.parent / "docs" / "guides" / "img" / "vectors_steer_study.png"
 TEXTS = [Path("/usr/share/common-licenses") / name for name in ("GPL-3", "GFDL-1.3", "Apache-2.0")]
 WORD = re.compile(r"[a-z']+")
 
@@ -198,6 +200,7 @@ def main() -> None:
               "training": reports, "results": rows, "samples": samples}
     (RESULTS / "vectors_steer_study.json").write_text(json.dumps(report, indent=2))
     plot(rows, RESULTS / "vectors_steer_study.png")
+    plot(rows, DOC_PLOT)
 
 
 def plot(rows: list[dict], out: Path) -> None:
