@@ -10,6 +10,7 @@ import. Everywhere else `tests/steering/test_vector_files.py` checks the GGUF la
 rules and repeng's export, with the `gguf` package."""
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -22,6 +23,9 @@ LAYERS = list(range(8, 21))
 COEFF = 12.0
 STEPS = 16
 PROMPT = [{"role": "user", "content": "Tell me about your weekend."}]
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("repeng") is None, reason=(
+    "repeng is not installed: repeng 0.4.0 requires numpy<2, our vLLM stack numpy>=2 (see the module docstring)"))
 
 
 def import_repeng(monkeypatch):
