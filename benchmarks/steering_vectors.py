@@ -2,6 +2,7 @@
 all 30 decoder layers of SmolLM2), one run, side by side.
 
     python -m benchmarks.steering_vectors [--batch 32] [--tokens 64] [--repeats 3] [--compiled]
+    python -m benchmarks.steering_vectors --hook-only     # the hook's own per-step CPU time, no engine
 
 Offline vLLM (in-process, like the server's engine) on the embedded SmolLM2, fp32, greedy, `ignore_eos` so every
 row decodes exactly `--tokens` tokens, the chat prompts of benchmarks/steering_logits.py. Steered rows add a
@@ -23,6 +24,7 @@ from pathlib import Path
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; without it vLLM-CPU wants most of the memory
 
 RESULTS = Path(__file__).parent / "results"
 PROMPTS = ["Explain how rainbows form.", "Write a short poem about the sea.", "What is a prime number?",
@@ -37,7 +39,12 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--compiled", action="store_true", help="torch.compile (no enforce_eager)")
+    ap.add_argument("--hook-only", action="store_true", help="time the layer hook's work alone and exit")
     args = ap.parse_args()
+    if args.hook_only:
+        print(f"hook work per decode step ({args.batch} tokens, 30 layers, hidden 576, one thread): "
+              f"{hook_cost(args.batch) * 1e3:.3f} ms CPU")
+        return
 
     import numpy as np
     from vllm import SamplingParams
@@ -51,7 +58,7 @@ def main() -> None:
 
     path = fetch_smollm2()
     llm = open_steering_llm(path, dtype="float32", enforce_eager=not args.compiled, max_model_len=1024,
-                            max_num_seqs=args.batch, kv_cache_memory_bytes=1 << 30, seed=0)
+                            max_num_seqs=args.batch, num_gpu_blocks_override=96, seed=0)  # 96 x 128 tokens
     tok = llm.get_tokenizer()
     facts = llm_facts(llm, path)
     hidden, layers = facts.extra["vectors"]["hidden_size"], facts.num_layers
@@ -114,6 +121,26 @@ def main() -> None:
     stem = "steering_vectors" + ("_compiled" if args.compiled else "")
     (RESULTS / f"{stem}.json").write_text(json.dumps(report, indent=2))
     plot(rows, RESULTS / f"{stem}.png", mode)
+
+
+def hook_cost(tokens: int, layers: int = 30, hidden: int = 576, steps: int = 2000) -> float:
+    """CPU seconds of `vectors_hook.steer` (a gather and an add from a 33-slot table) over all layers, per step."""
+    import torch
+
+    from steerserve.server.engine.vectors_hook import steer
+
+    torch.set_num_threads(1)
+    table = torch.randn(layers, 33, hidden)
+    index = torch.randint(1, 33, (tokens,))
+    output = (torch.randn(tokens, hidden), torch.randn(tokens, hidden))
+    for _ in range(100):
+        for layer in range(layers):
+            steer(output, index, [(None, table[layer])])
+    start = time.process_time()
+    for _ in range(steps):
+        for layer in range(layers):
+            steer(output, index, [(None, table[layer])])
+    return (time.process_time() - start) / steps
 
 
 def plot(rows: list[dict], out: Path, mode: str) -> None:

@@ -38,6 +38,7 @@ def compile_(items: list, store: dict[str, ControlVector] | None = None) -> Plan
     ({"data": {"1": [0.0] * H}}, "steering.vectors[0].data", "all zeros"),
     ({"data": {"x1": [0.1] * H}}, "steering.vectors.0.data", "not a decoder layer index"),
     ({"data": {"1": []}}, "steering.vectors.0.data.1", ""),
+    ({"data": {"1": [0.1] * H, "01": [0.2] * H}}, "steering.vectors.0.data", "same layer"),
     ({"data": vec(1, 2), "layers": [2, 3]}, "steering.vectors[0].layers", "no direction for layer 3"),
     ({"data": vec(1), "layers": [9]}, "steering.vectors[0].layers", "outside"),
     ({"data": vec(1), "tokens": "output"}, "steering.vectors.0.tokens", ""),
