@@ -67,6 +67,8 @@ class VectorItem(Strict):
         for key in value or ():
             if not _LAYER_KEY.match(key):
                 raise ValueError(f"{key!r} is not a decoder layer index")
+        if value and len({int(key) for key in value}) < len(value):
+            raise ValueError("two keys name the same layer")
         if value and sum(len(d) for d in value.values()) > MAX_INLINE_VALUES:
             raise ValueError(f"inline data holds more than {MAX_INLINE_VALUES} values; put the vector in the store")
         return value

@@ -206,7 +206,10 @@ def _begin_step(rows: VectorsRows, runner, positions: torch.Tensor) -> StepWork 
     """This forward's slot index for the layer hooks (the engine hook's `begin_step`; attached on first use)."""
     if rows.num_layers == 0:
         return None
-    index = rows.slot_index(step.row_starts(runner), positions.cpu(), positions.shape[-1])
+    positions = positions.cpu()
+    if positions.dim() > 1:  # M-RoPE: one row of positions per section; the first is the token's position
+        positions = positions[0]
+    index = rows.slot_index(step.row_starts(runner), positions, positions.shape[0])
     if index is None:
         return None
     _attach(vllm_compat.runner_model(runner))

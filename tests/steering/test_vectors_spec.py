@@ -38,6 +38,7 @@ def compile_(items: list, store: dict[str, ControlVector] | None = None) -> Plan
     ({"data": {"1": [0.0] * H}}, "steering.vectors[0].data", "all zeros"),
     ({"data": {"x1": [0.1] * H}}, "steering.vectors.0.data", "not a decoder layer index"),
     ({"data": {"1": []}}, "steering.vectors.0.data.1", ""),
+    ({"data": {"1": [0.1] * H, "01": [0.2] * H}}, "steering.vectors.0.data", "same layer"),
     ({"data": vec(1, 2), "layers": [2, 3]}, "steering.vectors[0].layers", "no direction for layer 3"),
     ({"data": vec(1), "layers": [9]}, "steering.vectors[0].layers", "outside"),
     ({"data": vec(1), "tokens": "output"}, "steering.vectors.0.tokens", ""),
@@ -119,3 +120,26 @@ def test_stage_programs_follow_the_list_order():
     assert np.allclose(a1, np.float32(v3["1"]))
     _, gen = program(part, "generated")
     assert np.allclose(gen[1][1][1], np.float32(v3["1"]) + np.float32(v1["1"]), atol=1e-6)
+
+
+def test_rows_share_slots_and_free_them_when_they_leave():
+    import torch
+
+    from steerserve.server.engine.state import RowContext
+    from steerserve.server.engine.vectors_hook import VectorsRows, admit
+
+    ctx = RowContext(L, 1, 0, torch.device("cpu"))
+    shared, other = vec(1, 2), vec(2)
+    a = admit(compile_([{"data": shared, "scale": 2.0}]), 5, ctx)
+    b = admit(compile_([{"data": shared, "scale": 2.0}]), 9, ctx)
+    c = admit(compile_([{"data": other, "tokens": "generated"}]), 3, ctx)
+    rows = VectorsRows()
+    rows.rows = [(0, a), (1, b), (2, c)]
+    assert a.slots == b.slots == {"prompt": 1, "generated": 1} and c.slots == {"prompt": 0, "generated": 2}
+    assert torch.allclose(rows.add[0][2, 1], 2 * torch.tensor(shared["2"])) and rows.add[0][1, 2].eq(0).all()
+    assert sorted(rows.layers) == [1, 2]
+    index = rows.slot_index([0, 4, 6, 9], torch.tensor([0, 1, 2, 3, 7, 8, 2, 3, 4]), 10)
+    assert index.tolist() == [1, 1, 1, 1, 1, 1, 0, 2, 2, 0]  # row 2: positions >= its prompt length 3
+    rows.rows = [(0, c)]
+    assert rows.slots == {c.keys["generated"]: 2} and rows.add[0][:, 1].eq(0).all() and sorted(rows.layers) == [2]
+    assert rows.slot_index([0, 2], torch.tensor([0, 1]), 2) is None  # prompt tokens only: nothing steered
