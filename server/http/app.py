@@ -19,6 +19,7 @@ from steerserve.server.frontend import tool_calls
 from steerserve.server.frontend.chat import set_template
 from steerserve.server.stores.profiles import ProfileStore
 from steerserve.server.stores.tenants import TenantStore
+from steerserve.server.stores.vectors import VectorStore, default_store
 from steerserve.steering.spec import SteeringSpec
 
 from ..engine.async_engine import Engine
@@ -40,15 +41,17 @@ def create_app(engine_factory: Callable[[], Engine], keys: KeyStore, profiles: P
                on_engine_failure: Callable[[], None] = lambda: None, adapters: AdapterStore | None = None,
                adapter_root: Path | None = None, tenants: TenantStore | None = None,
                prefixes: prompting.PrefixStore | None = None, playground: bool = True,
-               tool_call_parser: str | None = None, chat_template: str | None = None) -> FastAPI:
+               tool_call_parser: str | None = None, chat_template: str | None = None,
+               vectors: VectorStore | None = None) -> FastAPI:
     """The app. `engine_factory` builds the engine in a worker thread, so /health answers while it loads;
     `on_engine_failure` is called if it cannot be built or fails its steering self-test (the CLI then exits
-    non-zero). `adapters`: the adapter registry, served when the engine has LoRA enabled. Tenant settings and
-    URIAL prefixes live beside the profiles unless given. `playground`: serve the playground page
+    non-zero). `adapters`: the adapter registry, served when the engine has LoRA enabled. Tenant settings, URIAL
+    prefixes and control vectors live beside the profiles unless given. `playground`: serve the playground page
     (server/http/routes/playground.py); off, its routes do not exist (404). `tool_call_parser` (a vLLM tool parser
     name) enables chat `tools`; `chat_template` (its text) replaces the model's chat template."""
     state = AppState(keys=keys, profiles=profiles, tenants=tenants or TenantStore(profiles.path),
                      prefixes=prefixes or prompting.PrefixStore(profiles.path.parent / "urial"),
+                     vectors=vectors or default_store(profiles.path.parent),
                      metrics=Metrics(lambda: state.engine.num_unfinished_requests() if state.engine else 0),
                      adapters=adapters, adapter_root=adapter_root)
 

@@ -172,7 +172,8 @@ def _admit(state: AppState, who: Principal, req, headers: Mapping[str, str], rou
     eng, adapter_name = check_model(state.ready_engine(), req.model, headers.get("x-adapter"))
     served = Served(eng.info.name, who.tenant, state.adapter_of(who, adapter_name) if adapter_name else None,
                     state.pool)
-    steering = steer.resolve(headers, req.steering, who, state.profiles, eng.facts, eng.model_steering)
+    steering = steer.resolve(headers, req.steering, who, state.profiles, eng.facts, eng.model_steering,
+                             state.vectors)
     prompting.authorize(steering, who, state.tenants)
     prompting.check_request(steering, req, route)
     if steering.spec.prompt is not None and served.adapter is not None:

@@ -1,4 +1,4 @@
-"""steerserve-client: a typed Python SDK for steerserve (steering specs, steered calls, profiles, typed errors)."""
+"""steerserve-client: a typed Python SDK for steerserve (steering specs, steered calls, profiles, control vectors, typed errors)."""
 from .__version__ import __version__
 from .adapters import Adapter, Adapters, AsyncAdapters, adapter_model
 from .client import AsyncSteerClient, SteerClient
@@ -13,6 +13,7 @@ from .errors import (
     ServerError,
     SteeringError,
     SteerServeError,
+    VectorNotFound,
 )
 from .profiles import AsyncProfiles, Profile, Profiles
 from .results import Applied, AsyncSteeredStream, SteeredResponse, SteeredStream
@@ -30,7 +31,9 @@ from .steering import (
     Span,
     Steering,
     Urial,
+    VectorItem,
 )
+from .vectors import AsyncVectors, StoredVector, Vectors
 
 # The public API, pinned by tests/clients/test_sdk_offline.py: adding or removing a name is a deliberate change.
 __all__ = [
@@ -43,6 +46,7 @@ __all__ = [
     "AsyncProfiles",
     "AsyncSteerClient",
     "AsyncSteeredStream",
+    "AsyncVectors",
     "Attention",
     "AttentionMode",
     "AuthenticationError",
@@ -68,7 +72,11 @@ __all__ = [
     "SteeredStream",
     "Steering",
     "SteeringError",
+    "StoredVector",
     "Urial",
+    "VectorItem",
+    "VectorNotFound",
+    "Vectors",
     "__version__",
     "adapter_model",
 ]

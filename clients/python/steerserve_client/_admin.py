@@ -29,6 +29,17 @@ class Admin:
             raise from_transport(exc) from exc
         return _json(response)
 
+    def send(self, method: str, path: str, *, params: dict[str, str] | None = None, **request: Any) -> httpx.Response:
+        """Any request (binary bodies and answers); the response, read, or the typed error."""
+        headers = {**self._headers, **request.pop("headers", {})}
+        try:
+            response = self._http.request(method, self._root + path, params=params, headers=headers, **request)
+        except httpx.HTTPError as exc:
+            raise from_transport(exc) from exc
+        if response.is_error:
+            raise from_response(response)
+        return response
+
 
 class AsyncAdmin:
     def __init__(self, http: httpx.AsyncClient, root: str, api_key: str):
@@ -42,3 +53,14 @@ class AsyncAdmin:
         except httpx.HTTPError as exc:
             raise from_transport(exc) from exc
         return _json(response)
+
+    async def send(self, method: str, path: str, *, params: dict[str, str] | None = None,
+                   **request: Any) -> httpx.Response:
+        headers = {**self._headers, **request.pop("headers", {})}
+        try:
+            response = await self._http.request(method, self._root + path, params=params, headers=headers, **request)
+        except httpx.HTTPError as exc:
+            raise from_transport(exc) from exc
+        if response.is_error:
+            raise from_response(response)
+        return response

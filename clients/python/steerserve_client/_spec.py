@@ -213,6 +213,24 @@ Layers2 = TypeAliasType(
 )
 
 
+Layers3Item = TypeAliasType("Layers3Item", Annotated[int, Field(..., ge=0)])
+
+
+Layers3 = TypeAliasType(
+    "Layers3",
+    Annotated[
+        list[Layers3Item],
+        Field(
+            ...,
+            description='Decoder layers to steer (0-based); default or "all": every layer the vector has. A layer the vector lacks is an error.',
+            max_length=1024,
+            min_length=1,
+            title='Layers',
+        ),
+    ],
+)
+
+
 class LogitsSpec(Spec):
     model_config = ConfigDict(
         extra='forbid',
@@ -248,6 +266,22 @@ class ModeSpec(Spec):
         15.0, description='The re-weighting exponent p.', ge=1.0, le=64.0, title='Power'
     )
     layers: Literal['all'] | Layers = Field('all', title='Layers')
+
+
+Name = TypeAliasType(
+    "Name",
+    Annotated[
+        str,
+        Field(
+            ...,
+            description='A vector in the vector store (GET /v1/steering/vectors).',
+            max_length=128,
+            min_length=1,
+            pattern='^[A-Za-z0-9._-]+$',
+            title='Name',
+        ),
+    ],
+)
 
 
 Off = TypeAliasType(
@@ -332,6 +366,21 @@ RulesSpecTokenDeltas = TypeAliasType(
 )
 
 
+Scale = TypeAliasType(
+    "Scale",
+    Annotated[
+        float,
+        Field(
+            ...,
+            description='add: the multiplier of each direction (default 1); ablate: absent or 1.',
+            ge=-10000.0,
+            le=10000.0,
+            title='Scale',
+        ),
+    ],
+)
+
+
 class SinkSpec(Spec):
     model_config = ConfigDict(
         extra='forbid',
@@ -405,6 +454,11 @@ class SteeringSpec(Spec):
     attention: AttentionSpec | None = None
     experts: ExpertsSpec | None = None
     prompt: PromptSpec | None = None
+    vectors: Vectors | None = Field(
+        None,
+        description='Control vectors, applied in order: add a direction to the residual stream at the output of chosen decoder layers, or ablate it (docs/methods/vectors.md).',
+        title='Vectors',
+    )
 
 
 class UrialSpec(Spec):
@@ -422,3 +476,74 @@ class UrialSpec(Spec):
         description="Keep only the prefix's first K examples (default: all of them).",
         title='Examples',
     )
+
+
+class VectorItem(Spec):
+    """
+    One control vector applied to a request. Exactly one of `name` and `data`.
+    """
+
+    model_config = ConfigDict(
+        extra='forbid',
+    )
+    name: Name | None = Field(
+        None,
+        description='A vector in the vector store (GET /v1/steering/vectors).',
+        title='Name',
+    )
+    data: VectorItemData | None = Field(
+        None,
+        description='Inline directions, {"<decoder layer>": [hidden_size floats]}, at most 8 layers; layer l acts on the residual stream at the output of decoder layer l (llama.cpp\'s direction.l).',
+        title='Data',
+    )
+    scale: Scale | None = Field(
+        None,
+        description='add: the multiplier of each direction (default 1); ablate: absent or 1.',
+        title='Scale',
+    )
+    layers: Literal['all'] | Layers3 | None = Field(
+        None,
+        description='Decoder layers to steer (0-based); default or "all": every layer the vector has. A layer the vector lacks is an error.',
+        title='Layers',
+    )
+    tokens: Literal['all', 'prompt', 'generated'] | None = Field(
+        None,
+        description='all (default): every token; prompt: prompt tokens only; generated: generated tokens only.',
+        title='Tokens',
+    )
+    mode: Literal['add', 'ablate'] | None = Field(
+        None,
+        description='add (default): h + scale * v; ablate: h - (h . u) u with u = v / |v|.',
+        title='Mode',
+    )
+    normalize: StrictBool | None = Field(
+        None,
+        description="add: scale each layer's direction to unit length first (default false).",
+        title='Normalize',
+    )
+
+
+VectorItemData1 = TypeAliasType(
+    "VectorItemData1",
+    Annotated[list[float], Field(..., max_length=65536, min_length=1)],
+)
+
+
+VectorItemData = TypeAliasType(
+    "VectorItemData",
+    Annotated[dict[str, VectorItemData1], Field(..., max_length=8, min_length=1)],
+)
+
+
+Vectors = TypeAliasType(
+    "Vectors",
+    Annotated[
+        list[VectorItem],
+        Field(
+            ...,
+            description='Control vectors, applied in order: add a direction to the residual stream at the output of chosen decoder layers, or ablate it (docs/methods/vectors.md).',
+            max_length=16,
+            title='Vectors',
+        ),
+    ],
+)

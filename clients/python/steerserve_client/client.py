@@ -1,5 +1,5 @@
-"""`SteerClient` / `AsyncSteerClient`: the official `openai` client (`.openai`) plus steering, profiles and typed
-errors. Chat and completions go through openai; the server's own routes through httpx."""
+"""`SteerClient` / `AsyncSteerClient`: the official `openai` client (`.openai`) plus steering, profiles, the
+control vector store and typed errors. Chat and completions go through openai; the server's own routes through httpx."""
 from __future__ import annotations
 
 import os
@@ -17,6 +17,7 @@ from .errors import NotFound, from_openai
 from .profiles import AsyncProfiles, Profiles
 from .results import Applied, AsyncSteeredStream, SteeredResponse, SteeredStream
 from .steering import Steering
+from .vectors import AsyncVectors, Vectors
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8000"
 PROFILE_HEADER = "X-Steering-Profile"
@@ -71,6 +72,7 @@ class SteerClient:
         self._admin = admin
         self.profiles = Profiles(admin)
         self.adapters = Adapters(admin, lambda: self._model(None))
+        self.vectors = Vectors(admin)
         self.model = model
 
     @overload
@@ -157,6 +159,7 @@ class AsyncSteerClient:
         self._admin = admin
         self.profiles = AsyncProfiles(admin)
         self.adapters = AsyncAdapters(admin, lambda: self._model(None))
+        self.vectors = AsyncVectors(admin)
         self.model = model
 
     @overload

@@ -129,6 +129,20 @@ class Experts(_spec.ExpertsSpec):
         return value
 
 
+class VectorItem(_spec.VectorItem):
+    """One control vector: `VectorItem(name="calm", scale=4.0, layers=[8, 9, 10])` (a stored vector) or
+    `VectorItem(data={"12": [...hidden_size floats]}, mode="ablate")` (inline). Layer l acts on the residual
+    stream at the output of decoder layer l (llama.cpp's `direction.l`)."""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> VectorItem:
+        if (self.name is None) == (self.data is None):
+            raise ValueError("give exactly one of name (a stored vector) and data (inline directions)")
+        if self.mode == "ablate" and self.scale not in (None, 1.0):
+            raise ValueError("ablate removes the direction's component: scale must be absent or 1")
+        return self
+
+
 class Steering(_spec.SteeringSpec):
     """A request's steering, e.g. `Steering(logits=Logits(bias={" Paris": 2.0}, rules=Rules.preset("hewitt2024")))`.
 

@@ -2,7 +2,7 @@
 `playground.router`, only when the setting is on)."""
 from __future__ import annotations
 
-from . import adapters, health, openai, responses, steering, tenants, tokenize
+from . import adapters, health, openai, responses, steering, tenants, tokenize, vectors
 
 ROUTERS = (health.router, openai.router, responses.router, tokenize.router, steering.router, adapters.router,
-           tenants.router)
+           tenants.router, vectors.router)

@@ -45,7 +45,7 @@ async def put_profile(request: Request, name: str, who: Caller, state: State, sc
     validate_name(name)
     owner = owner_of(who, scope, writing=True)
     body = parse_json(await request.body(), "the profile")
-    spec = steer.validate_profile(body, state.ready_engine().facts)
+    spec = steer.validate_profile(body, state.ready_engine().facts, owner, state.vectors)
     state.profiles.put(owner, name, spec)
     return {"name": name, "scope": scope, "spec": spec}
 
