@@ -30,8 +30,10 @@ async def models(who: Caller, state: State) -> dict:
 
 @router.post(serving.COMPLETIONS)
 async def completions(request: Request, who: Caller, state: State, body: CompletionRequest) -> Response:
+    state.admission.admit(request, who.tenant)  # 429 over a bound; released when the response is done
     run = serving.completion(state, who, body, request.headers)
     g, tokenizer, top = run.g, run.engine.tokenizer, body.logprobs or 0
+    timeout = state.admission.limits.request_timeout
 
     def choice_json(c: gen.Choice | gen.Delta, offset: int = 0) -> dict:
         lp = (gen.completion_logprobs(c.token_ids, c.logprobs, top, tokenizer, offset)
@@ -40,7 +42,7 @@ async def completions(request: Request, who: Caller, state: State, body: Complet
 
     head = {"id": g.id, "object": "text_completion", "created": g.created, "model": run.served.model}
     if not body.stream:
-        choices = await until_disconnect(request, g.collect())
+        choices = await until_disconnect(request, g.collect(), timeout)
         return JSONResponse({**head, "choices": [choice_json(c) for c in choices], "usage": g.usage(),
                              **run.stats_json()}, headers=run.headers())
 
@@ -50,20 +52,22 @@ async def completions(request: Request, who: Caller, state: State, body: Complet
         sent[d.index] += len(d.text)
         return {**head, "choices": [choice_json(d, sent[d.index] - len(d.text))], "usage": None}
 
-    return await sse(request, g, [], chunk, head, body, run.headers())
+    return await sse(request, g, [], chunk, head, body, run.headers(), timeout)
 
 
 @router.post(serving.CHAT)
 async def chat_completions(request: Request, who: Caller, state: State, body: ChatCompletionRequest) -> Response:
+    state.admission.admit(request, who.tenant)  # 429 over a bound; released when the response is done
     run = serving.chat(state, who, body, request.headers)
     g, tokenizer, top = run.g, run.engine.tokenizer, body.top_logprobs or 0
+    timeout = state.admission.limits.request_timeout
     head = {"id": g.id, "object": "chat.completion", "created": g.created, "model": run.served.model}
 
     def logprobs_json(c: gen.Choice | gen.Delta) -> dict | None:
         return gen.chat_logprobs(c.token_ids, c.logprobs, top, tokenizer) if body.logprobs else None
 
     if not body.stream:
-        choices = await until_disconnect(request, g.collect())
+        choices = await until_disconnect(request, g.collect(), timeout)
         return JSONResponse({**head, "choices": [
             {"index": c.index, "message": {"role": "assistant", "content": c.text},
              "logprobs": logprobs_json(c), "finish_reason": c.finish_reason} for c in choices],
@@ -78,4 +82,4 @@ async def chat_completions(request: Request, who: Caller, state: State, body: Ch
                                      "logprobs": logprobs_json(d), "finish_reason": d.finish_reason}],
                 "usage": None}
 
-    return await sse(request, g, roles, chunk, head, body, run.headers())
+    return await sse(request, g, roles, chunk, head, body, run.headers(), timeout)
