@@ -74,7 +74,9 @@ def serve_forever(settings: Settings) -> int:
         failed.append(True)
         server.should_exit = True
         # A dead engine may not shut down cleanly: the supervisor gets the process back within a bounded time.
-        threading.Timer(EXIT_AFTER_ENGINE_DEATH_S, os._exit, (1,)).start()
+        deadline = threading.Timer(EXIT_AFTER_ENGINE_DEATH_S, os._exit, (1,))
+        deadline.daemon = True  # it must not itself keep a process that shut down cleanly alive
+        deadline.start()
 
     limits = Limits(settings.max_queued_requests, settings.max_requests_per_tenant, settings.request_timeout)
     app = create_app(lambda: Engine(settings, model_path), keys, profiles, on_engine_failure=stop_serving,

@@ -18,10 +18,26 @@ import pytest
 from steerserve.server.adapters import files
 from steerserve.server.adapters.registry import AdapterStore
 from tests.conftest import Server
+from tests.server.test_fail_closed import injected
 from tests.tiny_models import build_tiny_llama, build_tiny_lora
 
 LORA_FILES = ("adapter_config.json", "adapter_model.safetensors")
-SHUTDOWN_TIMEOUT = 6
+SHUTDOWN_TIMEOUT = 10
+# Engine steps with a logits-steered row take at least 25 ms (injected into the engine process), so a 1000-token
+# steered stream outlasts the shutdown timeout however fast the machine, and a 40-token one finishes well within.
+SLOW_STEERED_STEPS = """
+def patch(module):
+    import time
+
+    apply = module.SteeringLogitsProcessor.apply
+
+    def slow(self, logits):
+        if self._active:
+            time.sleep(0.025)
+        return apply(self, logits)
+
+    module.SteeringLogitsProcessor.apply = slow
+"""
 
 
 def test_the_store_sweeps_orphans_and_keeps_what_it_owns(tmp_path):
@@ -68,7 +84,7 @@ def restarted(tmp_path_factory):
     args = ["--model", str(model), "--dtype", "float32", "--max-model-len", "1024", "--kv-cache-gib", "0.1",
             "--max-num-seqs", "4", "--data-dir", str(data), "--enable-lora", "--max-lora-rank", "8",
             "--shutdown-timeout", str(SHUTDOWN_TIMEOUT)]
-    first = Server(args, tmp / "first.log").wait_ready(180)
+    first = Server(args, tmp / "first.log").wait_ready()
     try:
         upload = {n: (n, (lora / n).read_bytes()) for n in LORA_FILES}
         assert httpx.put(f"{first.url}/v1/adapters/kept", files=upload, timeout=60).status_code == 200
@@ -93,7 +109,8 @@ def restarted(tmp_path_factory):
     assert any(staging.iterdir())  # the kill left a partial upload behind
     weights = damaged / "adapter_model.safetensors"
     weights.write_bytes(b"\x00" * 64)  # broken while the server was down
-    second = Server(args, tmp / "second.log").wait_ready(180)
+    slow = injected(tmp, "steerserve.server.engine.processor", SLOW_STEERED_STEPS)
+    second = Server(args, tmp / "second.log", env=slow).wait_ready()
     try:
         yield second, data, model
     finally:
@@ -135,43 +152,41 @@ def test_sigterm_lets_a_stream_finish_aborts_the_rest_and_exits_0(restarted):
 
     def body(tokens: int) -> dict:
         return {"model": model.name, "prompt": "hello", "max_tokens": tokens, "ignore_eos": True, "stream": True,
-                "temperature": 0, "stream_options": {"include_usage": True}}
+                "temperature": 0, "stream_options": {"include_usage": True},
+                "steering": {"logits": {"bias": {"7": 0.5}}}}  # slow steps (SLOW_STEERED_STEPS)
 
-    async def run() -> tuple[list[dict], list[str], dict[str, httpx.Response], float]:
+    async def stream(c: httpx.AsyncClient, tokens: int, started: asyncio.Event) -> list[str]:
+        """The stream's `data:` payloads, until it ends or breaks."""
+        lines = []
+        try:
+            async with c.stream("POST", "/v1/completions", json=body(tokens)) as r:
+                async for line in r.aiter_lines():
+                    started.set()
+                    if line.startswith("data: "):
+                        lines.append(line.removeprefix("data: "))
+        except httpx.HTTPError:
+            pass
+        return lines
+
+    async def run() -> tuple[list[str], list[str], list[httpx.Response], float]:
         async with httpx.AsyncClient(base_url=server.url, timeout=120) as c:
-            async def stream(tokens: int, started: asyncio.Event) -> list[str]:
-                lines = []
-                try:
-                    async with c.stream("POST", "/v1/completions", json=body(tokens)) as r:
-                        async for line in r.aiter_lines():
-                            started.set()
-                            if line.startswith("data: "):
-                                lines.append(line[6:])
-                except httpx.HTTPError:
-                    pass
-                return lines
-
             events = [asyncio.Event(), asyncio.Event()]
-            long = asyncio.ensure_future(stream(1000, events[0]))
+            long = asyncio.ensure_future(stream(c, 1000, events[0]))
             await events[0].wait()
-            short = asyncio.ensure_future(stream(40, events[1]))
+            short = asyncio.ensure_future(stream(c, 40, events[1]))
             await events[1].wait()
             server.proc.send_signal(signal.SIGTERM)
             signalled = time.monotonic()
             await asyncio.sleep(0.2)
-            refused = {"request": await c.post("/v1/completions", json={**body(2), "stream": False}),
-                       "ready": await c.get("/ready")}
-            short_lines = await short
-            long_lines = await long
-            return [json.loads(x) for x in short_lines if x != "[DONE]"] + ([{"done": True}] if short_lines[-1:] ==
-                                                                             ["[DONE]"] else []), long_lines, \
-                refused, signalled
+            refused = [await c.post("/v1/completions", json={"model": model.name, "prompt": "hi", "max_tokens": 2}),
+                       await c.get("/ready")]
+            return await short, await long, refused, signalled
 
     short, long, refused, signalled = asyncio.run(run())
-    for r in refused.values():
+    for r in refused:
         assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down", r.text
-    assert short[-1] == {"done": True} and short[-2]["usage"]["completion_tokens"] == 40  # finished whole
-    assert "[DONE]" not in long[-1:] or sum(1 for x in long if '"text"' in x) < 1000  # cut short
+    assert short[-1] == "[DONE]" and json.loads(short[-2])["usage"]["completion_tokens"] == 40  # finished whole
+    assert long[-1:] != ["[DONE]"]  # cut at the shutdown timeout
     code = server.proc.wait(timeout=SHUTDOWN_TIMEOUT + 30)
     took = time.monotonic() - signalled
     print(f"exit {code} {took:.1f} s after SIGTERM (shutdown timeout {SHUTDOWN_TIMEOUT} s); long stream: "
