@@ -39,7 +39,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def serve_forever(settings: Settings) -> int:
-    """Serve until stopped: 0 after a clean shutdown, 1 on a startup error or when the engine failed."""
+    """Serve until stopped, then end the process: status 0 after a clean shutdown, 1 on a startup error or when the
+    engine failed (at start-up or while serving)."""
     # vLLM logs to stdout by default; a server's diagnostics belong on stderr, where a supervisor looks for why it
     # stopped (the engine's own traceback included). Set before vLLM is imported, inherited by its processes.
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
@@ -85,7 +86,13 @@ def serve_forever(settings: Settings) -> int:
                             timeout_graceful_shutdown=ABORT_GRACE_S)
     server = draining_server(uvicorn.Server, config, app.state.steerserve.admission, settings.shutdown_timeout)
     server.run()
-    return 1 if failed else 0
+    code = 1 if failed else 0
+    # The engine is shut down (or was never built): whatever it may have left running (a build still in
+    # progress when the stop came, helper threads) must not keep a stopped server alive.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 EXIT_AFTER_ENGINE_DEATH_S = 20.0  # the most a server whose engine died takes to exit (status 1)

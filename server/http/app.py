@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -35,6 +36,30 @@ ENGINE_WATCH_SECONDS = 0.25  # how often the app checks that the engine is alive
 DEAD_LINGER_SECONDS = 2.0  # after the engine died: answering 503 this long before the process exits
 
 
+async def in_daemon_thread(fn: Callable[[], Engine]) -> Engine:
+    """`fn()` in a daemon thread: unlike `asyncio.to_thread`, a server stopped while the engine is still being
+    built does not wait for the build (asyncio joins its default executor's threads when the loop ends)."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future = loop.create_future()
+
+    def settle(method, value) -> None:
+        if not done.done():
+            method(value)
+
+    def build() -> None:
+        try:
+            result, method = fn(), done.set_result
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting task
+            result, method = exc, done.set_exception
+        try:
+            loop.call_soon_threadsafe(settle, method, result)
+        except RuntimeError:  # the loop is gone: the server stopped while we were building
+            pass
+
+    threading.Thread(target=build, name="engine-build", daemon=True).start()
+    return await done
+
+
 def create_app(engine_factory: Callable[[], Engine], keys: KeyStore, profiles: ProfileStore,
                on_engine_failure: Callable[[], None] = lambda: None, adapters: AdapterStore | None = None,
                adapter_root: Path | None = None, tenants: TenantStore | None = None,
@@ -51,7 +76,7 @@ def create_app(engine_factory: Callable[[], Engine], keys: KeyStore, profiles: P
 
     async def load_engine() -> None:
         try:
-            eng = await asyncio.to_thread(engine_factory)
+            eng = await in_daemon_thread(engine_factory)
             await eng.verify_steering()
             if eng.lora is not None and adapters is not None:
                 state.base = await asyncio.to_thread(ServedModel.from_checkpoint, eng.info.path, eng.info.name,

@@ -143,6 +143,20 @@ def test_a_flooding_tenant_is_bounded_and_another_tenant_is_served(srv, tiny, ap
           f"{statuses.count(429)} refused with 429")
 
 
+def test_a_deleted_adapters_metric_series_go(srv, tiny, api_keys):
+    """`steerserve_adapter_requests_total` has a series per adapter served; deleting the adapter removes them."""
+    alice, ops = auth(api_keys["alice"]), auth(api_keys["ops"])
+    series = 'steerserve_adapter_requests_total{adapter="good",scope="tenant",tenant="alice"}'
+    assert httpx.post(f"{srv.url}/v1/completions", headers=alice, json=completion(f"{tiny.name}:good"),
+                      timeout=60).status_code == 200
+    assert series in httpx.get(f"{srv.url}/metrics", headers=ops, timeout=10).text
+    assert httpx.delete(f"{srv.url}/v1/adapters/good", headers=alice, timeout=10).status_code == 200
+    deadline = time.monotonic() + 10
+    while series in httpx.get(f"{srv.url}/metrics", headers=ops, timeout=10).text:  # dropped once idle
+        assert time.monotonic() < deadline, "the deleted adapter's series stayed"
+        time.sleep(0.1)
+
+
 def engine_core(server: Server) -> psutil.Process:
     children = psutil.Process(server.proc.pid).children(recursive=True)
     named = [p for p in children if "EngineCore" in " ".join(p.cmdline()) or "EngineCore" in p.name()]
