@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -88,7 +89,13 @@ def serve_forever(settings: Settings) -> int:
     server.run()
     code = 1 if failed else 0
     # The engine is shut down (or was never built): whatever it may have left running (a build still in
-    # progress when the stop came, helper threads) must not keep a stopped server alive.
+    # progress when the stop came, its engine process, helper threads) must neither keep a stopped server alive
+    # nor outlive it.
+    import psutil
+
+    for child in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            child.kill()
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 
 from steerserve.server.adapters import files
@@ -100,8 +101,11 @@ def restarted(tmp_path_factory):
         while not (staging.is_dir() and any(staging.iterdir())) and time.monotonic() < deadline:
             time.sleep(0.02)
         assert any(staging.iterdir()), "the upload never started"
+        engine = psutil.Process(first.proc.pid).children(recursive=True)
         first.proc.send_signal(signal.SIGKILL)  # in the middle of the upload
         first.proc.wait(30)
+        for child in engine:  # a SIGKILLed server cannot take its engine process with it
+            child.kill()
         hold.set()
         killed.join(60)
     finally:
