@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install model serve test lint docs bench-frontend
+.PHONY: install model serve test lint docs bench-frontend sdk-types
 
 $(STAMP): pyproject.toml clients/python/pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -33,3 +33,8 @@ docs: install
 
 bench-frontend: model
 	$(PY) -m benchmarks.frontend $(ARGS)
+
+# The SDK's steering types (clients/python/steerserve_client/_spec.py), generated from the server's steering
+# schema; run it after changing a method's spec and commit the result (tests/clients/test_sdk_generated.py).
+sdk-types: install
+	$(PY) clients/python/generate_types.py

@@ -113,7 +113,7 @@ def completion(state: AppState, who: Principal, req: CompletionRequest, headers:
     key = _fault_key(steering)
     params = _params(eng, req, max(prompts, key=lambda p: len(p.ids)), req.logprobs, steering, key=key)
     g = gen.Generation(eng, state.metrics, COMPLETIONS, prompts, params, "cmpl", steering.salt_for, served.acquire,
-                       fault_key=key)
+                       who.tenant, steering.plan is not None, fault_key=key)
     return Run(g, eng, steering, served, stats)
 
 
@@ -136,7 +136,7 @@ def chat(state: AppState, who: Principal, req: ChatCompletionRequest, headers: M
         params = _params(eng, req, prompt, top if req.logprobs else None, steering,
                          structured_output(req.response_format), key)
         g = gen.Generation(eng, state.metrics, CHAT, [prompt], params, "chatcmpl", steering.salt_for,
-                           served.acquire, fault_key=key)
+                           served.acquire, who.tenant, steering.plan is not None, fault_key=key)
     return Run(g, eng, steering, served, stats)
 
 
@@ -156,6 +156,7 @@ def _admit(state: AppState, who: Principal, req, headers: Mapping[str, str], rou
         raise BadRequest("span steering (steering.attention.spans) cannot be combined with prompt-level "
                          "methods yet: their targets refer to the chat template's tokens",
                          param="steering.attention.spans", code="invalid_steering")
+    state.metrics.count_request(who.tenant, sorted({m.split(".")[0] for m in steering.spec.methods()}))
     return eng, steering, served
 
 
