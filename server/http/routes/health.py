@@ -26,6 +26,8 @@ async def ready(state: State) -> dict:
     try:
         await eng.check_health()
     except Exception as exc:
+        if reason := eng.dead():  # died a moment ago: the app's watcher is about to notice it too
+            raise Unavailable(f"the engine is unavailable: {reason}", code="engine_unavailable") from None
         raise Unavailable(f"engine unhealthy: {exc}") from None
     return {"status": "ready", "model": eng.info.name}
 
