@@ -5,7 +5,7 @@ body is validated, so a request is always told the first thing wrong with it in 
 what it may touch, then its body."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated
 
@@ -19,6 +19,7 @@ from steerserve.server.stores.tenants import TenantStore
 from steerserve.server.stores.vectors import VectorStore
 
 from ..engine.async_engine import Engine
+from .admission import Admission
 from .auth import KeyStore, Principal
 from .errors import BadRequest, Forbidden, NotFound, Unavailable
 from .metrics import Metrics
@@ -41,9 +42,14 @@ class AppState:
     pool: AdapterPool | None = None
     base: ServedModel | None = None  # the base model adapters are checked against
     tool_parser: str | None = None  # vLLM's tool-call parser for chat `tools` (None: requests with tools are a 400)
+    admission: Admission = field(default_factory=Admission)  # bounds on generation requests, and the drain
+    dead: str | None = None  # why the engine died while serving (the process is exiting); None while it lives
 
     def ready_engine(self) -> Engine:
-        """The engine, or a 503 saying why there is none yet."""
+        """The engine, or a 503 saying why there is none (yet, or any more)."""
+        if self.dead is not None:
+            raise Unavailable(f"the engine is unavailable: {self.dead}; the server is restarting",
+                              code="engine_unavailable")
         if self.engine is None:
             raise Unavailable("the model is still loading" if self.error is None
                               else f"the engine failed to start: {self.error}")
@@ -64,6 +70,9 @@ class AppState:
         adapter = self.adapters.resolve(who.tenant, name)
         if adapter is None:
             raise NotFound(f"adapter '{name}' not found", param="model", code="adapter_not_found")
+        if why := self.adapters.broken(adapter):
+            raise BadRequest(f"adapter '{name}' is broken and cannot be served until it is registered again: "
+                             f"{why}", param="model", code="adapter_broken")
         return adapter
 
 
