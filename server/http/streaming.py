@@ -84,7 +84,7 @@ def engine_error(exc: Exception) -> APIError:
 
 async def sse(request: Request, g: gen.Generation | prompting.PromptRun, preamble: list[dict],
               render: Callable[[gen.Delta], dict], head: dict, req, headers: dict[str, str],
-              epilogue: Callable[[], list[dict]] | None = None, timeout: float | None = None) -> Response:
+              *, epilogue: Callable[[], list[dict]] | None = None, timeout: float | None = None) -> Response:
     """Server-sent events. The first delta is awaited before answering, so a request the engine rejects is still
     a 400 and not a broken stream. `epilogue`: events sent after the last delta (called then). Past `timeout`
     seconds the request is aborted: a 504 before the first delta, an in-band error event after it."""

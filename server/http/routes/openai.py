@@ -68,7 +68,7 @@ async def completions(request: Request, who: Caller, state: State, body: Complet
         sent[d.index] += len(d.text)
         return {**head, "choices": [choice_json(d, sent[d.index] - len(d.text))], "usage": None}
 
-    return await sse(request, g, [], chunk, head, body, run.headers(), timeout)
+    return await sse(request, g, [], chunk, head, body, run.headers(), timeout=timeout)
 
 
 @router.post(serving.CHAT)
@@ -105,4 +105,4 @@ async def chat_completions(request: Request, who: Caller, state: State, body: Ch
         return {**head, "choices": [{"index": d.index, "delta": delta or {}, "logprobs": logprobs_json(d),
                                      "finish_reason": finish}], "usage": None}
 
-    return await sse(request, g, roles, chunk, head, body, run.headers(), timeout)
+    return await sse(request, g, roles, chunk, head, body, run.headers(), timeout=timeout)

@@ -197,5 +197,5 @@ async def create_response(request: Request, who: Caller, state: State, body: Res
                 {"type": "response.output_item.done", "output_index": 0, "item": item, "sequence_number": next(seq)},
                 {"type": f"response.{done['status']}", "response": done, "sequence_number": next(seq)}]
 
-    return await sse(request, g, preamble, delta, {}, chat, run.headers(), epilogue,  # usage: in the last event
+    return await sse(request, g, preamble, delta, {}, chat, run.headers(), epilogue=epilogue,  # usage: last event
                      timeout=timeout)
