@@ -8,7 +8,8 @@ IAPT adapter, every steering method is probed (those the served model refuses wi
 left out and listed), and the greedy answers of a fixed prompt set are taken on the unloaded server. Then
 --workers-per-tenant closed-loop workers per tenant send the mix of benchmarks/soak_traffic.py (plain, completions,
 streamed, steered with every supported method, both adapter kinds, client disconnects, bad input) for --duration
-seconds; at --kill-at seconds the EngineCore child process is SIGKILLed. Traffic runs on until at least
+seconds; at --kill-at seconds (or later, once every kind and steering method has been served) the EngineCore
+child process is SIGKILLed. Traffic runs on until at least
 --after-recovery seconds after the first success past the restart. Afterwards: the engine's unfinished requests
 must drain to 0, and the greedy answers on the unloaded, restarted server must equal the first ones.
 
@@ -184,7 +185,11 @@ async def soak(sup: Supervisor, keys: dict[str, str], adapter_files: dict[str, l
         return recovered is not None and now - recovered >= a.after_recovery
 
     async def killer() -> None:
+        """At --kill-at, or later once every kind and steering method has been served (at the latest at the end
+        of --duration): a kill before that would leave the CI run's coverage to chance on a slow machine."""
         await asyncio.sleep(a.kill_at)
+        while not soak_report.covered(records, ctx.methods) and sup.now() - t_traffic < a.duration:
+            await asyncio.sleep(0.5)
         state["killed"] = sup.kill_engine()["t"]
 
     watch = asyncio.ensure_future(sup.run())

@@ -22,6 +22,15 @@ def recovery(records: list[dict], events: list[dict], killed: float | None) -> f
     return min(ends) if ends else None
 
 
+KINDS = ("plain", "completions", "stream", "steered", "adapter-lora", "adapter-iapt", "disconnect", "bad")
+
+
+def covered(records: list[dict], methods: list[str]) -> bool:
+    """Whether every kind, and every steering method, has been served as expected at least once."""
+    ok = [r for r in records if r["outcome"] == "ok"]
+    return {r["kind"] for r in ok} >= set(KINDS) and {r["detail"] for r in ok if r["kind"] == "steered"} >= set(methods)
+
+
 def _latency(recs: list[dict]) -> dict:
     e2e = [r["t_end"] - r["t_start"] for r in recs]
     ttft = [r["ttft"] for r in recs if r.get("ttft") is not None]
@@ -113,9 +122,7 @@ def checks(run: dict, ctx, events: list[dict], window: tuple[float, float] | Non
         "no_other_failure_outside_kill_window": check(not failed, {
             "count": len(failed), "by_outcome": dict(Counter(f"{r['kind']}: {r['outcome']}" for r in failed)),
             "samples": _samples(failed)}),
-        "every_kind_served": check(all(served[k] for k in ("plain", "completions", "stream", "steered",
-                                                           "adapter-lora", "adapter-iapt", "disconnect", "bad")),
-                                   dict(served)),
+        "every_kind_served": check(all(served[k] for k in KINDS), dict(served)),
         "every_steering_method_served": check(
             set(ctx.methods) <= {r["detail"] for r in outside if r["kind"] == "steered" and r["outcome"] == "ok"},
             {"methods": ctx.methods, "refused_by_the_model": ctx.refused_methods}),

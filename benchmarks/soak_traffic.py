@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import httpx
 
 GREEDY_PROMPTS = ["What is the capital of France?", "Name three colours.", "How are clouds formed?",
-                  "Write a haiku about autumn.", "What do ants eat?", "Why is the sky blue?"]
+                  "Write a haiku about autumn."]
 GREEDY_MAX_TOKENS = 16
 DISCONNECT_AFTER_S = 0.5
 
