@@ -17,8 +17,8 @@ The kill window runs from the SIGKILL to the end of the first successful generat
 restart; a request overlapping it may fail in any way. Outside it: no 5xx, no other failure, bad input always
 a 4xx in OpenAI's error shape, and every greedy answer equal to the unloaded run's. Writes
 benchmarks/results/<name>.json (requests per kind, outcomes, p50/p99 latency, the checks, events, resource
-samples) and <name>.png (RSS and open fds of the server and its engine over time, latency per request); exits 1
-if a check fails.
+samples) and <name>.png (RSS and open fds of the server and its engine over time, latency per request), and every
+request to records.jsonl in the work dir, beside the server logs; exits 1 if a check fails.
 
     python -m benchmarks.soak                     # 10 minutes of traffic (`make soak`)
     python -m benchmarks.soak --duration 60       # the CI version (tests/reliability/test_soak.py)
@@ -300,10 +300,12 @@ def main(argv: list[str] | None = None) -> int:
     out = soak_report.build(run, run["ctx"], sup.events, conditions(a, command), a)
     out["server_exit_code_on_sigterm"] = exit_code
     json_path, png_path = a.out / f"{a.name}.json", a.out / f"{a.name}.png"
-    json_path.write_text(json.dumps(out, indent=1))
     soak_report.plot(out, png_path)
+    records = out.pop("records")  # every request, for a closer look: next to the server logs, not in results
+    (a.work_dir / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    json_path.write_text(json.dumps(out, indent=1))
     soak_report.print_summary(out)
-    print(f"\nresults: {json_path}, {png_path}; server logs in {a.work_dir}")
+    print(f"\nresults: {json_path}, {png_path}; server logs and every request (records.jsonl) in {a.work_dir}")
     return 0 if all(c["ok"] for c in out["checks"].values()) else 1
 
 

@@ -16,6 +16,9 @@ import pytest
 
 from benchmarks import soak
 
+# Two server start-ups: minutes on a loaded 2-core machine; the run bounds itself (--max-extra) well below this.
+pytestmark = pytest.mark.timeout(1200)
+
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory) -> dict:
