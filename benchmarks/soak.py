@@ -31,6 +31,7 @@ import datetime
 import json
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -48,6 +49,7 @@ from .soak_traffic import (
     GREEDY_PROMPTS,
     METHOD_SPECS,
     Ctx,
+    applies,
     auth,
     mix,
     worker,
@@ -112,8 +114,7 @@ def probe_methods(client: httpx.Client, model: str, key: str) -> tuple[list[str]
     for method, spec in METHOD_SPECS.items():
         body = {"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1, "steering": spec}
         r = client.post("/v1/chat/completions", json=body, headers=auth(key))
-        applied = r.headers.get("x-steering-applied", "").split("methods=")[-1].split(";")[0].split(",")
-        if r.status_code == 200 and method in applied:
+        if r.status_code == 200 and applies(r.headers.get("x-steering-applied", ""), method):
             served.append(method)
         elif r.status_code == 400 and (r.json()["error"].get("param") or "").startswith("steering"):
             refused[method] = r.json()["error"]["message"]
@@ -236,7 +237,8 @@ def conditions(a, command: list[str]) -> dict:
     except PackageNotFoundError:
         vllm = version("vllm")
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), None)
-    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    git = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip() or None
+    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "git_commit": git,
             "cpu_cores": os.cpu_count(), "cpu_model": cpu, "loadavg_before": os.getloadavg(),
             "platform": platform.platform(), "python": platform.python_version(), "vllm": vllm,
             "server_command": [str(c) for c in command], "tenants": list(TENANTS),

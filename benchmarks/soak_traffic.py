@@ -121,6 +121,13 @@ class Ctx:
         return n
 
 
+def applies(header: str, method: str) -> bool:
+    """Whether X-Steering-Applied (`<fingerprint>; methods=a.b,c.d[; experimental=...]`) names `method` (a
+    `family.method` name, or a family such as `experts`, whose methods are named `experts.off` and so on)."""
+    names = header.split("methods=")[-1].split(";")[0].split(",") if "methods=" in header else []
+    return any(n == method or n.startswith(f"{method}.") for n in names)
+
+
 def auth(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
@@ -221,7 +228,7 @@ async def steered(client: httpx.AsyncClient, ctx: Ctx, tenant: str, i: int) -> d
                           json=_chat(ctx.model, prompt, steering=METHOD_SPECS[method]))
     rec = {"detail": method, "status": r.status_code, "outcome": classify(r.status_code, bad=False)}
     applied = r.headers.get("x-steering-applied", "")
-    if rec["outcome"] == "ok" and method not in applied.split("methods=")[-1].split(";")[0].split(","):
+    if rec["outcome"] == "ok" and not applies(applied, method):
         rec["outcome"], rec["error"] = "unexpected_status", f"not applied: X-Steering-Applied={applied!r}"
     elif r.status_code != 200:
         rec["error"] = r.text[:300]
