@@ -72,7 +72,7 @@ def _slope(ts: list[float], ys: list[float]) -> float | None:
 
 
 def resources(samples: list[dict], events: list[dict], settle_s: float = 5.0) -> dict:
-    """Per server start: RSS (MiB) and open fds of the server and its engine from `settle_s` after it was ready
+    """Per server start: RSS and anonymous RSS (MiB) and open fds of the server and its engine from `settle_s` after it was ready
     to its end: first, last, max, and the least-squares trend per minute (a leak shows as a steady rise)."""
     out = {}
     for inc in sorted({s["incarnation"] for s in samples}):
@@ -81,7 +81,8 @@ def resources(samples: list[dict], events: list[dict], settle_s: float = 5.0) ->
         if not rows:
             continue
         entry = {"samples": len(rows), "from_s": rows[0]["t"], "to_s": rows[-1]["t"]}
-        for key in ("server_rss_mib", "server_fds", "engine_rss_mib", "engine_fds"):
+        for key in ("server_rss_mib", "server_anon_mib", "server_fds", "engine_rss_mib", "engine_anon_mib",
+                    "engine_fds"):
             pts = [(s["t"], s[key]) for s in rows if s[key] is not None]
             if pts:
                 slope = _slope([t for t, _ in pts], [v for _, v in pts])
@@ -180,10 +181,12 @@ def plot(out: dict, path: Path) -> None:
     for inc in sorted({s["incarnation"] for s in samples}):
         rows = [s for s in samples if s["incarnation"] == inc]
         ts = [s["t"] for s in rows]
-        for ax, key, style in ((rss, "server_rss_mib", "-"), (rss, "engine_rss_mib", "--"),
-                               (fds, "server_fds", "-"), (fds, "engine_fds", "--")):
-            ax.plot(ts, [s[key] for s in rows], style, color=f"C{inc - 1}",
-                    label=f"{key.split('_')[0]} process, start {inc}")
+        for ax, key, style, what in ((rss, "server_rss_mib", "-", "RSS"), (rss, "engine_rss_mib", "--", "RSS"),
+                                     (rss, "server_anon_mib", ":", "anonymous"),
+                                     (rss, "engine_anon_mib", "-.", "anonymous"),
+                                     (fds, "server_fds", "-", "fds"), (fds, "engine_fds", "--", "fds")):
+            ax.plot(ts, [s.get(key) for s in rows], style, color=f"C{inc - 1}",
+                    label=f"{key.split('_')[0]} {what}, start {inc}")
     kinds = sorted({r["kind"] for r in out["records"]})
     for i, kind in enumerate(kinds):
         recs = [r for r in out["records"] if r["kind"] == kind and r["outcome"] == "ok"]
@@ -199,7 +202,7 @@ def plot(out: dict, path: Path) -> None:
                        label="kill window" if ax is rss else None)
         ax.axvspan(0, out["traffic"]["from_s"], color="grey", alpha=0.1)
         ax.grid(alpha=0.3)
-    rss.set(ylabel="RSS (MiB)", title="resident memory (grey: start-up and set-up; red: kill window)")
+    rss.set(ylabel="MiB", title="resident memory, and its anonymous part (grey: start-up and set-up; red: kill window)")
     fds.set(ylabel="open file descriptors", title="open file descriptors")
     lat.set(ylabel="seconds", xlabel="seconds since the first server start", yscale="log",
             title="end-to-end latency per request, by start time")

@@ -1,5 +1,5 @@
 """The soak run's server side: a supervisor that keeps one `steerserve serve` up on a fixed port, the engine kill,
-and the server's resource samples (RSS, open file descriptors) read from /proc.
+and the server's resource samples (RSS and its anonymous part, open file descriptors) read from /proc.
 
 The supervisor is the small restart loop a deployment would have (systemd, Kubernetes): it restarts the server
 when the process exits, and also when `/ready` has stayed non-200 for more than `unready_grace` seconds after the
@@ -21,8 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-
-PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
 def children(pid: int) -> list[int]:
@@ -58,12 +56,14 @@ def engine_core_pid(server_pid: int) -> int | None:
     return None
 
 
-def rss_mib(pid: int) -> float | None:
-    """Resident set size of `pid` in MiB (None once it is gone)."""
+def memory_mib(pid: int) -> tuple[float | None, float | None]:
+    """Resident set size of `pid` and its anonymous part (heap, not file-backed pages such as mapped weights and
+    libraries, which the kernel drops under memory pressure), in MiB; None once it is gone."""
     try:
-        return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE / 2**20
-    except (OSError, IndexError, ValueError):
-        return None
+        fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+        return int(fields["VmRSS"].split()[0]) / 1024, int(fields["RssAnon"].split()[0]) / 1024
+    except (OSError, KeyError, ValueError, IndexError):
+        return None, None
 
 
 def open_fds(pid: int) -> int | None:
@@ -205,15 +205,19 @@ class Supervisor:
 
 
 async def sample_resources(sup: Supervisor, samples: list[dict], every: float, stop: asyncio.Event) -> None:
-    """Every `every` seconds: RSS and open fds of the server process and of its EngineCore child."""
+    """Every `every` seconds: RSS (and its anonymous part) and open fds of the server process and of its
+    EngineCore child."""
     while not stop.is_set():
         pid = sup.proc.pid if sup.proc is not None and sup.proc.poll() is None else None
         if pid is not None:
             engine = engine_core_pid(pid)
-            samples.append({"t": round(sup.now(), 3), "incarnation": sup.incarnation, "server_pid": pid,
-                            "server_rss_mib": rss_mib(pid), "server_fds": open_fds(pid),
-                            "engine_rss_mib": rss_mib(engine) if engine else None,
-                            "engine_fds": open_fds(engine) if engine else None})
+            row = {"t": round(sup.now(), 2), "incarnation": sup.incarnation, "server_pid": pid}
+            for who, p in (("server", pid), ("engine", engine)):
+                rss, anon = memory_mib(p) if p else (None, None)
+                row.update({f"{who}_rss_mib": None if rss is None else round(rss, 1),
+                            f"{who}_anon_mib": None if anon is None else round(anon, 1),
+                            f"{who}_fds": open_fds(p) if p else None})
+            samples.append(row)
         try:
             await asyncio.wait_for(stop.wait(), every)
         except asyncio.TimeoutError:
