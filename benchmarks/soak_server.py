@@ -24,16 +24,16 @@ import httpx
 
 
 def children(pid: int) -> list[int]:
-    """The direct children of `pid`, from /proc/*/stat."""
+    """The live direct children of `pid` (zombies left out), from /proc/*/stat."""
     found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
+            state, ppid = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[:2]
+        except (OSError, ValueError):
             continue
-        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+        if int(ppid) == pid and state != "Z":
             found.append(int(entry))
     return found
 
