@@ -18,7 +18,8 @@ restart; a request overlapping it may fail in any way. Outside it: no 5xx, no ot
 a 4xx in OpenAI's error shape, and every greedy answer equal to the unloaded run's. Writes
 benchmarks/results/<name>.json (requests per kind, outcomes, p50/p99 latency, the checks, events, resource
 samples) and <name>.png (RSS and open fds of the server and its engine over time, latency per request), and every
-request to records.jsonl in the work dir, beside the server logs; exits 1 if a check fails.
+request and resource sample to records.jsonl and samples.jsonl in the work dir, beside the server logs (the JSON
+keeps at most 300 samples); exits 1 if a check fails.
 
     python -m benchmarks.soak                     # 10 minutes of traffic (`make soak`)
     python -m benchmarks.soak --duration 60       # the CI version (tests/reliability/test_soak.py)
@@ -303,11 +304,14 @@ def main(argv: list[str] | None = None) -> int:
     out["server_exit_code_on_sigterm"] = exit_code
     json_path, png_path = a.out / f"{a.name}.json", a.out / f"{a.name}.png"
     soak_report.plot(out, png_path)
-    records = out.pop("records")  # every request, for a closer look: next to the server logs, not in results
+    # Every request and every sample, for a closer look, next to the server logs; results keep <= 300 samples.
+    records, samples = out.pop("records"), out["samples"]
     (a.work_dir / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (a.work_dir / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in samples))
+    out["samples"] = samples[:: max(1, -(-len(samples) // 300))]
     json_path.write_text(json.dumps(out, indent=1))
     soak_report.print_summary(out)
-    print(f"\nresults: {json_path}, {png_path}; server logs and every request (records.jsonl) in {a.work_dir}")
+    print(f"\nresults: {json_path}, {png_path}; server logs, records.jsonl and samples.jsonl in {a.work_dir}")
     return 0 if all(c["ok"] for c in out["checks"].values()) else 1
 
 
