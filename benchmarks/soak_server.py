@@ -217,7 +217,8 @@ async def sample_resources(sup: Supervisor, samples: list[dict], every: float, s
                 row.update({f"{who}_rss_mib": None if rss is None else round(rss, 1),
                             f"{who}_anon_mib": None if anon is None else round(anon, 1),
                             f"{who}_fds": open_fds(p) if p else None})
-            samples.append(row)
+            if row["server_rss_mib"] is not None:  # else the server exited between poll() and the read
+                samples.append(row)
         try:
             await asyncio.wait_for(stop.wait(), every)
         except asyncio.TimeoutError:
