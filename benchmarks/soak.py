@@ -48,10 +48,10 @@ from .soak_traffic import (
     BAD_LIMITS,
     GREEDY_MAX_TOKENS,
     GREEDY_PROMPTS,
-    METHOD_SPECS,
     Ctx,
     applies,
     auth,
+    method_specs,
     mix,
     worker,
 )
@@ -98,21 +98,23 @@ def set_up(url: str, keys: dict[str, str], adapter_files: dict[str, list[Path]],
             for kind in ("lora", "iapt"):
                 adapters[tenant][kind] = f"{tenant}-{kind}"
                 upload(client, keys[tenant], f"{tenant}-{kind}", adapter_files[kind][i])
-        methods, refused = probe_methods(client, model, keys[TENANTS[0]])
+        specs = method_specs(a.model)
+        methods, refused = probe_methods(client, model, keys[TENANTS[0]], specs)
         print(f"[soak] steering methods served: {methods}; refused by this model: {sorted(refused)}", flush=True)
         ctx = Ctx(url=url, model=model, clock=lambda: 0.0, incarnation=lambda: 0, keys=keys,
-                  adapters={t: adapters[t] for t in TENANTS}, methods=methods,
+                  adapters={t: adapters[t] for t in TENANTS}, methods=methods, specs=specs,
                   bad_cases=BAD_CORE + (BAD_LIMITS if a.bad_input == "all" else []),
                   refused_methods=refused, foreign_adapter=adapters[ADMIN]["lora"])
         ctx.baseline = greedy_answers(client, model, keys[TENANTS[0]])
     return ctx
 
 
-def probe_methods(client: httpx.Client, model: str, key: str) -> tuple[list[str], dict[str, str]]:
+def probe_methods(client: httpx.Client, model: str, key: str,
+                  specs: dict[str, dict]) -> tuple[list[str], dict[str, str]]:
     """The steering methods this model serves (200, and named in X-Steering-Applied), and those it refuses with
     a 400 naming the steering field (with the message). Anything else is an error of the set-up."""
     served, refused = [], {}
-    for method, spec in METHOD_SPECS.items():
+    for method, spec in specs.items():
         body = {"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1, "steering": spec}
         r = client.post("/v1/chat/completions", json=body, headers=auth(key))
         if r.status_code == 200 and applies(r.headers.get("x-steering-applied", ""), method):

@@ -33,7 +33,8 @@ GREEDY_PROMPTS = ["What is the capital of France?", "Name three colours.", "How 
 GREEDY_MAX_TOKENS = 16
 DISCONNECT_AFTER_S = 0.5
 
-# One spec per steering method, for SmolLM2-sized models; `probe_methods` keeps the ones the served model takes.
+# One spec per steering method, for SmolLM2-sized models (with `method_specs`, which adds the control vectors);
+# the soak's set-up keeps the ones the served model takes.
 METHOD_SPECS = {
     "logits.bias": {"logits": {"bias": {" Paris": 2.0, " the": -1.0}}},
     "logits.rules": {"logits": {"rules": {"preset": "hewitt2024"}}},
@@ -44,6 +45,19 @@ METHOD_SPECS = {
     "prompt.urial": {"prompt": {"urial": {"variant": "help"}}},
     "prompt.conjugate": {"prompt": {"conjugate": {"language": "leetspeak"}}},
 }
+
+
+def method_specs(model_dir) -> dict[str, dict]:
+    """METHOD_SPECS plus the control vectors, whose inline directions need the model's hidden size: a seeded
+    random direction at the middle layer, added (unit length, scale 4) or ablated."""
+    import random
+    from pathlib import Path
+
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    rng = random.Random(0)
+    data = {str(config["num_hidden_layers"] // 2): [round(rng.gauss(0, 1), 4) for _ in range(config["hidden_size"])]}
+    return {**METHOD_SPECS, "vectors.add": {"vectors": [{"data": data, "scale": 4.0, "normalize": True}]},
+            "vectors.ablate": {"vectors": [{"data": data, "mode": "ablate"}]}}
 
 
 def _chat(model: str, content: str, max_tokens: int = GREEDY_MAX_TOKENS, **extra) -> dict:
@@ -108,6 +122,7 @@ class Ctx:
     keys: dict[str, str]  # tenant -> key (the admin's under "ops")
     adapters: dict[str, dict[str, str]]  # tenant -> {"lora": name, "iapt": name}
     methods: list[str]  # steering methods the served model takes
+    specs: dict[str, dict]  # method -> the steering spec its requests carry
     bad_cases: list[BadCase]
     baseline: dict[tuple[str, str], str] = field(default_factory=dict)  # (route, prompt) -> greedy text
     refused_methods: dict[str, str] = field(default_factory=dict)  # method -> the server's 400 message
@@ -225,7 +240,7 @@ async def steered(client: httpx.AsyncClient, ctx: Ctx, tenant: str, i: int) -> d
     method = ctx.methods[i % len(ctx.methods)]
     prompt = GREEDY_PROMPTS[i % len(GREEDY_PROMPTS)]
     r = await client.post(f"{ctx.url}/v1/chat/completions", headers=auth(ctx.keys[tenant]),
-                          json=_chat(ctx.model, prompt, steering=METHOD_SPECS[method]))
+                          json=_chat(ctx.model, prompt, steering=ctx.specs[method]))
     rec = {"detail": method, "status": r.status_code, "outcome": classify(r.status_code, bad=False)}
     applied = r.headers.get("x-steering-applied", "")
     if rec["outcome"] == "ok" and not applies(applied, method):
