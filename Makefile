@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install model serve test lint docs bench-frontend sdk-types browser playground-screenshot
+.PHONY: install model serve test lint docs bench-frontend sdk-types browser playground-screenshot soak
 
 $(STAMP): pyproject.toml clients/python/pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -53,3 +53,7 @@ bench-frontend: model
 # schema; run it after changing a method's spec and commit the result (tests/clients/test_sdk_generated.py).
 sdk-types: install
 	$(PY) clients/python/generate_types.py
+
+# The soak and fault run: 10 minutes of three tenants' mixed traffic, the engine killed once (docs/benchmarks.md).
+soak: model
+	$(PY) -m benchmarks.soak $(ARGS)
