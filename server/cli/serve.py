@@ -51,6 +51,7 @@ def serve_forever(settings: Settings) -> int:
     from ..engine.async_engine import Engine
     from ..http.app import create_app
     from ..http.auth import KeyStore, check_bind
+    from ..http.limits import Limits
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("steerserve")
@@ -73,7 +74,7 @@ def serve_forever(settings: Settings) -> int:
         server.should_exit = True
 
     app = create_app(lambda: Engine(settings, model_path), keys, profiles, on_engine_failure=stop_serving,
-                     adapters=adapters, adapter_root=settings.adapter_root)
+                     adapters=adapters, adapter_root=settings.adapter_root, limits=Limits.from_settings(settings))
     server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level))
     server.run()
     return 1 if failed else 0

@@ -1,6 +1,7 @@
 """Chat rendering: the model's chat template, tokenized by the server, with the token span of each message."""
 from __future__ import annotations
 
+from bisect import bisect_left, bisect_right
 from dataclasses import dataclass
 
 from steerserve.server.http.errors import BadRequest
@@ -14,12 +15,15 @@ class RenderedChat:
 
 
 def render(tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool) -> RenderedChat:
+    """The chat rendered and tokenized, with each message's token span: O(text + messages x log tokens).
+    CPU-bound (the template, the tokenizer): the server calls it in a worker thread."""
     try:
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
     except Exception as exc:  # jinja raises template-defined errors (e.g. "roles must alternate")
         raise BadRequest(f"the chat template rejected these messages: {exc}", param="messages") from None
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
+    starts, ends = [a for a, _ in offsets], [b for _, b in offsets]  # non-decreasing: tokens in text order
     role_spans: dict[str, list[tuple[int, int]]] = {}
     pos = 0
     for m in messages:
@@ -29,7 +33,7 @@ def render(tokenizer, messages: list[dict[str, str]], add_generation_prompt: boo
         if start < 0:
             continue
         end = pos = start + len(m["content"])
-        tokens = [i for i, (a, b) in enumerate(offsets) if a < end and b > start]
-        if tokens:
-            role_spans.setdefault(m["role"], []).append((tokens[0], tokens[-1] + 1))
+        first, last = bisect_right(ends, start), bisect_left(starts, end) - 1  # tokens overlapping [start, end)
+        if first <= last:
+            role_spans.setdefault(m["role"], []).append((first, last + 1))
     return RenderedChat(text, ids, role_spans)

@@ -23,6 +23,7 @@ from ..engine.async_engine import Engine
 from .auth import KeyStore
 from .body import body_error, publish_schemas
 from .errors import APIError, pydantic_to_api_error
+from .limits import Limits, RequestGuard
 from .metrics import Metrics, MetricsMiddleware
 from .routes import ROUTERS
 from .routes.adapters import PathRegistration
@@ -35,15 +36,16 @@ log = logging.getLogger("steerserve.server")
 def create_app(engine_factory: Callable[[], Engine], keys: KeyStore, profiles: ProfileStore,
                on_engine_failure: Callable[[], None] = lambda: None, adapters: AdapterStore | None = None,
                adapter_root: Path | None = None, tenants: TenantStore | None = None,
-               prefixes: prompting.PrefixStore | None = None) -> FastAPI:
+               prefixes: prompting.PrefixStore | None = None, limits: Limits | None = None) -> FastAPI:
     """The app. `engine_factory` builds the engine in a worker thread, so /health answers while it loads;
     `on_engine_failure` is called if it cannot be built or fails its steering self-test (the CLI then exits
     non-zero). `adapters`: the adapter registry, served when the engine has LoRA enabled. Tenant settings and
-    URIAL prefixes live beside the profiles unless given."""
+    URIAL prefixes live beside the profiles unless given. `limits`: what one request may send (server/http/limits.py;
+the settings' defaults if None)."""
     state = AppState(keys=keys, profiles=profiles, tenants=tenants or TenantStore(profiles.path),
                      prefixes=prefixes or prompting.PrefixStore(profiles.path.parent / "urial"),
                      metrics=Metrics(lambda: state.engine.num_unfinished_requests() if state.engine else 0),
-                     adapters=adapters, adapter_root=adapter_root)
+                     adapters=adapters, adapter_root=adapter_root, limits=limits or Limits())
 
     async def load_engine() -> None:
         try:
@@ -74,6 +76,7 @@ def create_app(engine_factory: Callable[[], Engine], keys: KeyStore, profiles: P
     for router in ROUTERS:
         app.include_router(router)
     publish_schemas(app, SteeringSpec, PathRegistration)  # bodies the profile and adapter routes read themselves
+    app.add_middleware(RequestGuard, limits=state.limits, open_mode=keys.is_open)  # inside metrics: counted
     app.add_middleware(MetricsMiddleware, metrics=state.metrics, router=app.router)
 
     @app.exception_handler(APIError)

@@ -38,6 +38,22 @@ class Unavailable(APIError):
     status, type = 503, "service_unavailable"
 
 
+class PayloadTooLarge(APIError):
+    status = 413
+
+
+class UnsupportedMediaType(APIError):
+    status = 415
+
+
+class Misdirected(APIError):
+    status = 421
+
+
+class HeadersTooLarge(APIError):
+    status = 431
+
+
 def pydantic_to_api_error(exc: Any) -> BadRequest:
     """The first validation error of a pydantic ValidationError (or FastAPI's), with its field path as `param`."""
     errors = exc.errors()

@@ -2,6 +2,7 @@
 sampling parameters, and hand back a `Run` the route answers with (whole or streamed)."""
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from ..engine.async_engine import Engine, reads_prefix_cache
 from ..engine.router_hook import read_counts
 from .auth import Principal
 from .errors import BadRequest, NotFound
+from .limits import check_generation
 from .protocol import ChatCompletionRequest, CompletionRequest, sampling_params, structured_output
 from .state import AppState
 
@@ -94,10 +96,22 @@ class Run:
         return {"steering_stats": {"routed_experts": read_counts(self.stats_key, self.engine.facts.moe_layers)}}
 
 
-def completion(state: AppState, who: Principal, req: CompletionRequest, headers: Mapping[str, str]) -> Run:
+async def completion(state: AppState, who: Principal, req: CompletionRequest, headers: Mapping[str, str]) -> Run:
+    """Admit a completion request. Its size is checked first (server/http/limits.py); tokenization runs in a
+    worker thread, so a large prompt never holds up the event loop."""
+    check_generation(req, state.limits)
     eng, steering, served = _admit(state, who, req, headers, COMPLETIONS)
     if req.echo:
         raise BadRequest("echo is not supported by this server", param="echo")
+    prompts = await asyncio.to_thread(_completion_prompts, eng, served, req)
+    stats = _stats_key(headers, req, eng)
+    steering = _full(steering.bind([len(p.ids) for p in prompts], None), served, stats)
+    params = _params(eng, req, max(prompts, key=lambda p: len(p.ids)), req.logprobs, steering)
+    g = gen.Generation(eng, state.metrics, COMPLETIONS, prompts, params, "cmpl", steering.salt_for, served.acquire)
+    return Run(g, eng, steering, served, stats)
+
+
+def _completion_prompts(eng: Engine, served: Served, req: CompletionRequest) -> list[gen.Prompt]:
     prompts = []
     for p in req.prompts():
         ids = eng.tokenizer.encode(p) if isinstance(p, str) else list(p)
@@ -107,14 +121,13 @@ def completion(state: AppState, who: Principal, req: CompletionRequest, headers:
             raise BadRequest(f"prompt token ids must be in [0, {eng.info.vocab_size})", param="prompt")
         prompts.append(gen.Prompt(served.prompt(ids, eng.info.max_model_len, "prompt"),
                                   p if isinstance(p, str) else None))
-    stats = _stats_key(headers, req, eng)
-    steering = _full(steering.bind([len(p.ids) for p in prompts], None), served, stats)
-    params = _params(eng, req, max(prompts, key=lambda p: len(p.ids)), req.logprobs, steering)
-    g = gen.Generation(eng, state.metrics, COMPLETIONS, prompts, params, "cmpl", steering.salt_for, served.acquire)
-    return Run(g, eng, steering, served, stats)
+    return prompts
 
 
-def chat(state: AppState, who: Principal, req: ChatCompletionRequest, headers: Mapping[str, str]) -> Run:
+async def chat(state: AppState, who: Principal, req: ChatCompletionRequest, headers: Mapping[str, str]) -> Run:
+    """Admit a chat request. Its size is checked first (server/http/limits.py); the chat template, tokenization
+    and the messages' token spans run in a worker thread, so a long chat never holds up the event loop."""
+    check_generation(req, state.limits)
     eng, steering, served = _admit(state, who, req, headers, CHAT)
     top = req.top_logprobs or 0
     stats = _stats_key(headers, req, eng)
@@ -125,8 +138,8 @@ def chat(state: AppState, who: Principal, req: ChatCompletionRequest, headers: M
                              param="steering_stats.routed_experts")
         g = prompting.PromptRun(eng, state.metrics, req, steering, state.prefixes)
     else:
-        chat = render_chat(eng.tokenizer, [{"role": m.role, "content": m.text()} for m in req.messages],
-                           req.add_generation_prompt)
+        chat = await asyncio.to_thread(render_chat, eng.tokenizer, [{"role": m.role, "content": m.text()}
+                                                                     for m in req.messages], req.add_generation_prompt)
         prompt = gen.Prompt(served.prompt(chat.ids, eng.info.max_model_len, "messages"), chat.text)
         steering = _full(steering.bind([len(prompt.ids)], chat.role_spans), served, stats)
         params = _params(eng, req, prompt, top if req.logprobs else None, steering,

@@ -5,7 +5,7 @@ body is validated, so a request is always told the first thing wrong with it in 
 what it may touch, then its body."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated
 
@@ -19,7 +19,8 @@ from steerserve.server.stores.tenants import TenantStore
 
 from ..engine.async_engine import Engine
 from .auth import KeyStore, Principal
-from .errors import BadRequest, Forbidden, NotFound, Unavailable
+from .errors import BadRequest, Forbidden, NotFound, Unauthorized, Unavailable
+from .limits import Limits
 from .metrics import Metrics
 
 
@@ -38,12 +39,13 @@ class AppState:
     error: BaseException | None = None  # why the engine failed to start
     pool: AdapterPool | None = None
     base: ServedModel | None = None  # the base model adapters are checked against
+    limits: Limits = field(default_factory=Limits)  # what one request may send
 
     def ready_engine(self) -> Engine:
         """The engine, or a 503 saying why there is none yet."""
         if self.engine is None:
-            raise Unavailable("the model is still loading" if self.error is None
-                              else f"the engine failed to start: {self.error}")
+            raise Unavailable("the model is still loading" if self.error is None  # why: /ready, to admins
+                              else "the engine failed to start (an admin key on /ready tells why)")
         return self.engine
 
     def adapter_pool(self) -> AdapterPool:
@@ -81,11 +83,40 @@ State = Annotated[AppState, Depends(app_state)]
 
 
 async def principal(request: Request, state: State) -> Principal:
-    """Who the request acts as (401 without a valid key; everyone is the default admin in open mode)."""
-    return state.keys.authenticate(request.headers.get("authorization"))
+    """Who the request acts as (401 without a valid key; everyone is the default admin in open mode). A key of
+    the `metrics` role is a 403 here: it reads /metrics only."""
+    who = state.keys.authenticate(request.headers.get("authorization"))
+    if who.role == "metrics":
+        raise Forbidden("a key of the 'metrics' role may read /metrics only", param="Authorization",
+                        code="metrics_key")
+    return who
 
 
 Caller = Annotated[Principal, Depends(principal)]
+
+
+async def metrics_reader(request: Request, state: State) -> Principal:
+    """Who may read /metrics: anyone in open mode (loopback only), else a key of the admin or metrics role
+    (401 without a valid key, 403 for a user key): the series name tenants and adapters."""
+    who = state.keys.authenticate(request.headers.get("authorization"))
+    if not who.reads_metrics:
+        raise Forbidden("/metrics needs a key of the 'admin' or 'metrics' role (`steerserve keys add --role "
+                        "metrics`)", param="Authorization", code="insufficient_role")
+    return who
+
+
+MetricsReader = Annotated[Principal, Depends(metrics_reader)]
+
+
+async def maybe_admin(request: Request, state: State) -> bool:
+    """True when the request carries a valid admin key (always in open mode); never an error."""
+    try:
+        return state.keys.authenticate(request.headers.get("authorization")).is_admin
+    except Unauthorized:
+        return False
+
+
+IsAdmin = Annotated[bool, Depends(maybe_admin)]
 
 
 async def ready_engine(state: State) -> Engine:

@@ -30,7 +30,7 @@ async def models(who: Caller, state: State) -> dict:
 
 @router.post(serving.COMPLETIONS)
 async def completions(request: Request, who: Caller, state: State, body: CompletionRequest) -> Response:
-    run = serving.completion(state, who, body, request.headers)
+    run = await serving.completion(state, who, body, request.headers)
     g, tokenizer, top = run.g, run.engine.tokenizer, body.logprobs or 0
 
     def choice_json(c: gen.Choice | gen.Delta, offset: int = 0) -> dict:
@@ -55,7 +55,7 @@ async def completions(request: Request, who: Caller, state: State, body: Complet
 
 @router.post(serving.CHAT)
 async def chat_completions(request: Request, who: Caller, state: State, body: ChatCompletionRequest) -> Response:
-    run = serving.chat(state, who, body, request.headers)
+    run = await serving.chat(state, who, body, request.headers)
     g, tokenizer, top = run.g, run.engine.tokenizer, body.top_logprobs or 0
     head = {"id": g.id, "object": "chat.completion", "created": g.created, "model": run.served.model}
 
