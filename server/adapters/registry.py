@@ -177,17 +177,16 @@ def _read_files(path: Path, config_file: str, weights_file: str) -> tuple[dict, 
 def inspect_lora(path: Path, base: ServedModel) -> dict[str, Any]:
     """The PEFT LoRA adapter in `path`, checked against `base`; its metadata, or AdapterInvalid naming the check."""
     config, shapes = _read_files(path, CONFIG_FILE, WEIGHTS_FILE)
-
+    try:
+        check_lora_config_types(config, CONFIG_FILE)
+    except ValueError as exc:
+        raise AdapterInvalid("config", str(exc)) from None
     if config.get("peft_type", "LORA") != "LORA":
         raise AdapterInvalid("format", f"peft_type is {config.get('peft_type')!r}; this kind needs 'LORA'")
     if config.get("use_dora"):
         raise AdapterInvalid("format", "DoRA adapters are not supported by the engine")
     if config.get("modules_to_save"):
         raise AdapterInvalid("target_modules", f"modules_to_save {config['modules_to_save']} is not supported")
-    try:
-        check_lora_config_types(config, CONFIG_FILE)
-    except ValueError as exc:
-        raise AdapterInvalid("config", str(exc)) from None
     declared = config.get("base_model_name_or_path")
     if declared and Path(str(declared)).name.lower() not in {Path(n).name for n in base.names}:
         raise AdapterInvalid("base_model", f"the adapter was trained for {declared!r}; this server serves "
