@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install model serve test lint docs bench-frontend
+.PHONY: install model serve test lint docs bench-frontend fuzz
 
 $(STAMP): pyproject.toml clients/python/pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -33,3 +33,8 @@ docs: install
 
 bench-frontend: model
 	$(PY) -m benchmarks.frontend $(ARGS)
+
+# API fuzzing with schemathesis against a live SmolLM2 server, longer than CI's (docs/security.md#api-fuzzing).
+FUZZ_EXAMPLES ?= 200
+fuzz: model
+	STEERSERVE_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -s tests/reliability/test_schemathesis.py $(PYTEST_ARGS)

@@ -96,7 +96,8 @@ def require_media_type(request: Request, *allowed: str) -> None:
     kind = media_type(request.headers)
     if kind not in allowed:
         raise UnsupportedMediaType(f"Content-Type {kind or '(none)'!r} is not accepted here; send "
-                                   f"{' or '.join(allowed)}", param="Content-Type", code="unsupported_media_type")
+                                   f"{' or '.join(a for a in allowed if a)}", param="Content-Type",
+                                   code="unsupported_media_type")
 
 
 def request_limits(request: Request) -> Limits:

@@ -80,7 +80,7 @@ async def get_prefix(name: str, who: Caller, state: State) -> dict:
 async def put_prefix(request: Request, name: str, who: Caller, state: State) -> dict:
     if not who.is_admin:
         raise Forbidden("only admins register URIAL prefixes", param="name")
-    require_media_type(request, "text/plain")
+    require_media_type(request, "text/plain", "application/octet-stream", "")  # a PUT: never sent cross-site
     try:
         return await asyncio.to_thread(state.prefixes.put, name, (await request.body()).decode("utf-8"))
     except UnicodeDecodeError:
