@@ -105,9 +105,8 @@ def request_limits(request: Request) -> Limits:
     return getattr(state, "limits", None) or Limits()
 
 
-async def json_object(request: Request, raw: bytes) -> dict[str, Any]:
-    require_media_type(request, "application/json")
-    body = await read_json(raw, limits=request_limits(request))
+async def json_object(raw: bytes, limits: Limits) -> dict[str, Any]:
+    body = await read_json(raw, limits=limits)
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object", code="invalid_json")
     return body
@@ -122,9 +121,11 @@ class JSONRoute(APIRoute):
             return handler
 
         async def read_json_first(request: Request) -> Response:
-            raw = await request.body()
+            raw = b""
             try:
-                body: dict[str, Any] | None = await json_object(request, raw)
+                require_media_type(request, "application/json")  # before reading: a 415 reads nothing
+                raw = await request.body()
+                body: dict[str, Any] | None = await json_object(raw, request_limits(request))
             except APIError as exc:
                 request.scope[BODY_ERROR] = exc  # FastAPI sees no body; the error handler reports this instead
                 body = None

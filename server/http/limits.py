@@ -6,7 +6,8 @@ route, before a byte of the body is parsed:
 - headers larger than `max_header_bytes` in all: 431;
 - in open mode (no API keys), a `Host` that is not a loopback name or address: 421 (DNS rebinding: a web page
   whose name resolves to 127.0.0.1 would otherwise reach an admin API);
-- a body longer than `max_request_bytes` (`max_upload_bytes` for multipart or octet-stream uploads): 413, from
+- a body longer than `max_request_bytes` (`max_upload_bytes` for a multipart or octet-stream upload to
+  `PUT /v1/adapters/{name}`): 413, from
   `Content-Length` at once, or counted while the body streams in (chunked), so nothing larger is ever buffered.
 JSON-level limits (depth, integer digits, lone surrogates) are checked where bodies are parsed (body.py), and
 the request-level ones (messages, prompts, stop strings, logit_bias, steering size) by `check_generation`
@@ -21,6 +22,7 @@ from .auth import is_loopback
 from .errors import APIError, BadRequest, HeadersTooLarge, Misdirected, PayloadTooLarge
 
 UPLOAD_TYPES = ("multipart/form-data", "application/octet-stream")
+UPLOAD_PATH = "/v1/adapters/"  # the one route that takes uploads (PUT): --max-upload-bytes; elsewhere the request limit
 
 
 @dataclass(frozen=True)
@@ -91,7 +93,8 @@ class RequestGuard:
             raise Misdirected(f"this server runs without API keys and answers only to loopback names "
                               f"(localhost, 127.0.0.1, [::1]), not Host {headers['host'][:100]!r}", param="Host",
                               code="misdirected_request")
-        upload = media_type(headers) in UPLOAD_TYPES
+        upload = media_type(headers) in UPLOAD_TYPES and scope["method"] == "PUT" and \
+            scope["path"].startswith(UPLOAD_PATH)
         limit = self.limits.max_upload_bytes if upload else self.limits.max_request_bytes
         flag = "--max-upload-bytes" if upload else "--max-request-bytes"
         length = headers.get("content-length")
