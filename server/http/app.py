@@ -11,6 +11,7 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from steerserve.server.adapters.pool import AdapterPool
 from steerserve.server.adapters.registry import AdapterStore, ServedModel
@@ -82,6 +83,14 @@ the settings' defaults if None)."""
     @app.exception_handler(APIError)
     async def api_error(_: Request, exc: APIError) -> JSONResponse:
         return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        """The router's own errors (an unknown path 404, a wrong method 405 with its Allow header) in OpenAI's shape."""
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return JSONResponse({"error": {"message": str(exc.detail), "type": kind, "param": None, "code": code}},
+                            status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(ClientDisconnected)
     async def client_gone(_: Request, exc: ClientDisconnected) -> Response:

@@ -139,8 +139,12 @@ async def test_unknown_model_is_404(alice):
 
 
 async def test_unknown_route_and_method(alice):
-    assert (await alice.get("/v1/nothing")).status_code == 404
-    assert (await alice.get("/v1/chat/completions")).status_code == 405
+    """The router's own errors are OpenAI's error object too (schemathesis found the bare {"detail": ...})."""
+    assert_openai_error(await alice.get("/v1/nothing"), 404, code="not_found")
+    assert_openai_error(await alice.get("/v1/adapters/a%2Fb/c"), 404, code="not_found")
+    r = await alice.get("/v1/chat/completions")
+    assert_openai_error(r, 405, code="method_not_allowed")
+    assert r.headers["allow"] == "POST"
 
 
 async def test_the_caller_is_checked_before_the_body(served):
