@@ -88,6 +88,16 @@ async def test_upload_size_checked_while_streaming_nothing_left_on_disk(small):
     assert list(small.files.iterdir()) == []
 
 
+async def test_malformed_multipart_is_a_400_and_leaves_nothing(small):
+    """Found by schemathesis: starlette's own {"detail": ...} for a body that is not multipart."""
+    for body in (b"garbage", b"--x\r\nContent-Disposition: form-data\r\n\r\n" + b"a" * 100):
+        r = await small.put("/v1/adapters/m", content=body, headers={"content-type": "multipart/form-data; boundary=x"})
+        assert_openai_error(r, 400, "files", "invalid_upload", named=False)
+    r = await small.put("/v1/adapters/m", content=b"x", headers={"content-type": "multipart/form-data"})
+    assert_openai_error(r, 400, "files", "invalid_upload", named=False)  # no boundary
+    assert list(small.files.iterdir()) == []
+
+
 async def test_header_size(small):
     r = await small.get("/v1/models", headers={"x-padding": "a" * 3000})
     assert_openai_error(r, 431, "x-padding", "request_header_fields_too_large", named=False)

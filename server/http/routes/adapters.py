@@ -8,6 +8,7 @@ from typing import Literal
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from steerserve.server.adapters.registry import Adapter, AdapterInvalid, validate_adapter_name
 
@@ -101,7 +102,11 @@ async def _save_upload(request: Request, into: Path) -> tuple[str, Path]:
     the adapter kind their names say."""
     known = {name for files in UPLOAD_FILES.values() for name in files}
     try:
-        form = await request.form()
+        try:
+            form = await request.form()
+        except StarletteHTTPException as exc:  # starlette's parser: a body that is not multipart
+            raise BadRequest(f"the upload is not valid multipart/form-data: {exc.detail}", param="files",
+                             code="invalid_upload") from None
         seen: set[str] = set()
         for field, value in form.multi_items():
             filename = getattr(value, "filename", None)
