@@ -62,7 +62,8 @@ def test_metrics_need_a_metrics_key(server, http, api_keys):
 def test_a_long_chat_never_blocks_the_event_loop(server, http, model_name):
     """4,001 messages are refused at once; the largest allowed chat (2,048 messages, the --max-messages default)
     is rendered and tokenized off the event loop: /health answers within 100 ms throughout (the issue measured a
-    5.7 s stall at 4,001 messages)."""
+    5.7 s stall at 4,001 messages). Up to 3 attempts: on a loaded 2-core machine one poll can miss its slot, but
+    a loop that the admission blocks misses in every attempt."""
     words = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"word{i}"} for i in range(4001)]
     start = time.perf_counter()
     r = http.post("/v1/chat/completions", json={"model": model_name, "messages": words})
@@ -70,6 +71,22 @@ def test_a_long_chat_never_blocks_the_event_loop(server, http, model_name):
     assert time.perf_counter() - start < 1.0
 
     body = {"model": model_name, "messages": words[:2048], "max_tokens": 1}
+    maxima = []
+    for _ in range(3):  # a blocked loop stalls every attempt; a loaded machine's scheduling hiccup only one
+        latencies, answer = health_during(server, http, body)
+        # SmolLM2 at the session server's 1,024 tokens cannot take 2,048 messages: refused after rendering
+        assert_error(answer, 400, code="context_length_exceeded")
+        maxima.append(max(latencies))
+        print(f"/health during a 2,048-message admission: {len(latencies)} polls, max {max(latencies) * 1000:.1f} "
+              f"ms, median {statistics.median(latencies) * 1000:.1f} ms")
+        assert len(latencies) >= 3
+        if max(latencies) < 0.1:
+            break
+    assert min(maxima) < 0.1, maxima
+
+
+def health_during(server, http, body: dict) -> tuple[list[float], httpx.Response]:
+    """/health latencies, polled every 10 ms while `body` is posted by another thread, and its answer."""
     latencies: list[float] = []
     done = threading.Event()
     result: list[httpx.Response] = []
@@ -90,11 +107,7 @@ def test_a_long_chat_never_blocks_the_event_loop(server, http, model_name):
             latencies.append(time.perf_counter() - t)
             time.sleep(0.01)
         worker.join()
-    # SmolLM2 at the session server's 1,024 tokens cannot take 2,048 messages: refused after rendering
-    assert_error(result[0], 400, code="context_length_exceeded")
-    print(f"/health during a 2,048-message admission: {len(latencies)} polls, max {max(latencies) * 1000:.1f} ms, "
-          f"median {statistics.median(latencies) * 1000:.1f} ms")
-    assert len(latencies) >= 3 and max(latencies) < 0.1, latencies
+    return latencies, result[0]
 
 
 @pytest.fixture(scope="module")
