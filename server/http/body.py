@@ -44,12 +44,13 @@ def parse_json(raw: bytes | str, what: str = "the request body", limits: Limits 
                param: str | None = None) -> Any:
     """`raw` as JSON within `limits` (the defaults if None); BadRequest naming the place (`param` + path)."""
     limits = limits or Limits()
-
-    def integer(text: str) -> int | _LongInt:
-        return _LongInt(text) if len(text.lstrip("-")) > limits.max_json_int_digits else int(text)
-
     try:
-        value = json.loads(raw, parse_int=integer)
+        try:
+            value = json.loads(raw)  # integers in C; one too long to convert is found again below, with its place
+        except ValueError as exc:
+            if isinstance(exc, json.JSONDecodeError | UnicodeDecodeError):
+                raise
+            value = json.loads(raw, parse_int=lambda text: _LongInt(text) if len(text) > 4000 else int(text))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BadRequest(f"{what} is not valid JSON: {exc}", param=param, code="invalid_json") from None
     except RecursionError:
@@ -60,28 +61,43 @@ def parse_json(raw: bytes | str, what: str = "the request body", limits: Limits 
 
 
 def _check_values(value: Any, what: str, limits: Limits, param: str | None) -> None:
-    """Depth, long integers and lone surrogates, found iteratively (no recursion on hostile input)."""
+    """Depth, long integers and lone surrogates, found iteratively (no recursion on hostile input). Plain
+    numbers, booleans and nulls are never visited one by one, so a long list of token ids costs little."""
+    bound = 10 ** limits.max_json_int_digits
     stack: list[tuple[Any, tuple[str, ...], int]] = [(value, (), 0)]
     while stack:
         item, path, depth = stack.pop()
-        where = ".".join(p for p in ((param,) if param else ()) + path) or None
         if isinstance(item, dict | list) and depth >= limits.max_json_depth:
+            where = _where(param, path)
             raise BadRequest(f"{what} is nested more than {limits.max_json_depth} levels deep (--max-json-depth)"
                              + (f" at {where}" if where else ""), param=where, code="invalid_json")
-        if isinstance(item, _LongInt):
-            raise BadRequest(f"{where or what}: an integer of {len(item.lstrip('-'))} digits; at most "
+        if isinstance(item, _LongInt) or (type(item) is int and not -bound < item < bound):
+            where = _where(param, path)
+            digits = len(item.lstrip("-")) if isinstance(item, _LongInt) else len(str(abs(item)))
+            raise BadRequest(f"{where or what}: an integer of {digits} digits; at most "
                              f"{limits.max_json_int_digits} are accepted", param=where, code="invalid_value")
         if isinstance(item, str) and _SURROGATE.search(item):
+            where = _where(param, path)
             raise BadRequest(f"{where or what}: contains a lone UTF-16 surrogate (e.g. \\ud800), which is not "
                              "text", param=where, code="invalid_value")
         if isinstance(item, dict):
             for key, sub in item.items():
                 if _SURROGATE.search(key):
+                    where = _where(param, path)
                     raise BadRequest(f"{where or what}: a key contains a lone UTF-16 surrogate", param=where,
                                      code="invalid_value")
-                stack.append((sub, (*path, key), depth + 1))
+                if type(sub) not in _PLAIN or (type(sub) is int and not -bound < sub < bound):
+                    stack.append((sub, (*path, key), depth + 1))
         elif isinstance(item, list):
-            stack.extend((sub, (*path, str(i)), depth + 1) for i, sub in enumerate(item))
+            stack.extend((sub, (*path, str(i)), depth + 1) for i, sub in enumerate(item)
+                         if type(sub) not in _PLAIN or (type(sub) is int and not -bound < sub < bound))
+
+
+_PLAIN = frozenset({int, float, bool, type(None)})  # scalars: only an int's size is checked (a _LongInt is a str)
+
+
+def _where(param: str | None, path: tuple[str, ...]) -> str | None:
+    return ".".join(((param,) if param else ()) + path) or None
 
 
 async def read_json(raw: bytes, what: str = "the request body", limits: Limits | None = None) -> Any:
