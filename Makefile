@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install model serve test lint docs bench-frontend fuzz
+.PHONY: install model serve test lint docs bench-frontend sdk-types browser playground-screenshot fuzz
 
 $(STAMP): pyproject.toml clients/python/pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -24,8 +24,23 @@ serve: model
 lint: install
 	$(VENV)/bin/ruff check server steering kernels benchmarks tests clients
 
-test: model lint
+test: model lint browser
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Debian's Chromium for the playground's browser test, installed only where it is missing and we are root with
+# apt (as in CI); anywhere else those tests skip and say how to run them.
+CHROMIUM ?= /usr/bin/chromium
+browser:
+	@if [ -x $(CHROMIUM) ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1 || \
+	  { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null; } || \
+	  echo "could not install chromium: the playground's browser tests will skip"; \
+	else echo "no $(CHROMIUM) (install it with apt-get install chromium as root): the playground's browser tests will skip"; fi
+
+# Re-take the playground screenshot in the docs (docs/images/playground.png) from the browser test.
+playground-screenshot: model browser
+	STEERSERVE_PLAYGROUND_SCREENSHOT=1 $(PY) -m pytest tests/e2e/test_playground_browser.py -k side_by_side
 
 # The documentation site (docs/, mkdocs.yml) into site/; strict, so a broken link or anchor fails the build.
 docs: install
@@ -33,6 +48,11 @@ docs: install
 
 bench-frontend: model
 	$(PY) -m benchmarks.frontend $(ARGS)
+
+# The SDK's steering types (clients/python/steerserve_client/_spec.py), generated from the server's steering
+# schema; run it after changing a method's spec and commit the result (tests/clients/test_sdk_generated.py).
+sdk-types: install
+	$(PY) clients/python/generate_types.py
 
 # API fuzzing with schemathesis against a live SmolLM2 server, longer than CI's (docs/security.md#api-fuzzing).
 FUZZ_EXAMPLES ?= 200

@@ -59,6 +59,12 @@ class Settings(BaseSettings):
     max_logit_bias: int = Field(300, ge=1, description="Most `logit_bias` entries (400 beyond).")
     max_steering_bytes: int = Field(16 * 2**10, ge=256, description="Largest `steering` spec in a body, as "
                                     "compact JSON (400 beyond; the X-Steering header has the same bound).")
+    playground: bool = Field(True, description="Serve the steering playground page at /playground "
+                             "(docs/playground.md); --no-playground turns it off (404).")
+    tool_call_parser: str | None = Field(None, description="vLLM's tool-call parser for chat `tools` (e.g. hermes); "
+                                         "none: requests with tools are a 400.")
+    chat_template: str | None = Field(None, description="Replace the model's chat template: a Jinja file, or a "
+                                      "bundled one by name (smollm2-tools: SmolLM2's template with Hermes tools).")
     attention_mode: Literal["softmax", "lssa", "lssar", "reweight"] = Field(
         "softmax", description="The attention function the served model was trained with (docs/methods/attention-modes.md); "
                                "applies to every request. Default: softmax.")

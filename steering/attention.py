@@ -35,7 +35,8 @@ class SinkSpec(Strict):
                                          "selected layers and query heads; each row is renormalised.")
     layers: Indices = Field("all", description="Decoder layer indices, or 'all'.")
     heads: Indices = Field("all", description="Query head indices (not KV heads), or 'all'.")
-    per_head: dict[str, Gain] = Field(default_factory=dict, max_length=65536,
+    # `{}` rather than a default factory, so the published schema says the default (the SDK is generated from it).
+    per_head: dict[str, Gain] = Field({}, max_length=65536,
                                       description='Gamma per "<layer>.<head>"; overrides gamma for that pair, '
                                                   "whether or not the pair is in layers x heads.")
 

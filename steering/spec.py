@@ -60,10 +60,13 @@ def _union_tag(part: Any) -> bool:
 
 def merge(sources: list[dict[str, Any]]) -> SteeringSpec:
     """Merge parsed sources in order; a later source replaces an earlier one's method wholesale."""
-    merged: dict[str, dict[str, Any]] = {}
+    merged: dict[str, Any] = {}
     for source in sources:
         for family, methods in source.items():
-            merged.setdefault(family, {}).update(methods)
+            if isinstance(methods, list):  # a list family (vectors): the later list replaces the earlier one
+                merged[family] = methods
+            else:
+                merged.setdefault(family, {}).update(methods)
     return SteeringSpec.model_validate(merged)
 
 

@@ -18,6 +18,9 @@ import httpx
 import pytest
 
 SERVER_ARGS = ["--dtype", "float32", "--max-model-len", "1024", "--max-num-seqs", "16", "--kv-cache-gib", "0.5"]
+# Tool calling on the shared server: SmolLM2's template with tools (renders chats without tools exactly as the
+# model's own template: tests/server/test_chat_templates.py) and vLLM's hermes parser.
+TOOL_ARGS = ["--chat-template", "smollm2-tools", "--tool-call-parser", "hermes"]
 # LoRA on the shared server: two batch slots and two resident adapters, so three adapters already churn.
 LORA_ARGS = ["--enable-lora", "--max-loras", "2", "--max-lora-rank", "8", "--max-cpu-loras", "2"]
 
@@ -93,11 +96,11 @@ def auth(key: str) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def server(smollm2_path: Path, api_keys, tmp_path_factory) -> Server:
     """The real server on SmolLM2 (fp32, so greedy answers are exact), shared by every end-to-end test.
-    Tenants: `alice` and `bob` (users), `ops` (admin)."""
+    Tenants: `alice` and `bob` (users), `ops` (admin). Chat tools through the hermes parser (TOOL_ARGS)."""
     state = tmp_path_factory.mktemp("server")
     adapter_root = state / "adapters"
     adapter_root.mkdir()
-    srv = Server(["--model", str(smollm2_path), *SERVER_ARGS, *LORA_ARGS, "--api-keys", api_keys["file"],
+    srv = Server(["--model", str(smollm2_path), *SERVER_ARGS, *LORA_ARGS, *TOOL_ARGS, "--api-keys", api_keys["file"],
                   "--data-dir", str(state / "data"), "--adapter-root", str(adapter_root)], state / "server.log")
     srv.adapter_root = adapter_root
     try:

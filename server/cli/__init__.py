@@ -1,16 +1,16 @@
 """The `steerserve` command: serve a model, and the offline tools around it (models, keys, profiling,
-calibration, adapters, tenant and URIAL admin, fTRI)."""
+calibration, adapters, tenant and URIAL admin, fTRI, control vectors)."""
 from __future__ import annotations
 
 import argparse
 import sys
 
-from . import adapters, admin, calibrate, ftri, keys, models, profile, serve
+from . import adapters, admin, calibrate, ftri, keys, models, profile, serve, vectors
 
 # Each group module adds its command(s) with `add_parser(commands)` (commands: the top-level subparsers action)
 # and runs one with `run(args) -> int` (the exit status). Its heavy imports stay inside `run`, so `--help` is fast.
 # The order here is the order `steerserve --help` lists them in.
-GROUPS = (serve, models, keys, profile, calibrate, adapters, admin, ftri)
+GROUPS = (serve, models, keys, profile, calibrate, adapters, admin, ftri, vectors)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -45,6 +45,7 @@ def serve_forever(settings: Settings) -> int:
     import uvicorn
 
     from steerserve.server.adapters.registry import AdapterStore
+    from steerserve.server.frontend.tool_calls import chat_template
     from steerserve.server.models.store import ModelFetchError, resolve_model
     from steerserve.server.stores.profiles import ProfileStore
 
@@ -59,6 +60,7 @@ def serve_forever(settings: Settings) -> int:
         keys = KeyStore.load(settings.api_keys) if settings.api_keys else KeyStore.open()
         check_bind(settings.host, keys)
         model_path = resolve_model(settings.model, settings.cache)
+        template = chat_template(settings.chat_template) if settings.chat_template else None
     except (ModelFetchError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -74,7 +76,11 @@ def serve_forever(settings: Settings) -> int:
         server.should_exit = True
 
     app = create_app(lambda: Engine(settings, model_path), keys, profiles, on_engine_failure=stop_serving,
-                     adapters=adapters, adapter_root=settings.adapter_root, limits=Limits.from_settings(settings))
-    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level))
+                     adapters=adapters, adapter_root=settings.adapter_root, playground=settings.playground,
+                     tool_call_parser=settings.tool_call_parser, chat_template=template,
+                     limits=Limits.from_settings(settings))
+    # Our own access log line carries the request id (server/http/request_id.py); uvicorn's would repeat it.
+    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                                           access_log=False))
     server.run()
     return 1 if failed else 0

@@ -218,6 +218,7 @@ def model_facts(tokenizer, model_config, model_path: Path) -> ModelFacts:
     for method in METHODS:
         found = method.facts(hf, model_config) if method.facts else {}
         extra["unsupported"] |= found.pop("unsupported", {})
+        extra.setdefault("extra", {}).update(found.pop("extra", {}))
         extra |= found
     return ModelFacts(
         tokenizer, model_config.get_vocab_size(), _eos_token_ids(tokenizer, Path(model_path)),

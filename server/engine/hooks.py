@@ -5,6 +5,7 @@ from __future__ import annotations
 from . import attention_backend as attention
 from . import iapt_hook as iapt
 from . import router_hook as experts
+from . import vectors_hook as vectors
 from .state import Hook
 
-HOOKS: tuple[Hook, ...] = (attention.HOOK, experts.HOOK, iapt.HOOK)
+HOOKS: tuple[Hook, ...] = (attention.HOOK, experts.HOOK, iapt.HOOK, vectors.HOOK)

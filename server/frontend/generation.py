@@ -51,9 +51,11 @@ class Generation:
 
     def __init__(self, engine: Engine, metrics: Metrics, route: str, prompts: list[Prompt], params,
                  kind: str, cache_salt: Callable[[int], str | None] = lambda prompt_len: None,
-                 adapter: Callable[[], Awaitable[Lease]] | None = None):
-        """`adapter`: acquires the request's adapter lease (loading the adapter if cold); None for the base model."""
+                 adapter: Callable[[], Awaitable[Lease]] | None = None, tenant: str = "", steered: bool = False):
+        """`adapter`: acquires the request's adapter lease (loading the adapter if cold); None for the base model.
+        `tenant` and `steered` label the per-tenant token and decode-time metrics."""
         self.engine, self.metrics, self.route, self.adapter = engine, metrics, route, adapter
+        self.tenant, self.steered = tenant, steered
         self.prompts, self.params, self.n, self.cache_salt = prompts, params, params.n, cache_salt
         self.id = f"{kind}-{uuid.uuid4().hex}"
         self.created = int(time.time())
@@ -84,17 +86,20 @@ class Generation:
         ttft, itl = self.metrics.ttft.labels(self.route), self.metrics.itl.labels(self.route)
         generated = self.metrics.generation_tokens.labels(self.route)
         self.metrics.prompt_tokens.labels(self.route).inc(self.prompt_tokens)
+        self.metrics.tenant_tokens.labels(self.tenant, "prompt").inc(self.prompt_tokens)
+        tenant_generated = self.metrics.tenant_tokens.labels(self.tenant, "generation")
         lora_request = lease.lora_request if lease else None
         streams = [self.engine.generate(p.ids, self.params, f"{self.id}-{i}", prompt_text=p.text,
                                         cache_salt=self.cache_salt(len(p.ids)), lora_request=lora_request)
                    for i, p in enumerate(self.prompts)]
-        last = None
+        last = first = None
         async for job, out in _merge(streams):
             if lease is not None:
                 lease.started()
             now = time.perf_counter()
             if last is None:
                 ttft.observe(now - self.arrival)
+                first = now
             else:
                 itl.observe(now - last)
             last = now
@@ -103,7 +108,11 @@ class Generation:
             for o in out.outputs:
                 self.completion_tokens += len(o.token_ids)
                 generated.inc(len(o.token_ids))
+                tenant_generated.inc(len(o.token_ids))
                 yield Delta(job * self.n + o.index, o.text, list(o.token_ids), o.logprobs, o.finish_reason)
+        if first is not None and self.completion_tokens > 1:
+            per_token = (last - first) / (self.completion_tokens - 1)
+            self.metrics.decode_per_token.labels("true" if self.steered else "false").observe(per_token)
 
     async def collect(self) -> list[Choice]:
         choices = [Choice(i) for i in range(len(self.prompts) * self.n)]

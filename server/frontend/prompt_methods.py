@@ -205,7 +205,8 @@ class PromptRun:
                               "engine_calls": sum(len(g.prompts) for g in self.calls), **self.intermediate}}
 
     def _generation(self, prompts: list[gen.Prompt], params) -> gen.Generation:
-        g = gen.Generation(self.eng, self.metrics, ROUTE, prompts, params, "chatcmpl", self.steering.salt_for)
+        g = gen.Generation(self.eng, self.metrics, ROUTE, prompts, params, "chatcmpl", self.steering.salt_for,
+                           tenant=self.steering.tenant, steered=True)
         self.calls.append(g)
         return g
 

@@ -9,10 +9,12 @@ from steerserve.server.http.auth import Principal
 from steerserve.server.http.body import parse_json
 from steerserve.server.http.errors import BadRequest, NotFound
 from steerserve.server.stores.profiles import ProfileStore
+from steerserve.server.stores.vectors import VectorStore
 from steerserve.steering import attention as attention_steering
 from steerserve.steering import spec as steering
 from steerserve.steering.model import ModelFacts, SpecError
 from steerserve.steering.plan import Plan, PlanPart, cache_salt
+from steerserve.steering.vectors import resolved
 
 MAX_HEADER_BYTES = 16 * 1024
 
@@ -62,11 +64,13 @@ def spec_error(exc: SpecError) -> BadRequest:
 
 
 def resolve(headers, body_spec: Any, principal: Principal, profiles: ProfileStore, model: ModelFacts,
-            model_steering: dict[str, Any] | None = None) -> Steering:
+            model_steering: dict[str, Any] | None = None, vectors: VectorStore | None = None) -> Steering:
     """The merged, compiled steering of a request. Anything that cannot be applied is a 400 (or 404 for an
-    unknown profile): a request is never served silently unsteered. `model_steering` is what the served model
-    always gets (its trained attention mode), merged first."""
+    unknown profile or stored vector): a request is never served silently unsteered. `model_steering` is what
+    the served model always gets (its trained attention mode), merged first. Named control vectors are looked up
+    in `vectors` for the request's tenant (its own, else a global one)."""
     sources: list[dict[str, Any]] = [steering.parse(model_steering, "model")] if model_steering else []
+    wheres: list[str] = ["model"] if model_steering else []
     try:
         for name in _profile_names(headers.get("x-steering-profile")):
             stored = profiles.resolve(principal.tenant, name)
@@ -74,11 +78,18 @@ def resolve(headers, body_spec: Any, principal: Principal, profiles: ProfileStor
                 raise NotFound(f"steering profile '{name}' not found", param="X-Steering-Profile",
                                code="profile_not_found")
             sources.append(steering.parse(stored, f"X-Steering-Profile[{name}]"))
+            wheres.append(f"X-Steering-Profile[{name}]")
         if (header := headers.get("x-steering")) is not None:
             sources.append(steering.parse(_header_json(header), "X-Steering"))
+            wheres.append("X-Steering")
         if body_spec is not None:
             sources.append(steering.parse(body_spec, "steering"))
+            wheres.append("steering")
         spec = steering.merge(sources)
+        # The vectors list comes wholesale from the last source that has one: that is where its items are.
+        where = next((w for w, s in zip(reversed(wheres), reversed(sources), strict=True)
+                      if "vectors" in s), "steering")
+        resolve_vectors(spec, principal.tenant, vectors, where)
         plan = steering.compile_spec(spec, model)
     except SpecError as exc:
         raise spec_error(exc) from None
@@ -92,14 +103,33 @@ def _full_mode(mode: dict[str, Any] | None) -> dict[str, Any] | None:
     return attention_steering.ModeSpec.model_validate(mode).model_dump(mode="json") if mode else None
 
 
-def validate_profile(raw: Any, model: ModelFacts) -> dict[str, Any]:
-    """A profile body, checked as a request's spec would be (on this model) before it is stored."""
+def validate_profile(raw: Any, model: ModelFacts, tenant: str = "", vectors: VectorStore | None = None,
+                     ) -> dict[str, Any]:
+    """A profile body, checked as a request's spec would be (on this model) before it is stored. Named vectors
+    must exist for `tenant` now (404 otherwise); the profile keeps their names, so a request uses whatever the
+    store holds under that name when it runs."""
     try:
         parsed = steering.parse(raw, "profile")
-        steering.compile_spec(steering.merge([parsed]), model, "profile")
+        spec = steering.merge([parsed])
+        resolve_vectors(spec, tenant, vectors, "profile")
+        steering.compile_spec(spec, model, "profile")
     except SpecError as exc:
         raise spec_error(exc) from None
     return parsed
+
+
+def resolve_vectors(spec: steering.SteeringSpec, tenant: str, vectors: VectorStore | None, where: str) -> None:
+    """Attach the store's vector to every named item of `spec.vectors`, in place (`steering.vectors.resolved`);
+    an unknown name is a 404 naming the item's field, `<where>.vectors[i].name`."""
+    items = getattr(spec, "vectors", None) or []
+    for i, item in enumerate(items):
+        if item.name is None:
+            continue
+        found = vectors.resolve(tenant, item.name) if vectors is not None else None
+        if found is None:
+            raise NotFound(f"steering vector '{item.name}' not found", param=f"{where}.vectors[{i}].name",
+                           code="vector_not_found")
+        items[i] = resolved(item, found[1])
 
 
 def _profile_names(header: str | None) -> list[str]:

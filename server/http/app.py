@@ -16,8 +16,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from steerserve.server.adapters.pool import AdapterPool
 from steerserve.server.adapters.registry import AdapterStore, ServedModel
 from steerserve.server.frontend import prompt_methods as prompting
+from steerserve.server.frontend import tool_calls
+from steerserve.server.frontend.chat import set_template
 from steerserve.server.stores.profiles import ProfileStore
 from steerserve.server.stores.tenants import TenantStore
+from steerserve.server.stores.vectors import VectorStore, default_store
 from steerserve.steering.spec import SteeringSpec
 
 from ..engine.async_engine import Engine
@@ -26,7 +29,9 @@ from .body import body_error, publish_schemas
 from .errors import APIError, pydantic_to_api_error
 from .limits import Limits, RequestGuard
 from .metrics import Metrics, MetricsMiddleware
+from .request_id import RequestIdMiddleware
 from .routes import ROUTERS
+from .routes import playground as playground_routes
 from .routes.adapters import PathRegistration
 from .state import AppState
 from .streaming import ClientDisconnected
@@ -37,14 +42,19 @@ log = logging.getLogger("steerserve.server")
 def create_app(engine_factory: Callable[[], Engine], keys: KeyStore, profiles: ProfileStore,
                on_engine_failure: Callable[[], None] = lambda: None, adapters: AdapterStore | None = None,
                adapter_root: Path | None = None, tenants: TenantStore | None = None,
-               prefixes: prompting.PrefixStore | None = None, limits: Limits | None = None) -> FastAPI:
+               prefixes: prompting.PrefixStore | None = None, playground: bool = True,
+               tool_call_parser: str | None = None, chat_template: str | None = None,
+               vectors: VectorStore | None = None, limits: Limits | None = None) -> FastAPI:
     """The app. `engine_factory` builds the engine in a worker thread, so /health answers while it loads;
     `on_engine_failure` is called if it cannot be built or fails its steering self-test (the CLI then exits
-    non-zero). `adapters`: the adapter registry, served when the engine has LoRA enabled. Tenant settings and
-    URIAL prefixes live beside the profiles unless given. `limits`: what one request may send (server/http/limits.py;
-the settings' defaults if None)."""
+    non-zero). `adapters`: the adapter registry, served when the engine has LoRA enabled. Tenant settings, URIAL
+    prefixes and control vectors live beside the profiles unless given. `playground`: serve the playground page
+    (server/http/routes/playground.py); off, its routes do not exist (404). `tool_call_parser` (a vLLM tool parser
+    name) enables chat `tools`; `chat_template` (its text) replaces the model's chat template. `limits`: what one
+    request may send (server/http/limits.py; the settings' defaults if None)."""
     state = AppState(keys=keys, profiles=profiles, tenants=tenants or TenantStore(profiles.path),
                      prefixes=prefixes or prompting.PrefixStore(profiles.path.parent / "urial"),
+                     vectors=vectors or default_store(profiles.path.parent),
                      metrics=Metrics(lambda: state.engine.num_unfinished_requests() if state.engine else 0),
                      adapters=adapters, adapter_root=adapter_root, limits=limits or Limits())
 
@@ -52,6 +62,11 @@ the settings' defaults if None)."""
         try:
             eng = await asyncio.to_thread(engine_factory)
             await eng.verify_steering()
+            if chat_template is not None:
+                set_template(eng.tokenizer, chat_template)
+            if tool_call_parser is not None:  # an unknown parser, or one this tokenizer cannot serve, stops start-up
+                tool_calls.parser_class(tool_call_parser, eng.tokenizer)
+                state.tool_parser = tool_call_parser
             if eng.lora is not None and adapters is not None:
                 state.base = await asyncio.to_thread(ServedModel.from_checkpoint, eng.info.path, eng.info.name,
                                                      eng.lora["max_lora_rank"])
@@ -76,9 +91,12 @@ the settings' defaults if None)."""
     app.state.steerserve = state
     for router in ROUTERS:
         app.include_router(router)
+    if playground:
+        app.include_router(playground_routes.router)
     publish_schemas(app, SteeringSpec, PathRegistration)  # bodies the profile and adapter routes read themselves
     app.add_middleware(RequestGuard, limits=state.limits, open_mode=keys.is_open)  # inside metrics: counted
     app.add_middleware(MetricsMiddleware, metrics=state.metrics, router=app.router)
+    app.add_middleware(RequestIdMiddleware)  # outermost: every response carries X-Request-Id
 
     @app.exception_handler(APIError)
     async def api_error(_: Request, exc: APIError) -> JSONResponse:

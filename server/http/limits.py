@@ -7,7 +7,7 @@ route, before a byte of the body is parsed:
 - in open mode (no API keys), a `Host` that is not a loopback name or address: 421 (DNS rebinding: a web page
   whose name resolves to 127.0.0.1 would otherwise reach an admin API);
 - a body longer than `max_request_bytes` (`max_upload_bytes` for a multipart or octet-stream upload to
-  `PUT /v1/adapters/{name}`): 413, from
+  `PUT /v1/adapters/{name}` or `PUT /v1/steering/vectors/{name}`, which also hold uploads to their own bounds): 413, from
   `Content-Length` at once, or counted while the body streams in (chunked), so nothing larger is ever buffered.
 JSON-level limits (depth, integer digits, lone surrogates) are checked where bodies are parsed (body.py), and
 the request-level ones (messages, prompts, stop strings, logit_bias, steering size) by `check_generation`
@@ -22,7 +22,7 @@ from .auth import is_loopback
 from .errors import APIError, BadRequest, HeadersTooLarge, Misdirected, PayloadTooLarge
 
 UPLOAD_TYPES = ("multipart/form-data", "application/octet-stream")
-UPLOAD_PATH = "/v1/adapters/"  # the one route that takes uploads (PUT): --max-upload-bytes; elsewhere the request limit
+UPLOAD_PATHS = ("/v1/adapters/", "/v1/steering/vectors/")  # routes that take uploads (PUT): --max-upload-bytes
 
 
 @dataclass(frozen=True)
@@ -94,7 +94,7 @@ class RequestGuard:
                               f"(localhost, 127.0.0.1, [::1]), not Host {headers['host'][:100]!r}", param="Host",
                               code="misdirected_request")
         upload = media_type(headers) in UPLOAD_TYPES and scope["method"] == "PUT" and \
-            scope["path"].startswith(UPLOAD_PATH)
+            scope["path"].startswith(UPLOAD_PATHS)
         limit = self.limits.max_upload_bytes if upload else self.limits.max_request_bytes
         flag = "--max-upload-bytes" if upload else "--max-request-bytes"
         length = headers.get("content-length")

@@ -42,6 +42,24 @@ class Metrics:
         Gauge("steerserve_adapters_active", "Adapters with requests in flight", registry=r).set_function(
             lambda: self._pool.active() if self._pool else 0)
         r.register(_LoraRequestsInfo(self))
+        # Per tenant and per steering method (tenants are bounded by the key file; families by the registry).
+        self.tenant_requests = Counter("steerserve_tenant_requests", "Generation requests admitted, by tenant and "
+                                       "whether they are steered", ["tenant", "steered"], registry=r)
+        self.family_requests = Counter("steerserve_steering_requests", "Generation requests admitted, by steering "
+                                       "method family (a request with several families counts in each)",
+                                       ["family"], registry=r)
+        self.tenant_tokens = Counter("steerserve_tenant_tokens", "Prompt and generated tokens by tenant",
+                                     ["tenant", "kind"], registry=r)
+        self.decode_per_token = Histogram("steerserve_decode_seconds_per_token", "An engine request's time from its "
+                                          "first to its last token, per token after the first; steered / unsteered "
+                                          "is the steering overhead", ["steered"], buckets=TOKEN_LATENCY_BUCKETS,
+                                          registry=r)
+
+    def count_request(self, tenant: str, families: list[str]) -> None:
+        """One admitted generation request of `tenant`, steered by these method families (none: unsteered)."""
+        self.tenant_requests.labels(tenant, "true" if families else "false").inc()
+        for family in families:
+            self.family_requests.labels(family).inc()
 
     def bind_pool(self, pool) -> None:
         self._pool = pool

@@ -21,15 +21,72 @@ class TextPart(Strict):
     text: str
 
 
+class FunctionDefinition(Strict):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolDefinition(Strict):
+    """One entry of `tools` (OpenAI's function tool)."""
+
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(Strict):
+    name: str
+
+
+class NamedToolChoice(Strict):
+    type: Literal["function"]
+    function: FunctionName
+
+
+class CalledFunction(Strict):
+    name: str
+    arguments: str
+
+
+class ToolCall(Strict):
+    """A tool call of an earlier assistant message, as the client sends it back."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class ChatMessage(Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # assistant messages
+    tool_call_id: str | None = None  # tool messages
 
     def text(self) -> str:
         if isinstance(self.content, list):
             return "".join(part.text for part in self.content)
         return self.content or ""
+
+    def template_dict(self) -> dict[str, Any]:
+        """The message as chat templates read it: text content; tool calls with their arguments as JSON objects
+        where they parse (as vLLM hands them to templates), else as the string sent."""
+        out: dict[str, Any] = {"role": self.role, "content": self.text()}
+        if self.tool_calls:
+            out["tool_calls"] = [{"id": c.id, "type": c.type, "function": {"name": c.function.name,
+                                                                          "arguments": _json_or_text(c.function.arguments)}}
+                                 for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
+
+
+def _json_or_text(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
 
 
 class StreamOptions(Strict):
@@ -146,6 +203,9 @@ class ChatCompletionRequest(SamplingRequest):
     top_logprobs: int | None = Field(None, ge=0, le=20)
     response_format: ResponseFormat | None = None
     add_generation_prompt: bool = True
+    tools: list[ToolDefinition] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
     @model_validator(mode="after")
     def _logprob_options(self) -> ChatCompletionRequest:
@@ -158,7 +218,7 @@ class ChatCompletionRequest(SamplingRequest):
 
 def sampling_params(req: SamplingRequest, *, prompt_len: int, max_model_len: int, vocab_size: int,
                     logprobs: int | None, structured=None, extra_args: dict | None = None,
-                    skip_prefix_cache: bool = False):
+                    skip_prefix_cache: bool = False, skip_special_tokens: bool = True):
     """Translate a validated request into vLLM SamplingParams, checking what only the served model can decide.
     `skip_prefix_cache`: compute the whole prompt even if a cached prefix exists (IAPT adapters need that)."""
     room = max_model_len - prompt_len
@@ -192,6 +252,7 @@ def sampling_params(req: SamplingRequest, *, prompt_len: int, max_model_len: int
             logit_bias=_token_bias(req.logit_bias, vocab_size),
             ignore_eos=req.ignore_eos,
             structured_outputs=structured,
+            skip_special_tokens=skip_special_tokens,
             extra_args=extra_args,
             skip_reading_prefix_cache=True if skip_prefix_cache else None,
             # deltas even for non-streaming requests: the server times every token (TTFT, ITL) the same way

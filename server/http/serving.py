@@ -14,6 +14,7 @@ from steerserve.server.frontend import generation as gen
 from steerserve.server.frontend import prompt_methods as prompting
 from steerserve.server.frontend import request_steering as steer
 from steerserve.server.frontend.chat import render as render_chat
+from steerserve.server.frontend.tool_calls import ToolCalling, template_tools
 from steerserve.steering.iapt import PLACEHOLDER_ID, SOFT_TOKENS
 from steerserve.steering.methods.stats import StatsPlan
 from steerserve.steering.plan import PlanPart
@@ -24,7 +25,13 @@ from ..engine.router_hook import read_counts
 from .auth import Principal
 from .errors import BadRequest, NotFound
 from .limits import check_generation
-from .protocol import ChatCompletionRequest, CompletionRequest, sampling_params, structured_output
+from .protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    ToolDefinition,
+    sampling_params,
+    structured_output,
+)
 from .state import AppState
 
 COMPLETIONS, CHAT = "/v1/completions", "/v1/chat/completions"
@@ -83,6 +90,7 @@ class Run:
     steering: steer.Steering
     served: Served
     stats_key: str | None  # set when the request asked for its routed-expert counts
+    tools: ToolCalling | None = None  # set when the request has tools the model may call
 
     def headers(self) -> dict[str, str]:
         return self.served.headers(self.steering)
@@ -107,7 +115,8 @@ async def completion(state: AppState, who: Principal, req: CompletionRequest, he
     stats = _stats_key(headers, req, eng)
     steering = _full(steering.bind([len(p.ids) for p in prompts], None), served, stats)
     params = _params(eng, req, max(prompts, key=lambda p: len(p.ids)), req.logprobs, steering)
-    g = gen.Generation(eng, state.metrics, COMPLETIONS, prompts, params, "cmpl", steering.salt_for, served.acquire)
+    g = gen.Generation(eng, state.metrics, COMPLETIONS, prompts, params, "cmpl", steering.salt_for, served.acquire,
+                       who.tenant, steering.plan is not None)
     return Run(g, eng, steering, served, stats)
 
 
@@ -132,21 +141,42 @@ async def chat(state: AppState, who: Principal, req: ChatCompletionRequest, head
     top = req.top_logprobs or 0
     stats = _stats_key(headers, req, eng)
     g: gen.Generation | prompting.PromptRun
+    messages = [m.template_dict() for m in req.messages]
+    tools = ToolCalling.prepare(state.tool_parser, eng.tokenizer, _dumped(req.messages), _dumped(req.tools),
+                                _dumped(req.tool_choice), req.parallel_tool_calls)
     if steering.spec.prompt is not None:  # URIAL, conjugate prompting: see server/frontend/prompt_methods.py
         if stats:
             raise BadRequest("routed-expert counts are not available with prompt-level steering yet",
                              param="steering_stats.routed_experts")
+        if tools:
+            raise BadRequest("tools cannot be combined with prompt-level steering (steering.prompt)",
+                             param="tools")
         g = prompting.PromptRun(eng, state.metrics, req, steering, state.prefixes)
     else:
-        chat = await asyncio.to_thread(render_chat, eng.tokenizer, [{"role": m.role, "content": m.text()}
-                                                                     for m in req.messages], req.add_generation_prompt)
+        chat = await asyncio.to_thread(render_chat, eng.tokenizer, messages, req.add_generation_prompt,
+                                       tools=_dumped(req.tools) if tools else None)
         prompt = gen.Prompt(served.prompt(chat.ids, eng.info.max_model_len, "messages"), chat.text)
         steering = _full(steering.bind([len(prompt.ids)], chat.role_spans), served, stats)
-        params = _params(eng, req, prompt, top if req.logprobs else None, steering,
-                         structured_output(req.response_format))
+        structured = tools.structured if tools and tools.structured else structured_output(req.response_format)
+        params = _params(eng, req, prompt, top if req.logprobs else None, steering, structured,
+                         skip_special_tokens=tools.skip_special_tokens if tools else True)
+        if tools:
+            tools.prompt_ids = prompt.ids
         g = gen.Generation(eng, state.metrics, CHAT, [prompt], params, "chatcmpl", steering.salt_for,
-                           served.acquire)
-    return Run(g, eng, steering, served, stats)
+                           served.acquire, who.tenant, steering.plan is not None)
+    return Run(g, eng, steering, served, stats, tools)
+
+
+def chat_tools(eng: Engine, tools: list[ToolDefinition] | None) -> list[dict] | None:
+    """Tools to render into a chat (for /tokenize): as a chat completion renders them, or a 400."""
+    return template_tools(eng.tokenizer, _dumped(tools))
+
+
+def _dumped(value):
+    """A request model (or list of them) as plain JSON data, None as None."""
+    if isinstance(value, list):
+        return [v.model_dump(exclude_none=True) for v in value]
+    return value.model_dump(exclude_none=True) if hasattr(value, "model_dump") else value
 
 
 def _admit(state: AppState, who: Principal, req, headers: Mapping[str, str], route: str
@@ -155,7 +185,8 @@ def _admit(state: AppState, who: Principal, req, headers: Mapping[str, str], rou
     eng, adapter_name = check_model(state.ready_engine(), req.model, headers.get("x-adapter"))
     served = Served(eng.info.name, who.tenant, state.adapter_of(who, adapter_name) if adapter_name else None,
                     state.pool)
-    steering = steer.resolve(headers, req.steering, who, state.profiles, eng.facts, eng.model_steering)
+    steering = steer.resolve(headers, req.steering, who, state.profiles, eng.facts, eng.model_steering,
+                             state.vectors)
     prompting.authorize(steering, who, state.tenants)
     prompting.check_request(steering, req, route)
     if steering.spec.prompt is not None and served.adapter is not None:
@@ -165,6 +196,7 @@ def _admit(state: AppState, who: Principal, req, headers: Mapping[str, str], rou
         raise BadRequest("span steering (steering.attention.spans) cannot be combined with prompt-level "
                          "methods yet: their targets refer to the chat template's tokens",
                          param="steering.attention.spans", code="invalid_steering")
+    state.metrics.count_request(who.tenant, sorted({m.split(".")[0] for m in steering.spec.methods()}))
     return eng, steering, served
 
 
@@ -190,10 +222,12 @@ def _full(steering: steer.Steering, served: Served, stats_key: str | None) -> st
     return steering.with_part(served.plan_part()).with_part(StatsPlan(stats_key) if stats_key else None)
 
 
-def _params(eng: Engine, req, prompt: gen.Prompt, logprobs: int | None, steering: steer.Steering, structured=None):
+def _params(eng: Engine, req, prompt: gen.Prompt, logprobs: int | None, steering: steer.Steering, structured=None,
+            skip_special_tokens: bool = True):
     return sampling_params(req, prompt_len=len(prompt.ids), max_model_len=eng.info.max_model_len,
                            vocab_size=eng.info.vocab_size, logprobs=logprobs, structured=structured,
-                           extra_args=steering.extra_args(), skip_prefix_cache=not reads_prefix_cache(steering.plan))
+                           extra_args=steering.extra_args(), skip_prefix_cache=not reads_prefix_cache(steering.plan),
+                           skip_special_tokens=skip_special_tokens)
 
 
 def _stats_key(headers: Mapping[str, str], req, eng: Engine) -> str | None:

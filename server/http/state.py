@@ -16,6 +16,7 @@ from steerserve.server.adapters.registry import Adapter, AdapterStore, ServedMod
 from steerserve.server.frontend.prompt_methods import PrefixStore
 from steerserve.server.stores.profiles import GLOBAL, ProfileStore
 from steerserve.server.stores.tenants import TenantStore
+from steerserve.server.stores.vectors import VectorStore
 
 from ..engine.async_engine import Engine
 from .auth import KeyStore, Principal
@@ -33,12 +34,14 @@ class AppState:
     tenants: TenantStore
     prefixes: PrefixStore
     metrics: Metrics
+    vectors: VectorStore  # named control vectors (the `vectors` steering family's store)
     adapters: AdapterStore | None = None  # the adapter registry, served when the engine has LoRA enabled
     adapter_root: Path | None = None  # where users may register adapters by path
     engine: Engine | None = None  # None while loading, or if it failed to start
     error: BaseException | None = None  # why the engine failed to start
     pool: AdapterPool | None = None
     base: ServedModel | None = None  # the base model adapters are checked against
+    tool_parser: str | None = None  # vLLM's tool-call parser for chat `tools` (None: requests with tools are a 400)
     limits: Limits = field(default_factory=Limits)  # what one request may send
 
     def ready_engine(self) -> Engine:

@@ -69,9 +69,10 @@ def engine_error(exc: Exception) -> APIError:
 
 
 async def sse(request: Request, g: gen.Generation | prompting.PromptRun, preamble: list[dict],
-              render: Callable[[gen.Delta], dict], head: dict, req, headers: dict[str, str]) -> Response:
+              render: Callable[[gen.Delta], dict], head: dict, req, headers: dict[str, str],
+              epilogue: Callable[[], list[dict]] | None = None) -> Response:
     """Server-sent events. The first delta is awaited before answering, so a request the engine rejects is still
-    a 400 and not a broken stream."""
+    a 400 and not a broken stream. `epilogue`: events sent after the last delta (called then)."""
     deltas = g.deltas()
     try:
         first = await until_disconnect(request, deltas.__anext__())
@@ -87,6 +88,8 @@ async def sse(request: Request, g: gen.Generation | prompting.PromptRun, preambl
                 yield f"data: {json.dumps(render(first))}\n\n"
                 async for d in deltas:
                     yield f"data: {json.dumps(render(d))}\n\n"
+            for event in epilogue() if epilogue else []:
+                yield f"data: {json.dumps(event)}\n\n"
             if stats := prompt_stats(g):
                 yield f"data: {json.dumps({**head, 'choices': [], 'usage': None, **stats})}\n\n"
             if include_usage:

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 from ..plan import PlanPart
 from ..plan import part_types as plan_part_types
-from . import attention, experts, iapt, logits, prompt, stats
+from . import attention, experts, iapt, logits, prompt, stats, vectors
 from .base import Method, Probe
 
 METHODS: tuple[Method, ...] = (logits.METHOD, attention.METHOD, experts.METHOD, prompt.METHOD, iapt.METHOD,
-                               stats.METHOD)
+                               stats.METHOD, vectors.METHOD)
 
 __all__ = ["METHODS", "Method", "Probe", "by_family", "part_types"]
 

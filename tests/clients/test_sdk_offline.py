@@ -94,14 +94,17 @@ def client(wire: Wire) -> sc.SteerClient:
 
 def test_public_api_is_pinned():
     assert sc.__all__ == [
-        "APIConnectionError", "Applied", "AsyncProfiles", "AsyncSteerClient", "AsyncSteeredStream", "Attention",
+        "APIConnectionError", "Adapter", "AdapterNotFound", "Adapters", "Applied", "AsyncAdapters", "AsyncProfiles",
+        "AsyncSteerClient", "AsyncSteeredStream", "AsyncVectors", "Attention",
         "AttentionMode", "AuthenticationError", "Conjugate", "EosRamp", "Experts", "InvalidRequest", "KeyRange", "Logits",
         "NotFound", "PermissionDenied", "Profile", "ProfileNotFound", "Profiles", "Prompt", "Rules", "ServerError",
         "Sink", "Span", "SteerClient", "SteerServeError", "SteeredResponse", "SteeredStream", "Steering",
-        "SteeringError", "Urial", "__version__",
+        "SteeringError", "StoredVector", "Urial", "VectorItem", "VectorNotFound", "Vectors", "__version__",
+        "adapter_model",
     ]
     assert sc.__all__ == sorted(sc.__all__)
-    public = {n for n in vars(sc) if not n.startswith("_")} - {"client", "errors", "profiles", "results", "steering"}
+    public = {n for n in vars(sc) if not n.startswith("_")} - {"adapters", "client", "errors", "profiles", "results",
+                                                                   "steering", "vectors"}
     assert public | {"__version__"} == set(sc.__all__), "every public name is in __all__ and vice versa"
 
 

@@ -29,13 +29,15 @@ class Submitted:
 @dataclass
 class FakeEngine:
     """The interface the routes use. Every request generates `max_tokens` copies of one token per choice, one
-    token per engine step (vLLM's DELTA output kind), and finishes with "length"."""
+    token per engine step (vLLM's DELTA output kind), and finishes with "length"; or, when `script` is set, its
+    texts one per step (as many as max_tokens allows), finishing with "stop" after the last."""
 
     tokenizer: Any
     token: int = 42
     healthy: bool = True
     submitted: list[Submitted] = field(default_factory=list)
     shut_down: bool = False
+    script: list[str] | None = None
 
     def __post_init__(self) -> None:
         vocab = len(self.tokenizer)
@@ -49,6 +51,14 @@ class FakeEngine:
     async def generate(self, prompt_ids: list[int], params, request_id: str, *, prompt_text: str | None = None,
                        cache_salt: str | None = None, lora_request=None) -> AsyncIterator[Any]:
         self.submitted.append(Submitted(list(prompt_ids), params, request_id, prompt_text, cache_salt))
+        if self.script is not None:
+            for step, piece in enumerate(self.script[:params.max_tokens]):
+                finish = "stop" if step == len(self.script) - 1 else "length" if step == params.max_tokens - 1 else None
+                ids = self.tokenizer.encode(piece, add_special_tokens=False)
+                yield SimpleNamespace(num_cached_tokens=0 if step == 0 else None, outputs=[
+                    SimpleNamespace(index=i, text=piece, token_ids=ids, logprobs=None, finish_reason=finish)
+                    for i in range(params.n)])
+            return
         text = self.tokenizer.decode([self.token])
         for step in range(params.max_tokens):
             last = step == params.max_tokens - 1

@@ -151,3 +151,21 @@ async def test_steering_schema_is_published(served):
     async with served.client(None) as c:
         schema = (await c.get("/v1/steering/schema")).json()
     assert set(schema["properties"]) >= {"version", "logits", "attention", "experts", "prompt"}
+
+
+async def test_metrics_count_requests_and_tokens_by_tenant_and_steering_family(served):
+    async with served.client("alice") as alice, served.client("bob") as bob:
+        await alice.post("/v1/chat/completions", json={**CHAT, "max_tokens": 3})
+        await alice.post("/v1/chat/completions", json={**CHAT, "steering": {"logits": {"bias": {"7": 1.0}}}})
+        await bob.post("/v1/chat/completions", json={**CHAT, "steering": {"logits": {"bias": {"7": 1.0}}}})
+        await bob.post("/v1/chat/completions", json={**CHAT, "steering": {"logits": {"bias": {"7": 1.0}}},
+                                                      "max_tokens": -1})  # refused: not admitted, not counted
+    async with served.client("ops") as ops:
+        text = (await ops.get("/metrics")).text
+    assert sample(text, "steerserve_tenant_requests_total", tenant="alice", steered="false") == 1
+    assert sample(text, "steerserve_tenant_requests_total", tenant="alice", steered="true") == 1
+    assert sample(text, "steerserve_tenant_requests_total", tenant="bob", steered="true") == 1
+    assert sample(text, "steerserve_steering_requests_total", family="logits") == 2
+    assert sample(text, "steerserve_tenant_tokens_total", tenant="alice", kind="generation") == 4
+    assert sample(text, "steerserve_tenant_tokens_total", tenant="bob", kind="generation") == 1
+    assert sample(text, "steerserve_decode_seconds_per_token_count", steered="false") == 1  # only one had 2+ tokens

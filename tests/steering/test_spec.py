@@ -7,6 +7,7 @@ from steerserve.steering import spec as S
 from steerserve.steering.logits import HEWITT_TOKEN_DELTAS, hewitt_deltas
 from steerserve.steering.methods import part_types
 from steerserve.steering.methods.iapt import IaptPlan
+from steerserve.steering.methods.vectors import probe_plan
 from steerserve.steering.model import ModelFacts, SpecError
 from steerserve.steering.plan import AttentionPlan, EosRamp, ExpertsPlan, Plan, cache_salt
 
@@ -43,9 +44,9 @@ def test_cache_salt_separates_tenants_not_logits_steering():
 
 def test_hidden_state_families_enter_the_salt():
     hidden = {family for family, part in part_types().items() if part.HIDDEN_STATE}
-    assert hidden == {"attention", "experts", "iapt"}
+    assert hidden == {"attention", "experts", "iapt", "vectors"}
     examples = {"attention": AttentionPlan((0.5,)), "experts": ExpertsPlan(off=((1, 2),)),
-                "iapt": IaptPlan("/a", "a")}
+                "iapt": IaptPlan("/a", "a"), "vectors": probe_plan(8, 4).vectors}
     for family in hidden:
         assert cache_salt("alice", Plan("x", examples[family]), 5) != cache_salt("alice", None, 5), family
         assert cache_salt("alice", Plan("x", part_types()[family]()), 5) == cache_salt("alice", None, 5), family

@@ -1,7 +1,9 @@
-"""steerserve-client: a typed Python SDK for steerserve (steering specs, steered calls, profiles, typed errors)."""
+"""steerserve-client: a typed Python SDK for steerserve (steering specs, steered calls, profiles, control vectors, typed errors)."""
 from .__version__ import __version__
+from .adapters import Adapter, Adapters, AsyncAdapters, adapter_model
 from .client import AsyncSteerClient, SteerClient
 from .errors import (
+    AdapterNotFound,
     APIConnectionError,
     AuthenticationError,
     InvalidRequest,
@@ -11,6 +13,7 @@ from .errors import (
     ServerError,
     SteeringError,
     SteerServeError,
+    VectorNotFound,
 )
 from .profiles import AsyncProfiles, Profile, Profiles
 from .results import Applied, AsyncSteeredStream, SteeredResponse, SteeredStream
@@ -28,15 +31,22 @@ from .steering import (
     Span,
     Steering,
     Urial,
+    VectorItem,
 )
+from .vectors import AsyncVectors, StoredVector, Vectors
 
 # The public API, pinned by tests/clients/test_sdk_offline.py: adding or removing a name is a deliberate change.
 __all__ = [
     "APIConnectionError",
+    "Adapter",
+    "AdapterNotFound",
+    "Adapters",
     "Applied",
+    "AsyncAdapters",
     "AsyncProfiles",
     "AsyncSteerClient",
     "AsyncSteeredStream",
+    "AsyncVectors",
     "Attention",
     "AttentionMode",
     "AuthenticationError",
@@ -62,6 +72,11 @@ __all__ = [
     "SteeredStream",
     "Steering",
     "SteeringError",
+    "StoredVector",
     "Urial",
+    "VectorItem",
+    "VectorNotFound",
+    "Vectors",
     "__version__",
+    "adapter_model",
 ]

@@ -1,5 +1,5 @@
-"""`SteerClient` / `AsyncSteerClient`: the official `openai` client (`.openai`) plus steering, profiles and typed
-errors. Chat and completions go through openai; the server's own routes through httpx."""
+"""`SteerClient` / `AsyncSteerClient`: the official `openai` client (`.openai`) plus steering, profiles, the
+control vector store and typed errors. Chat and completions go through openai; the server's own routes through httpx."""
 from __future__ import annotations
 
 import os
@@ -12,10 +12,12 @@ from openai.types import Completion
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from ._admin import Admin, AsyncAdmin
+from .adapters import Adapters, AsyncAdapters
 from .errors import NotFound, from_openai
 from .profiles import AsyncProfiles, Profiles
 from .results import Applied, AsyncSteeredStream, SteeredResponse, SteeredStream
 from .steering import Steering
+from .vectors import AsyncVectors, Vectors
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8000"
 PROFILE_HEADER = "X-Steering-Profile"
@@ -69,6 +71,8 @@ class SteerClient:
         admin = Admin(self._http, root, key)
         self._admin = admin
         self.profiles = Profiles(admin)
+        self.adapters = Adapters(admin, lambda: self._model(None))
+        self.vectors = Vectors(admin)
         self.model = model
 
     @overload
@@ -154,6 +158,8 @@ class AsyncSteerClient:
         admin = AsyncAdmin(self._http, root, key)
         self._admin = admin
         self.profiles = AsyncProfiles(admin)
+        self.adapters = AsyncAdapters(admin, lambda: self._model(None))
+        self.vectors = AsyncVectors(admin)
         self.model = model
 
     @overload

@@ -52,6 +52,16 @@ class ProfileNotFound(NotFound):
     """404 for a steering profile: not yours, not global, or not there at all."""
 
 
+class AdapterNotFound(NotFound):
+    """404 for an adapter (registry calls, or a request's `model` naming one): not yours, not global, or not
+    there at all."""
+
+
+class VectorNotFound(NotFound):
+    """404 for a stored control vector: not yours, not global, or not there at all (also when a request's
+    `steering.vectors` names one)."""
+
+
 class ServerError(SteerServeError):
     """5xx, including 503 while the model is still loading."""
 
@@ -68,7 +78,8 @@ def from_error_body(status: int | None, body: Any, fallback: str = "") -> SteerS
     elif status == 403:
         cls = PermissionDenied
     elif status == 404:
-        cls = ProfileNotFound if code == "profile_not_found" else NotFound
+        cls = {"profile_not_found": ProfileNotFound, "adapter_not_found": AdapterNotFound,
+               "vector_not_found": VectorNotFound}.get(code, NotFound)
     elif isinstance(param, str) and param.startswith(_STEERING_PARAMS) and (status in (400, None)):
         cls = SteeringError
     elif status == 400:

@@ -7,9 +7,11 @@ from fastapi.responses import JSONResponse, Response
 from steerserve.server.frontend import generation as gen
 
 from .. import serving
+from ..auth import Principal
 from ..body import JSONRoute
+from ..errors import NotFound
 from ..protocol import ChatCompletionRequest, CompletionRequest
-from ..state import Caller, State
+from ..state import AppState, Caller, State
 from ..streaming import prompt_stats, sse, until_disconnect
 
 router = APIRouter(route_class=JSONRoute, tags=["openai"])
@@ -17,6 +19,20 @@ router = APIRouter(route_class=JSONRoute, tags=["openai"])
 
 @router.get("/v1/models")
 async def models(who: Caller, state: State) -> dict:
+    return {"object": "list", "data": model_cards(who, state)}
+
+
+@router.get("/v1/models/{model_id:path}")
+async def model(model_id: str, who: Caller, state: State) -> dict:
+    """One model of the list (the base model, or `<base>:<adapter>` for an adapter the caller may use)."""
+    card = next((m for m in model_cards(who, state) if m["id"] == model_id), None)
+    if card is None:
+        raise NotFound(f"The model '{model_id}' does not exist", param="model", code="model_not_found")
+    return card
+
+
+def model_cards(who: Principal, state: AppState) -> list[dict]:
+    """The models `who` may name: the base model and, with adapters on, each adapter visible to their tenant."""
     info = state.ready_engine().info
     data = [{"id": info.name, "object": "model", "created": 0, "owned_by": "steerserve",
              "max_model_len": info.max_model_len}]
@@ -25,7 +41,7 @@ async def models(who: Caller, state: State) -> dict:
                   "owned_by": a.tenant if a.scope == "tenant" else "steerserve", "parent": info.name,
                   "root": info.name, "max_model_len": info.max_model_len}
                  for a in state.adapters.list(who.tenant) if not any(d["id"] == f"{info.name}:{a.name}" for d in data)]
-    return {"object": "list", "data": data}
+    return data
 
 
 @router.post(serving.COMPLETIONS)
@@ -62,11 +78,16 @@ async def chat_completions(request: Request, who: Caller, state: State, body: Ch
     def logprobs_json(c: gen.Choice | gen.Delta) -> dict | None:
         return gen.chat_logprobs(c.token_ids, c.logprobs, top, tokenizer) if body.logprobs else None
 
+    def message(c: gen.Choice) -> tuple[dict, str | None]:
+        if run.tools is None:
+            return {"role": "assistant", "content": c.text}, c.finish_reason
+        return run.tools.message(c.text, c.token_ids, c.finish_reason)
+
     if not body.stream:
         choices = await until_disconnect(request, g.collect())
         return JSONResponse({**head, "choices": [
-            {"index": c.index, "message": {"role": "assistant", "content": c.text},
-             "logprobs": logprobs_json(c), "finish_reason": c.finish_reason} for c in choices],
+            {"index": c.index, "message": m, "logprobs": logprobs_json(c), "finish_reason": finish}
+            for c in choices for m, finish in [message(c)]],
             "usage": g.usage(), **prompt_stats(g), **run.stats_json()}, headers=run.headers())
 
     head = {**head, "object": "chat.completion.chunk"}
@@ -74,8 +95,10 @@ async def chat_completions(request: Request, who: Caller, state: State, body: Ch
                                    "logprobs": None, "finish_reason": None}], "usage": None} for i in range(body.n)]
 
     def chunk(d: gen.Delta) -> dict:
-        return {**head, "choices": [{"index": d.index, "delta": {"content": d.text} if d.text else {},
-                                     "logprobs": logprobs_json(d), "finish_reason": d.finish_reason}],
-                "usage": None}
+        delta, finish = ({"content": d.text} if d.text else {}), d.finish_reason
+        if run.tools is not None:
+            delta, finish = run.tools.delta(d.index, d.text, d.token_ids, d.finish_reason)
+        return {**head, "choices": [{"index": d.index, "delta": delta or {}, "logprobs": logprobs_json(d),
+                                     "finish_reason": finish}], "usage": None}
 
     return await sse(request, g, roles, chunk, head, body, run.headers())

@@ -48,7 +48,7 @@ async def put_profile(request: Request, name: str, who: Caller, state: State, sc
     owner = owner_of(who, scope, writing=True)
     require_media_type(request, "application/json")
     body = await read_json(await request.body(), "the profile", state.limits)
-    spec = steer.validate_profile(body, state.ready_engine().facts)
+    spec = steer.validate_profile(body, state.ready_engine().facts, owner, state.vectors)
     await asyncio.to_thread(state.profiles.put, owner, name, spec)  # an SQLite write: off the event loop
     return {"name": name, "scope": scope, "spec": spec}
 

@@ -1,0 +1,201 @@
+"""Named control vectors per tenant (plus admin-managed global ones): metadata in SQLite, the directions as
+safetensors files named by their content digest (so equal vectors registered twice share one file).
+
+Scoping is the profiles' (server/stores/profiles.py): a tenant sees its own vectors and the global ones, its own
+shadowing a global one of the same name; writes address exactly one scope. Vectors are checked against the served
+model by the caller (the route) before `put`; the store only keeps them.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import sqlite3
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from steerserve.server.http.errors import BadRequest
+from steerserve.steering.control_vectors import ControlVector
+from steerserve.steering.vector_files import read_vector_file, write_vector_file
+
+from .profiles import GLOBAL, _check_tenant
+
+_NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+CACHE_BYTES = 256 << 20  # decoded vectors kept in memory, most recently used first
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS vectors (
+    tenant      TEXT NOT NULL,
+    name        TEXT NOT NULL,
+    digest      TEXT NOT NULL,     -- ControlVector.digest(): the file's name and what plans key on
+    layers      TEXT NOT NULL,     -- JSON list of 0-based decoder layers
+    hidden_size INTEGER NOT NULL,
+    model_hint  TEXT NOT NULL,
+    updated     REAL NOT NULL,     -- unix seconds
+    PRIMARY KEY (tenant, name)
+)
+"""
+
+
+def validate_vector_name(name: object, param: str = "name") -> str:
+    """The vector name if it matches [A-Za-z0-9_.-]{1,64}; BadRequest(param) otherwise."""
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
+        raise BadRequest(f"invalid vector name {str(name)[:80]!r}: use 1-64 of A-Z a-z 0-9 _ . -", param=param,
+                         code="invalid_value")
+    return name
+
+
+@dataclass(frozen=True)
+class StoredVector:
+    """One registration: who owns it, under which name, and what it holds."""
+
+    owner: str  # a tenant, or GLOBAL
+    name: str
+    digest: str
+    layers: tuple[int, ...]
+    hidden_size: int
+    model_hint: str
+    updated: float
+
+    def public(self) -> dict[str, Any]:
+        return {"object": "steering.vector", "name": self.name, "scope": "global" if self.owner == GLOBAL else
+                "tenant", "digest": self.digest, "layers": list(self.layers), "hidden_size": self.hidden_size,
+                "model_hint": self.model_hint, "updated": self.updated}
+
+
+class VectorStore:
+    """Vectors keyed by (tenant, name); thread-safe (one connection and the files behind one lock), durable across
+    restarts (a put returns once the file and its row are written)."""
+
+    def __init__(self, db_path: str | Path, files_dir: str | Path):
+        self.path, self.files = Path(db_path), Path(files_dir)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.files.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._cache: OrderedDict[str, ControlVector] = OrderedDict()
+        self._cached_bytes = 0
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=10.0)
+        with self._lock:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def __repr__(self) -> str:
+        return f"VectorStore({str(self.path)!r})"
+
+    def _file(self, digest: str) -> Path:
+        return self.files / f"{digest}.safetensors"
+
+    def put(self, tenant: str, name: str, vector: ControlVector) -> StoredVector:
+        """Create or replace the vector `name` in `tenant`'s scope (GLOBAL for global ones)."""
+        _check_tenant(tenant)
+        validate_vector_name(name)
+        digest = vector.digest()
+        record = StoredVector(tenant, name, digest, vector.layers, vector.hidden_size, vector.model_hint, time.time())
+        with self._lock:
+            if not self._file(digest).exists():
+                write_vector_file(vector, self._file(digest))
+            old = self._db.execute("SELECT digest FROM vectors WHERE tenant = ? AND name = ?",
+                                   (tenant, name)).fetchone()
+            self._db.execute(
+                "INSERT INTO vectors (tenant, name, digest, layers, hidden_size, model_hint, updated) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (tenant, name) DO UPDATE SET digest = excluded.digest, "
+                "layers = excluded.layers, hidden_size = excluded.hidden_size, model_hint = excluded.model_hint, "
+                "updated = excluded.updated",
+                (tenant, name, digest, json.dumps(list(record.layers)), record.hidden_size, record.model_hint,
+                 record.updated))
+            if old is not None and old[0] != digest:
+                self._collect(old[0])
+            self._remember(digest, vector)
+        return record
+
+    def get(self, tenant: str, name: str) -> tuple[StoredVector, ControlVector] | None:
+        """The vector in exactly `tenant`'s scope (no global fallback), or None."""
+        _check_tenant(tenant)
+        validate_vector_name(name)
+        return self._load("tenant = ?", (name, tenant))
+
+    def resolve(self, tenant: str, name: str) -> tuple[StoredVector, ControlVector] | None:
+        """The vector a request of `tenant` means by `name`: its own if any, else the global one, else None."""
+        _check_tenant(tenant)
+        validate_vector_name(name)
+        return self._load("tenant IN (?, ?) ORDER BY tenant = ? LIMIT 1", (name, tenant, GLOBAL, GLOBAL))
+
+    def delete(self, tenant: str, name: str) -> bool:
+        """Delete the vector in exactly `tenant`'s scope; False if there was none."""
+        _check_tenant(tenant)
+        validate_vector_name(name)
+        with self._lock:
+            row = self._db.execute("SELECT digest FROM vectors WHERE tenant = ? AND name = ?",
+                                   (tenant, name)).fetchone()
+            if row is None:
+                return False
+            self._db.execute("DELETE FROM vectors WHERE tenant = ? AND name = ?", (tenant, name))
+            self._collect(row[0])
+        return True
+
+    def list(self, tenant: str) -> list[StoredVector]:
+        """`tenant`'s own vectors and the global ones, by name (own before global on a tie)."""
+        _check_tenant(tenant)
+        with self._lock:
+            rows = self._db.execute(f"SELECT {_COLUMNS} FROM vectors WHERE tenant IN (?, ?) ORDER BY name, "
+                                    "tenant = ?", (tenant, GLOBAL, GLOBAL)).fetchall()
+        return [_record(row) for row in rows]
+
+    # --- internals (called with the lock held, except _load which takes it) ---
+
+    def _load(self, where: str, args: tuple) -> tuple[StoredVector, ControlVector] | None:
+        with self._lock:
+            row = self._db.execute(f"SELECT {_COLUMNS} FROM vectors WHERE name = ? AND {where}", args).fetchone()
+            if row is None:
+                return None
+            record = _record(row)
+            vector = self._cache.get(record.digest)
+            if vector is None:
+                vector = read_vector_file(self._file(record.digest))
+                self._remember(record.digest, vector)
+            else:
+                self._cache.move_to_end(record.digest)
+        return record, vector
+
+    def _remember(self, digest: str, vector: ControlVector) -> None:
+        if digest in self._cache:
+            self._cache.move_to_end(digest)
+            return
+        self._cache[digest] = vector
+        self._cached_bytes += _nbytes(vector)
+        while self._cached_bytes > CACHE_BYTES and len(self._cache) > 1:
+            _, dropped = self._cache.popitem(last=False)
+            self._cached_bytes -= _nbytes(dropped)
+
+    def _collect(self, digest: str) -> None:
+        """Remove the file of `digest` once no registration refers to it."""
+        if self._db.execute("SELECT 1 FROM vectors WHERE digest = ? LIMIT 1", (digest,)).fetchone() is None:
+            self._file(digest).unlink(missing_ok=True)
+            if (dropped := self._cache.pop(digest, None)) is not None:
+                self._cached_bytes -= _nbytes(dropped)
+
+
+_COLUMNS = "tenant, name, digest, layers, hidden_size, model_hint, updated"
+
+
+def _record(row: tuple) -> StoredVector:
+    tenant, name, digest, layers, hidden_size, hint, updated = row
+    return StoredVector(tenant, name, digest, tuple(json.loads(layers)), hidden_size, hint, updated)
+
+
+def _nbytes(vector: ControlVector) -> int:
+    return sum(d.nbytes for d in vector.directions.values())
+
+
+def default_store(data_dir: str | os.PathLike[str]) -> VectorStore:
+    """The store a server with this --data-dir keeps its vectors in."""
+    return VectorStore(Path(data_dir) / "vectors.sqlite3", Path(data_dir) / "vectors")
