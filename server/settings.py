@@ -42,6 +42,14 @@ class Settings(BaseSettings):
                                       "None: 4 x max_loras.")
     adapter_root: Path | None = Field(None, description="Users may register adapters by server path only inside "
                                       "this directory (admins anywhere); uploads always work.")
+    max_queued_requests: int = Field(256, ge=1, description="Generation requests admitted and not finished, all "
+                                     "tenants together; beyond it a 429 with Retry-After.")
+    max_requests_per_tenant: int = Field(64, ge=1, description="Generation requests one tenant may have admitted "
+                                         "and not finished; beyond it a 429 with Retry-After.")
+    request_timeout: float | None = Field(None, gt=0, description="Seconds a generation request may take before it "
+                                          "is aborted in the engine and answered with a 504; None: no limit.")
+    shutdown_timeout: float = Field(30.0, ge=0, description="On SIGTERM: seconds in-flight requests may take to "
+                                    "finish (new ones get a 503) before the rest are aborted and the server exits.")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     # What one request may send (server/http/limits.py; docs/security.md: the status each gives).
     max_request_bytes: int = Field(8 * 2**20, ge=1024, description="Largest request body (413 beyond).")

@@ -129,7 +129,7 @@ class AdapterPool:
             state.in_flight -= 1
             self._maybe_retire(state)
             raise
-        self.metrics.adapter_requests.labels(adapter.name, adapter.scope, tenant).inc()
+        self.metrics.count_adapter_request(adapter.name, adapter.scope, tenant)
         return Lease(self, state, request)
 
     async def _load(self, adapter: Adapter, request) -> None:
@@ -186,6 +186,8 @@ class AdapterPool:
 
     async def _drop(self, adapter: Adapter) -> None:
         self._iapt.pop(adapter.id, None)
+        if self.store.get(adapter.tenant, adapter.name) is None:  # deleted, not replaced: its series go too
+            self.metrics.forget_adapter(adapter.name, adapter.scope, adapter.tenant)
         try:
             if adapter.id in self._resident:
                 await self.engine.llm.remove_lora(adapter.id)

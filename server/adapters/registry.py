@@ -26,6 +26,7 @@ from typing import Any
 from steerserve.server.http.errors import BadRequest
 from steerserve.server.stores.profiles import GLOBAL, validate_name
 
+from . import files
 from .lora_config import check_lora_config_types, selects
 from .safetensors_header import tensor_shapes
 
@@ -302,7 +303,9 @@ INSPECTORS: dict[str, Callable[[Path, ServedModel], dict[str, Any]]] = {"lora": 
 
 class AdapterStore:
     """Registrations keyed by (tenant, name), own before global; thread-safe, durable across restarts. Uploaded
-    files live under `files_dir` and belong to the store."""
+    files live under `files_dir` and belong to the store; they are written crash-safe (server/adapters/files.py),
+    and orphans are swept when the store opens. `recheck` re-inspects the stored registrations at start-up: a
+    broken one stays registered and each request for it is refused (`broken`), the rest serve."""
 
     def __init__(self, db_path: str | Path, files_dir: str | Path):
         self.path, self.files_dir = Path(db_path), Path(files_dir)
@@ -312,8 +315,10 @@ class AdapterStore:
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=10.0)
         with self._lock:
             self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute("PRAGMA synchronous=FULL")  # a committed registration survives a power loss too
             self._db.execute(_SCHEMA)
+        self._broken: dict[int, str] = {}  # registration id -> why it cannot be served (`recheck`)
+        files.sweep(self.files_dir, {a.path.resolve() for a in self.all()})
 
     def close(self) -> None:
         with self._lock:
@@ -327,6 +332,18 @@ class AdapterStore:
             raise BadRequest(f"unknown adapter kind {kind!r} (supported: {sorted(INSPECTORS)})", param="kind",
                              code="invalid_value")
         meta = INSPECTORS[kind](path, base)
+        staged = owned and files.is_staged(path, self.files_dir)
+        if staged:  # durable and in place before the row that points to it is committed
+            path = files.publish(path, self.files_dir)
+        try:
+            return self._insert(tenant, name, kind, path, owned, meta)
+        except BaseException:
+            if staged:
+                shutil.rmtree(path, ignore_errors=True)
+            raise
+
+    def _insert(self, tenant: str, name: str, kind: str, path: Path, owned: bool, meta: dict
+                ) -> tuple[Adapter, Adapter | None]:
         with self._lock:
             old = self._get(tenant, name)
             self._db.execute("BEGIN IMMEDIATE")
@@ -344,10 +361,25 @@ class AdapterStore:
         return new, old
 
     def upload_dir(self) -> Path:
-        """A fresh directory for uploaded files (moved or deleted by the caller)."""
-        import tempfile
+        """A fresh staging directory for one upload's files (`register` publishes it; on failure the caller
+        deletes it; a crash leaves it to the next start-up's sweep)."""
+        return files.staging_dir(self.files_dir)
 
-        return Path(tempfile.mkdtemp(prefix="upload-", dir=self.files_dir))
+    def recheck(self, base: ServedModel) -> dict[str, str]:
+        """Inspect every stored registration again (start-up: files may have changed or broken while the server
+        was down). Returns {"<tenant>/<name>": why} for the broken ones, which `broken` then reports."""
+        broken = {}
+        for adapter in self.all():
+            try:
+                INSPECTORS[adapter.kind](adapter.path, base) if adapter.kind in INSPECTORS else None
+            except (BadRequest, OSError, ValueError) as exc:
+                broken[adapter.id] = exc.message if isinstance(exc, BadRequest) else f"{type(exc).__name__}: {exc}"
+        self._broken = broken
+        return {f"{a.tenant}/{a.name}": broken[a.id] for a in self.all() if a.id in broken}
+
+    def broken(self, adapter: Adapter) -> str | None:
+        """Why `adapter` cannot be served (found broken by `recheck`), or None."""
+        return self._broken.get(adapter.id)
 
     def get(self, tenant: str, name: str) -> Adapter | None:
         """The adapter in exactly `tenant`'s scope."""

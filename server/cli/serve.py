@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
+import threading
 import typing
 from pathlib import Path
 
@@ -38,7 +40,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def serve_forever(settings: Settings) -> int:
-    """Serve until stopped: 0 after a clean shutdown, 1 on a startup error or when the engine failed."""
+    """Serve until stopped, then end the process: status 0 after a clean shutdown, 1 on a startup error or when the
+    engine failed (at start-up or while serving)."""
     # vLLM logs to stdout by default; a server's diagnostics belong on stderr, where a supervisor looks for why it
     # stopped (the engine's own traceback included). Set before vLLM is imported, inherited by its processes.
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
@@ -50,9 +53,10 @@ def serve_forever(settings: Settings) -> int:
     from steerserve.server.stores.profiles import ProfileStore
 
     from ..engine.async_engine import Engine
+    from ..http.admission import Limits
     from ..http.app import create_app
     from ..http.auth import KeyStore, check_bind
-    from ..http.limits import Limits
+    from ..http.limits import InputLimits
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("steerserve")
@@ -74,13 +78,74 @@ def serve_forever(settings: Settings) -> int:
     def stop_serving() -> None:
         failed.append(True)
         server.should_exit = True
+        # A dead engine may not shut down cleanly: the supervisor gets the process back within a bounded time.
+        deadline = threading.Timer(EXIT_AFTER_ENGINE_DEATH_S, os._exit, (1,))
+        deadline.daemon = True  # it must not itself keep a process that shut down cleanly alive
+        deadline.start()
 
+    limits = Limits(settings.max_queued_requests, settings.max_requests_per_tenant, settings.request_timeout)
     app = create_app(lambda: Engine(settings, model_path), keys, profiles, on_engine_failure=stop_serving,
                      adapters=adapters, adapter_root=settings.adapter_root, playground=settings.playground,
-                     tool_call_parser=settings.tool_call_parser, chat_template=template,
-                     limits=Limits.from_settings(settings))
+                     tool_call_parser=settings.tool_call_parser, chat_template=template, limits=limits,
+                     input_limits=InputLimits.from_settings(settings))
     # Our own access log line carries the request id (server/http/request_id.py); uvicorn's would repeat it.
-    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                                           access_log=False))
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                            timeout_graceful_shutdown=ABORT_GRACE_S, access_log=False)
+    server = draining_server(uvicorn.Server, config, app.state.steerserve.admission, settings.shutdown_timeout)
     server.run()
-    return 1 if failed else 0
+    code = 1 if failed else 0
+    # The engine is shut down (or was never built): whatever it may have left running (a build still in
+    # progress when the stop came, its engine process, helper threads) must neither keep a stopped server alive
+    # nor outlive it.
+    import psutil
+
+    for child in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            child.kill()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+EXIT_AFTER_ENGINE_DEATH_S = 20.0  # the most a server whose engine died takes to exit (status 1)
+ABORT_GRACE_S = 2.0  # after the drain: how long uvicorn waits for connections before cancelling them
+
+
+def draining_server(base: type, config, admission, shutdown_timeout: float):
+    """uvicorn's server, with a graceful drain on SIGTERM or SIGINT: new generation requests get a 503 and /ready
+    a 503 at once; the admitted ones may finish for up to `shutdown_timeout` seconds; then the server stops,
+    cancelling what is still running (which aborts its engine requests), shuts the engine down and exits 0.
+    A second signal stops at once."""
+    import asyncio
+    import signal
+
+    log = logging.getLogger("steerserve")
+
+    class DrainingServer(base):
+        drain_task = None
+
+        async def serve(self, sockets=None):
+            self.loop = asyncio.get_running_loop()
+            await super().serve(sockets)
+
+        def handle_exit(self, sig: int, frame) -> None:
+            # Not recorded in `_captured_signals`: uvicorn would re-raise it after the shutdown (exit -15, not 0).
+            if self.drain_task is not None or self.should_exit:
+                self.should_exit = True
+                self.force_exit = self.force_exit or sig == signal.SIGINT or self.drain_task is not None
+                return
+            log.info("%s: draining (up to %g s for requests in progress)", signal.Signals(sig).name,
+                     shutdown_timeout)
+            admission.draining = True
+            self.drain_task = self.loop.call_soon_threadsafe(self._drain)
+
+        def _drain(self) -> None:
+            async def drain() -> None:
+                if not await admission.drain(shutdown_timeout):
+                    log.warning("shutdown: %d requests still in progress after %g s: aborting them",
+                                admission.total, shutdown_timeout)
+                self.should_exit = True
+            self.drain_task = asyncio.ensure_future(drain())
+
+    return DrainingServer(config)

@@ -177,6 +177,11 @@ class Engine:
         if isinstance(exc, vllm_compat.engine_dead_error()) or self.llm.errored:
             raise EngineDied(f"the engine died during the start-up self-test: {type(exc).__name__}: {exc}") from exc
 
+    def dead(self) -> str | None:
+        """Why the engine can no longer serve (its core process died, or it failed), or None while it runs. Cheap:
+        vLLM's own monitor thread notices the engine core process exit and sets the flag this reads."""
+        return "the engine stopped (its core process died or failed)" if self.llm.errored else None
+
     def num_unfinished_requests(self) -> int:
         return self.llm.get_num_unfinished_requests()
 

@@ -52,6 +52,7 @@ class RowWork:
     """One row's part of one step: its instruction tokens and soft tokens as slices of the step's tokens."""
 
     row: IaptRow
+    batch_row: int  # its row in the persistent batch
     instruction: slice  # empty if none in this step
     soft: slice
     first_slot: int  # the soft slot (0..3) of the first soft token in `soft`
@@ -103,7 +104,7 @@ class IaptRows(MethodRows):
             last = first + (b - a)  # exclusive
             ins_end = min(n, last)
             soft_start, soft_end = max(first, n), min(n + SOFT_TOKENS, last)
-            out.append(RowWork(row, slice(a, a + max(0, ins_end - first)),
+            out.append(RowWork(row, r, slice(a, a + max(0, ins_end - first)),
                                slice(a + soft_start - first, a + max(soft_start, soft_end) - first), soft_start - n))
         return out
 
@@ -139,7 +140,7 @@ def _layer_hook(layer: int):
         if work is None:
             return None
         try:
-            return _apply(layer, work, args)
+            return _apply(layer, work, args, state)
         except Exception as exc:  # noqa: BLE001 - never kill the engine: switch the method off, report why
             state.rows["iapt"].switch_off(f"{type(exc).__name__}: {exc}")
             del state.step["iapt"]  # the later layers of this forward too
@@ -147,23 +148,28 @@ def _layer_hook(layer: int):
     return pre
 
 
-def _apply(layer: int, work: list[RowWork], args: tuple):
-    """Fold this layer's instruction tokens into their rows' pools; overwrite the soft tokens (new args or None)."""
+def _apply(layer: int, work: list[RowWork], args: tuple, state: engine_state.EngineState):
+    """Fold this layer's instruction tokens into their rows' pools; overwrite the soft tokens (new args or None).
+    A row whose own work fails is that row's fault (`EngineState.fail_row`): it leaves `work`, the others go on."""
     positions, hidden, residual, *rest = args
     soft = [w for w in work if w.soft.start < w.soft.stop]
     if soft:
         hidden = hidden.clone()
         residual = residual.clone() if residual is not None else None
-    for w in work:
-        if w.instruction.start < w.instruction.stop:
-            stream = hidden[w.instruction] if residual is None else hidden[w.instruction] + residual[w.instruction]
-            w.row.pools[layer] = merge_pools(w.row.pools.get(layer), w.row.model.pool_partial(layer, stream))
-    for w in soft:
-        p = w.row.model.finish(layer, w.row.pools[layer])
-        count = w.soft.stop - w.soft.start
-        hidden[w.soft] = p[w.first_slot:w.first_slot + count].to(hidden.dtype)
-        if residual is not None:
-            residual[w.soft] = 0
+    for w in list(work):
+        try:
+            if w.instruction.start < w.instruction.stop:
+                stream = hidden[w.instruction] if residual is None else hidden[w.instruction] + residual[w.instruction]
+                w.row.pools[layer] = merge_pools(w.row.pools.get(layer), w.row.model.pool_partial(layer, stream))
+            if w.soft.start < w.soft.stop:
+                p = w.row.model.finish(layer, w.row.pools[layer])
+                count = w.soft.stop - w.soft.start
+                hidden[w.soft] = p[w.first_slot:w.first_slot + count].to(hidden.dtype)
+                if residual is not None:
+                    residual[w.soft] = 0
+        except Exception as exc:  # noqa: BLE001 - this row's fault: fail its request, not the step
+            work.remove(w)
+            state.fail_row("iapt", w.batch_row, f"{type(exc).__name__}: {exc}")
     if not soft:
         return None
     LAYER_CALLS[0] += 1

@@ -22,6 +22,7 @@ import torch
 from steerserve.steering import methods  # noqa: F401 - defines every plan part the plans here may carry
 from steerserve.steering.plan import EosRamp, Plan
 
+from . import faults
 from . import state as engine_state
 from .hooks import HOOKS
 from .state import RowContext
@@ -108,6 +109,7 @@ class _Row:
     eos_ramp: EosRamp | None = None
     diversity: float = 0.0  # also in the `diversity` buffer; here so the per-step loop can skip rows cheaply
     consumed: int = 0  # how many of output_ids are already folded into `seen`/`bias`
+    key: str | None = None  # the server's key for this row's request (server/engine/faults.py)
 
 
 class SteeringLogitsProcessor(LogitsProcessor):
@@ -155,9 +157,12 @@ class SteeringLogitsProcessor(LogitsProcessor):
             return
         # Only when a steered row was added, removed or moved: O(rows), not per step.
         size = batch_update.batch_size
+        keys = {}
         for family, active in self.hook_active.items():
-            self.state.rows[family].rows = [(r, self.rows.records[r].hooks[family])
-                                            for r in torch.nonzero(active[:size]).flatten().tolist()]
+            rows = torch.nonzero(active[:size]).flatten().tolist()
+            self.state.rows[family].rows = [(r, self.rows.records[r].hooks[family]) for r in rows]
+            keys.update((r, self.rows.records[r].key) for r in rows)
+        self.state.row_keys = keys
         self._active_idx = torch.nonzero(self.logits_active[:size]).flatten()
         self._active = self._active_idx.tolist()
         contiguous = bool(self._active) and self._active[-1] - self._active[0] + 1 == len(self._active)
@@ -171,19 +176,27 @@ class SteeringLogitsProcessor(LogitsProcessor):
         self._eos_cols = torch.tensor(cols, dtype=torch.long, device=self.device)
 
     def _admit(self, i: int, params: SamplingParams | None, prompt_len: int, output_ids: list[int]) -> bool:
-        plan = Plan.from_extra_args(params.extra_args if params is not None else None) or Plan("")
+        """Set up row i's steering. A hook that cannot admit the row never raises (server/engine/faults.py): the
+        fault is the row's when the server keyed its request (the row gets no steering, its request is reported
+        and then failed by the server, before any of its output is handed out), else the method is switched off."""
+        extra = params.extra_args if params is not None else None
+        plan = Plan.from_extra_args(extra) or Plan("")
+        key = faults.row_key(extra)
         hooks = {}
         for hook in self.state.hooks:
             try:
                 state = hook.admit(plan, prompt_len, self.context)
-            except Exception as exc:  # noqa: BLE001 - never kill the engine: switch the method off, report why
+            except Exception as exc:  # noqa: BLE001 - never kill the engine
+                if key is not None:
+                    faults.report_row(key, f"{hook.family}: {type(exc).__name__}: {exc}")
+                    return False
                 self.state.rows[hook.family].switch_off(f"{type(exc).__name__}: {exc}")
                 continue
             if state is not None:
                 hooks[hook.family] = state
         if not hooks and plan.logits.is_noop():
             return False
-        rec = self.rows.records[i] = _Row(plan, output_ids, hooks)
+        rec = self.rows.records[i] = _Row(plan, output_ids, hooks, key=key)
         for family in hooks:
             self.hook_active[family][i] = True
         if not plan.logits.is_noop():

@@ -97,9 +97,21 @@ class EngineState:
     hooks: tuple[Hook, ...]
     rows: dict[str, MethodRows] = field(init=False)
     step: dict[str, Any] = field(default_factory=dict)
+    row_keys: dict[int, str | None] = field(default_factory=dict)  # batch row -> its request's key (the processor)
 
     def __post_init__(self) -> None:
         self.rows = {h.family: h.new_rows() for h in self.hooks}
+
+    def fail_row(self, family: str, row: int, reason: str) -> None:
+        """A hook's per-row work failed for batch row `row`: the fault is that row's request's (reported for the
+        server, which fails the request; the row leaves the method's rows), or, with no key, the method's."""
+        key = self.row_keys.get(row)
+        if key is None:
+            self.rows[family].switch_off(reason)
+            return
+        faults.report_row(key, f"{family}: {reason}")
+        rows = self.rows[family]
+        rows.rows = [(r, s) for r, s in rows.rows if r != row]
 
     def off(self) -> dict[str, str]:
         """The methods switched off in this engine: {family: reason}."""

@@ -10,7 +10,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from steerserve.server.adapters.pool import Lease
+from steerserve.server.engine import faults
 from steerserve.server.engine.async_engine import Engine
+from steerserve.server.http.errors import SteeringFault
 from steerserve.server.http.metrics import Metrics
 
 
@@ -51,11 +53,14 @@ class Generation:
 
     def __init__(self, engine: Engine, metrics: Metrics, route: str, prompts: list[Prompt], params,
                  kind: str, cache_salt: Callable[[int], str | None] = lambda prompt_len: None,
-                 adapter: Callable[[], Awaitable[Lease]] | None = None, tenant: str = "", steered: bool = False):
+                 adapter: Callable[[], Awaitable[Lease]] | None = None, tenant: str = "", steered: bool = False,
+                 fault_key: str | None = None):
         """`adapter`: acquires the request's adapter lease (loading the adapter if cold); None for the base model.
-        `tenant` and `steered` label the per-tenant token and decode-time metrics."""
+        `tenant` and `steered` label the per-tenant token and decode-time metrics. `fault_key`: the key its plan
+        carries for per-row faults (server/engine/faults.py); checked before every delta is handed out, so a
+        request whose steering failed in the engine is stopped, never served unsteered."""
         self.engine, self.metrics, self.route, self.adapter = engine, metrics, route, adapter
-        self.tenant, self.steered = tenant, steered
+        self.tenant, self.steered, self.fault_key = tenant, steered, fault_key
         self.prompts, self.params, self.n, self.cache_salt = prompts, params, params.n, cache_salt
         self.id = f"{kind}-{uuid.uuid4().hex}"
         self.created = int(time.time())
@@ -105,6 +110,9 @@ class Generation:
             last = now
             if out.num_cached_tokens is not None:
                 self.cached_tokens.setdefault(job, out.num_cached_tokens)
+            if self.fault_key is not None and (reason := faults.row_fault(self.fault_key)) is not None:
+                faults.forget_row(self.fault_key)
+                raise SteeringFault(self.id, reason)  # closing the merge aborts every engine request of ours
             for o in out.outputs:
                 self.completion_tokens += len(o.token_ids)
                 generated.inc(len(o.token_ids))

@@ -29,7 +29,7 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel
 
 from .errors import APIError, BadRequest, UnsupportedMediaType
-from .limits import Limits, media_type
+from .limits import InputLimits, media_type
 
 BODY_ERROR = "steerserve.body_error"  # scope key: the APIError for a body that is not a JSON object
 OFF_LOOP_BYTES = 64 * 2**10
@@ -40,10 +40,10 @@ class _LongInt(str):
     """An integer literal with more digits than allowed, kept as text until its place in the body is known."""
 
 
-def parse_json(raw: bytes | str, what: str = "the request body", limits: Limits | None = None,
+def parse_json(raw: bytes | str, what: str = "the request body", limits: InputLimits | None = None,
                param: str | None = None) -> Any:
     """`raw` as JSON within `limits` (the defaults if None); BadRequest naming the place (`param` + path)."""
-    limits = limits or Limits()
+    limits = limits or InputLimits()
     try:
         try:
             value = json.loads(raw)  # integers in C; one too long to convert is found again below, with its place
@@ -60,7 +60,7 @@ def parse_json(raw: bytes | str, what: str = "the request body", limits: Limits 
     return value
 
 
-def _check_values(value: Any, what: str, limits: Limits, param: str | None) -> None:
+def _check_values(value: Any, what: str, limits: InputLimits, param: str | None) -> None:
     """Depth, long integers and lone surrogates, found iteratively (no recursion on hostile input). Plain
     numbers, booleans and nulls are never visited one by one, so a long list of token ids costs little."""
     bound = 10 ** limits.max_json_int_digits
@@ -100,7 +100,7 @@ def _where(param: str | None, path: tuple[str, ...]) -> str | None:
     return ".".join(((param,) if param else ()) + path) or None
 
 
-async def read_json(raw: bytes, what: str = "the request body", limits: Limits | None = None) -> Any:
+async def read_json(raw: bytes, what: str = "the request body", limits: InputLimits | None = None) -> Any:
     """`parse_json`, in a worker thread when the body is large."""
     if len(raw) > OFF_LOOP_BYTES:
         return await asyncio.to_thread(parse_json, raw, what, limits)
@@ -116,12 +116,12 @@ def require_media_type(request: Request, *allowed: str) -> None:
                                    code="unsupported_media_type")
 
 
-def request_limits(request: Request) -> Limits:
+def request_limits(request: Request) -> InputLimits:
     state = getattr(request.app.state, "steerserve", None)
-    return getattr(state, "limits", None) or Limits()
+    return getattr(state, "input_limits", None) or InputLimits()
 
 
-async def json_object(raw: bytes, limits: Limits) -> dict[str, Any]:
+async def json_object(raw: bytes, limits: InputLimits) -> dict[str, Any]:
     body = await read_json(raw, limits=limits)
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object", code="invalid_json")

@@ -9,6 +9,7 @@ class APIError(Exception):
 
     status = 400
     type = "invalid_request_error"
+    headers: dict[str, str] = {}  # extra response headers (e.g. Retry-After)
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
         super().__init__(message)
@@ -52,6 +53,33 @@ class Misdirected(APIError):
 
 class HeadersTooLarge(APIError):
     status = 431
+
+
+class TooManyRequests(APIError):
+    """Over an admission bound (server/http/admission.py): OpenAI's rate-limit shape, with Retry-After."""
+
+    status, type = 429, "requests"
+
+    def __init__(self, message: str, retry_after: int):
+        super().__init__(message, code="rate_limit_exceeded")
+        self.headers = {"Retry-After": str(retry_after)}
+
+
+class SteeringFault(APIError):
+    """A request whose steering failed inside the engine (server/engine/faults.py): it was stopped, never served
+    unsteered; the other requests in the engine were not affected."""
+
+    status, type = 500, "server_error"
+
+    def __init__(self, request_id: str, reason: str):
+        family = reason.split(":", 1)[0]
+        super().__init__(f"request {request_id} was stopped: its steering failed inside the engine ({reason}); it "
+                         "was not served unsteered, and other requests were not affected",
+                         param="model" if family == "iapt" else f"steering.{family}", code="steering_fault")
+
+
+class GatewayTimeout(APIError):
+    status, type = 504, "timeout"
 
 
 def pydantic_to_api_error(exc: Any) -> BadRequest:

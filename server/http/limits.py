@@ -26,7 +26,7 @@ UPLOAD_PATHS = ("/v1/adapters/", "/v1/steering/vectors/")  # routes that take up
 
 
 @dataclass(frozen=True)
-class Limits:
+class InputLimits:
     """The limits one request is held to; the defaults are the settings' defaults."""
 
     max_request_bytes: int = 8 * 2**20
@@ -42,7 +42,7 @@ class Limits:
     max_steering_bytes: int = 16 * 2**10
 
     @classmethod
-    def from_settings(cls, settings: Any) -> Limits:
+    def from_settings(cls, settings: Any) -> InputLimits:
         return cls(**{f.name: getattr(settings, f.name) for f in fields(cls)})
 
 
@@ -56,7 +56,7 @@ def media_type(headers: dict[str, str] | Any) -> str:
 class RequestGuard:
     """ASGI middleware: the header, Host and body-size checks above, answered in OpenAI's error shape."""
 
-    def __init__(self, app, limits: Limits, open_mode: bool):
+    def __init__(self, app, limits: InputLimits, open_mode: bool):
         self.app, self.limits, self.open_mode = app, limits, open_mode
 
     async def __call__(self, scope, receive, send):
@@ -129,7 +129,7 @@ async def send_error(send, err: APIError) -> None:
 
 # --- one generation request -------------------------------------------------------------------------------------
 
-def check_generation(req: Any, limits: Limits) -> None:
+def check_generation(req: Any, limits: InputLimits) -> None:
     """The request-level limits of a validated chat or completion request; BadRequest naming the param.
     Checked before any tokenization, so an oversized request costs the server next to nothing."""
     messages = getattr(req, "messages", None)

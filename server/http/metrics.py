@@ -7,8 +7,12 @@ from collections.abc import Callable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.routing import Match, Router
 
+MAX_ADAPTER_LABELS = 64  # distinct adapter names with their own series; the rest count under OTHER
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 TOKEN_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56)
+
+
+OTHER = "other"  # the label of what is not given its own series (unknown paths, adapters past the cap)
 
 
 class Metrics:
@@ -30,7 +34,10 @@ class Metrics:
         unfinished.set_function(unfinished_requests)
         # Adapter pool (server/adapters/pool.py says what loads and evictions can and cannot see).
         self.adapter_requests = Counter("steerserve_adapter_requests", "Generation requests by adapter, its scope "
-                                        "and the requesting tenant", ["adapter", "scope", "tenant"], registry=r)
+                                        f"and the requesting tenant (at most {MAX_ADAPTER_LABELS} adapter names, the "
+                                        f"rest as '{OTHER}'; a deleted adapter's series go)",
+                                        ["adapter", "scope", "tenant"], registry=r)
+        self._adapter_series: dict[str, set[tuple[str, str, str]]] = {}  # adapter label -> its label sets
         self.adapter_loads = Counter("steerserve_adapter_loads", "Adapters loaded into the engine", registry=r)
         self.adapter_evictions = Counter("steerserve_adapter_evictions", "Adapters the engine's LRU dropped from "
                                          "its CPU cache", registry=r)
@@ -64,13 +71,33 @@ class Metrics:
     def bind_pool(self, pool) -> None:
         self._pool = pool
 
+    def count_adapter_request(self, adapter: str, scope: str, tenant: str) -> None:
+        """One request for `adapter`; a name beyond the first MAX_ADAPTER_LABELS with series counts as OTHER."""
+        named = len(self._adapter_series) - (OTHER in self._adapter_series)
+        if adapter not in self._adapter_series and named >= MAX_ADAPTER_LABELS:
+            adapter = OTHER
+        self._adapter_series.setdefault(adapter, set()).add((adapter, scope, tenant))
+        self.adapter_requests.labels(adapter, scope, tenant).inc()
+
+    def forget_adapter(self, adapter: str, scope: str, owner: str) -> None:
+        """Drop the series of a deleted adapter (`owner`: its tenant; a global adapter's series of every tenant)."""
+        labels = self._adapter_series.get(adapter, set())
+        gone = {key for key in labels if key[1] == scope and (scope == "global" or key[2] == owner)}
+        for key in gone:
+            self.adapter_requests.remove(*key)
+        labels -= gone
+        if not labels:
+            self._adapter_series.pop(adapter, None)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
 
 class _LoraRequestsInfo:
     """vLLM's `vllm:lora_requests_info` gauge, which the Gateway API Inference Extension reads from model servers:
-    value = now, labels = the slot count and the adapters with running / waiting requests (comma-separated)."""
+    value = now, labels = the slot count and the adapters with running / waiting requests (comma-separated,
+    sorted). One series per scrape; each list is bounded to `max_lora` names (running ones are, by the engine's
+    slots), and more waiting adapters end the list with OTHER, so a label value is at most `max_lora` + 1 names."""
 
     def __init__(self, metrics: Metrics):
         self.metrics = metrics
@@ -82,12 +109,15 @@ class _LoraRequestsInfo:
         family = GaugeMetricFamily("vllm:lora_requests_info", "Running stats on LoRA requests.",
                                    labels=["max_lora", "running_lora_adapters", "waiting_lora_adapters"])
         if pool is not None:
-            family.add_metric([str(pool.max_loras), ",".join(pool.running_names()), ",".join(pool.waiting_names())],
-                              time.time())
+            family.add_metric([str(pool.max_loras), _names(pool.running_names(), pool.max_loras),
+                               _names(pool.waiting_names(), pool.max_loras)], time.time())
         yield family
 
 
-OTHER = "other"  # the label of every request no route matches, so unknown paths cannot grow the series
+def _names(names: list[str], most: int) -> str:
+    return ",".join(names[:most] + ([OTHER] if len(names) > most else []))
+
+
 
 
 class MetricsMiddleware:

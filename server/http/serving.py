@@ -19,6 +19,7 @@ from steerserve.steering.iapt import PLACEHOLDER_ID, SOFT_TOKENS
 from steerserve.steering.methods.stats import StatsPlan
 from steerserve.steering.plan import PlanPart
 
+from ..engine import faults
 from ..engine import iapt_hook as iapt
 from ..engine.async_engine import Engine, reads_prefix_cache
 from ..engine.router_hook import read_counts
@@ -107,16 +108,17 @@ class Run:
 async def completion(state: AppState, who: Principal, req: CompletionRequest, headers: Mapping[str, str]) -> Run:
     """Admit a completion request. Its size is checked first (server/http/limits.py); tokenization runs in a
     worker thread, so a large prompt never holds up the event loop."""
-    check_generation(req, state.limits)
+    check_generation(req, state.input_limits)
     eng, steering, served = _admit(state, who, req, headers, COMPLETIONS)
     if req.echo:
         raise BadRequest("echo is not supported by this server", param="echo")
     prompts = await asyncio.to_thread(_completion_prompts, eng, served, req)
     stats = _stats_key(headers, req, eng)
     steering = _full(steering.bind([len(p.ids) for p in prompts], None), served, stats)
-    params = _params(eng, req, max(prompts, key=lambda p: len(p.ids)), req.logprobs, steering)
+    key = _fault_key(steering)
+    params = _params(eng, req, max(prompts, key=lambda p: len(p.ids)), req.logprobs, steering, key=key)
     g = gen.Generation(eng, state.metrics, COMPLETIONS, prompts, params, "cmpl", steering.salt_for, served.acquire,
-                       who.tenant, steering.plan is not None)
+                       who.tenant, steering.plan is not None, fault_key=key)
     return Run(g, eng, steering, served, stats)
 
 
@@ -136,7 +138,7 @@ def _completion_prompts(eng: Engine, served: Served, req: CompletionRequest) -> 
 async def chat(state: AppState, who: Principal, req: ChatCompletionRequest, headers: Mapping[str, str]) -> Run:
     """Admit a chat request. Its size is checked first (server/http/limits.py); the chat template, tokenization
     and the messages' token spans run in a worker thread, so a long chat never holds up the event loop."""
-    check_generation(req, state.limits)
+    check_generation(req, state.input_limits)
     eng, steering, served = _admit(state, who, req, headers, CHAT)
     top = req.top_logprobs or 0
     stats = _stats_key(headers, req, eng)
@@ -158,12 +160,13 @@ async def chat(state: AppState, who: Principal, req: ChatCompletionRequest, head
         prompt = gen.Prompt(served.prompt(chat.ids, eng.info.max_model_len, "messages"), chat.text)
         steering = _full(steering.bind([len(prompt.ids)], chat.role_spans), served, stats)
         structured = tools.structured if tools and tools.structured else structured_output(req.response_format)
-        params = _params(eng, req, prompt, top if req.logprobs else None, steering, structured,
+        key = _fault_key(steering)
+        params = _params(eng, req, prompt, top if req.logprobs else None, steering, structured, key,
                          skip_special_tokens=tools.skip_special_tokens if tools else True)
         if tools:
             tools.prompt_ids = prompt.ids
         g = gen.Generation(eng, state.metrics, CHAT, [prompt], params, "chatcmpl", steering.salt_for,
-                           served.acquire, who.tenant, steering.plan is not None)
+                           served.acquire, who.tenant, steering.plan is not None, fault_key=key)
     return Run(g, eng, steering, served, stats, tools)
 
 
@@ -222,11 +225,20 @@ def _full(steering: steer.Steering, served: Served, stats_key: str | None) -> st
     return steering.with_part(served.plan_part()).with_part(StatsPlan(stats_key) if stats_key else None)
 
 
+def _fault_key(steering: steer.Steering) -> str | None:
+    """A fresh key naming this request in the engine if it carries a plan (which a hook may fail to apply for
+    this row alone: server/engine/faults.py), else None."""
+    return uuid.uuid4().hex if steering.plan is not None else None
+
+
 def _params(eng: Engine, req, prompt: gen.Prompt, logprobs: int | None, steering: steer.Steering, structured=None,
-            skip_special_tokens: bool = True):
+            key: str | None = None, skip_special_tokens: bool = True):
+    extra = steering.extra_args()
+    if extra is not None and key is not None:
+        extra = {**extra, faults.ROW_KEY: key}
     return sampling_params(req, prompt_len=len(prompt.ids), max_model_len=eng.info.max_model_len,
                            vocab_size=eng.info.vocab_size, logprobs=logprobs, structured=structured,
-                           extra_args=steering.extra_args(), skip_prefix_cache=not reads_prefix_cache(steering.plan),
+                           extra_args=extra, skip_prefix_cache=not reads_prefix_cache(steering.plan),
                            skip_special_tokens=skip_special_tokens)
 
 

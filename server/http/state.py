@@ -19,9 +19,10 @@ from steerserve.server.stores.tenants import TenantStore
 from steerserve.server.stores.vectors import VectorStore
 
 from ..engine.async_engine import Engine
+from .admission import Admission
 from .auth import KeyStore, Principal
 from .errors import BadRequest, Forbidden, NotFound, Unauthorized, Unavailable
-from .limits import Limits
+from .limits import InputLimits
 from .metrics import Metrics
 
 
@@ -42,10 +43,15 @@ class AppState:
     pool: AdapterPool | None = None
     base: ServedModel | None = None  # the base model adapters are checked against
     tool_parser: str | None = None  # vLLM's tool-call parser for chat `tools` (None: requests with tools are a 400)
-    limits: Limits = field(default_factory=Limits)  # what one request may send
+    admission: Admission = field(default_factory=Admission)  # bounds on generation requests, and the drain
+    dead: str | None = None  # why the engine died while serving (the process is exiting); None while it lives
+    input_limits: InputLimits = field(default_factory=InputLimits)  # what one request may send
 
     def ready_engine(self) -> Engine:
-        """The engine, or a 503 saying why there is none yet."""
+        """The engine, or a 503 saying why there is none (yet, or any more)."""
+        if self.dead is not None:
+            raise Unavailable(f"the engine is unavailable: {self.dead}; the server is restarting",
+                              code="engine_unavailable")
         if self.engine is None:
             raise Unavailable("the model is still loading" if self.error is None  # why: /ready, to admins
                               else "the engine failed to start (an admin key on /ready tells why)")
@@ -66,6 +72,9 @@ class AppState:
         adapter = self.adapters.resolve(who.tenant, name)
         if adapter is None:
             raise NotFound(f"adapter '{name}' not found", param="model", code="adapter_not_found")
+        if why := self.adapters.broken(adapter):
+            raise BadRequest(f"adapter '{name}' is broken and cannot be served until it is registered again: "
+                             f"{why}", param="model", code="adapter_broken")
         return adapter
 
 

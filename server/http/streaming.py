@@ -13,7 +13,7 @@ from fastapi.responses import Response, StreamingResponse
 from steerserve.server.frontend import generation as gen
 from steerserve.server.frontend import prompt_methods as prompting
 
-from .errors import APIError, BadRequest
+from .errors import APIError, BadRequest, GatewayTimeout, Unavailable
 
 log = logging.getLogger("steerserve.server")
 
@@ -28,8 +28,14 @@ def prompt_stats(g) -> dict:
     return {"steering_stats": stats} if stats else {}
 
 
-async def until_disconnect(request: Request, work):
-    """Await `work`, cancelling it (which aborts its engine requests) if the client goes away first."""
+def timed_out(seconds: float) -> GatewayTimeout:
+    return GatewayTimeout(f"the request took longer than the server's limit of {seconds:g} s (request_timeout) "
+                          "and was aborted", code="request_timeout")
+
+
+async def until_disconnect(request: Request, work, timeout: float | None = None):
+    """Await `work`, cancelling it (which aborts its engine requests) if the client goes away first, or after
+    `timeout` seconds (then a 504)."""
     task = asyncio.ensure_future(work)
 
     async def disconnected() -> None:
@@ -38,12 +44,14 @@ async def until_disconnect(request: Request, work):
 
     watcher = asyncio.ensure_future(disconnected())
     try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({task, watcher}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
     finally:
         watcher.cancel()
     if not task.done():
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+        if not watcher.done() or watcher.cancelled():
+            raise timed_out(timeout)
         raise ClientDisconnected()
     return _engine_result(task)
 
@@ -58,10 +66,16 @@ def _engine_result(task: asyncio.Future):
 
 
 def engine_error(exc: Exception) -> APIError:
-    """vLLM rejects some requests only when they reach the engine; those are the client's errors (400)."""
+    """vLLM rejects some requests only when they reach the engine; those are the client's errors (400). A dead
+    engine is a 503 (`engine_unavailable`): the request was fine, the server is restarting."""
     from vllm.exceptions import VLLMClientError
 
+    from steerserve.server.engine import vllm_compat
+
     cause = exc.__cause__ or exc
+    if isinstance(exc, vllm_compat.engine_dead_error()) or isinstance(cause, vllm_compat.engine_dead_error()):
+        return Unavailable("the engine is unavailable: it stopped while serving this request; the server is "
+                           "restarting", code="engine_unavailable")
     if isinstance(cause, VLLMClientError | ValueError):
         return BadRequest(str(cause), param=getattr(cause, "parameter", None))
     log.exception("generation failed", exc_info=exc)
@@ -70,12 +84,14 @@ def engine_error(exc: Exception) -> APIError:
 
 async def sse(request: Request, g: gen.Generation | prompting.PromptRun, preamble: list[dict],
               render: Callable[[gen.Delta], dict], head: dict, req, headers: dict[str, str],
-              epilogue: Callable[[], list[dict]] | None = None) -> Response:
+              epilogue: Callable[[], list[dict]] | None = None, timeout: float | None = None) -> Response:
     """Server-sent events. The first delta is awaited before answering, so a request the engine rejects is still
-    a 400 and not a broken stream. `epilogue`: events sent after the last delta (called then)."""
+    a 400 and not a broken stream. `epilogue`: events sent after the last delta (called then). Past `timeout`
+    seconds the request is aborted: a 504 before the first delta, an in-band error event after it."""
     deltas = g.deltas()
+    deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
     try:
-        first = await until_disconnect(request, deltas.__anext__())
+        first = await until_disconnect(request, deltas.__anext__(), timeout)
     except StopAsyncIteration:
         first = None
     include_usage = req.stream_options is not None and req.stream_options.include_usage
@@ -86,7 +102,14 @@ async def sse(request: Request, g: gen.Generation | prompting.PromptRun, preambl
                 yield f"data: {json.dumps(chunk)}\n\n"
             if first is not None:
                 yield f"data: {json.dumps(render(first))}\n\n"
-                async for d in deltas:
+                while True:
+                    try:
+                        async with asyncio.timeout_at(deadline):
+                            d = await deltas.__anext__()
+                    except StopAsyncIteration:
+                        break
+                    except TimeoutError:
+                        raise timed_out(timeout) from None
                     yield f"data: {json.dumps(render(d))}\n\n"
             for event in epilogue() if epilogue else []:
                 yield f"data: {json.dumps(event)}\n\n"

@@ -38,6 +38,7 @@ class FakeEngine:
     submitted: list[Submitted] = field(default_factory=list)
     shut_down: bool = False
     script: list[str] | None = None
+    died: str | None = None  # set to make `dead()` report an engine death
 
     def __post_init__(self) -> None:
         vocab = len(self.tokenizer)
@@ -74,6 +75,9 @@ class FakeEngine:
     async def check_health(self) -> None:
         if not self.healthy:
             raise RuntimeError("the fake engine is down")
+
+    def dead(self) -> str | None:
+        return self.died
 
     def num_unfinished_requests(self) -> int:
         return 0

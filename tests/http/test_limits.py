@@ -12,7 +12,7 @@ import pytest
 from steerserve.server.adapters.registry import AdapterStore
 from steerserve.server.http.app import create_app
 from steerserve.server.http.auth import KeyStore
-from steerserve.server.http.limits import Limits
+from steerserve.server.http.limits import InputLimits
 from steerserve.server.settings import Settings
 from steerserve.server.stores.profiles import ProfileStore
 from tests.http.conftest import _started
@@ -22,7 +22,7 @@ from tests.http.test_validation import assert_openai_error
 
 pytestmark = pytest.mark.anyio
 
-SMALL = Limits(max_request_bytes=4096, max_upload_bytes=16384, max_header_bytes=2048, max_json_depth=8,
+SMALL = InputLimits(max_request_bytes=4096, max_upload_bytes=16384, max_header_bytes=2048, max_json_depth=8,
                max_json_int_digits=30, max_messages=8, max_prompt_chars=400, max_prompts=6, max_stop_chars=10,
                max_logit_bias=3, max_steering_bytes=300)
 JSON = {"content-type": "application/json"}
@@ -34,10 +34,10 @@ def chat(**fields) -> dict:
 
 def test_every_limit_is_a_setting_with_the_same_default():
     settings = Settings()
-    for f in fields(Limits):
+    for f in fields(InputLimits):
         assert getattr(settings, f.name) == f.default, f.name
         assert Settings.model_fields[f.name].description, f.name
-    assert Limits.from_settings(Settings(max_messages=5)).max_messages == 5
+    assert InputLimits.from_settings(Settings(max_messages=5)).max_messages == 5
 
 
 @pytest.fixture
@@ -47,7 +47,7 @@ async def small(tmp_path: Path, tokenizer, api_keys):
     engine.lora = {"max_lora_rank": 8, "max_loras": 2, "max_cpu_loras": 2}
     files = tmp_path / "files"
     app = create_app(lambda: engine, KeyStore.load(Path(api_keys["file"])), ProfileStore(tmp_path / "p.db"),
-                     adapters=AdapterStore(tmp_path / "adapters.db", files), limits=SMALL)
+                     adapters=AdapterStore(tmp_path / "adapters.db", files), input_limits=SMALL)
     async with app.router.lifespan_context(app):
         await _started(app)
         async with client(app, key=api_keys["alice"]) as c:
@@ -116,8 +116,8 @@ async def test_header_size(small):
 ])
 async def test_json_depth_digits_and_surrogates(served, raw, param):
     async with served.client("alice") as alice:
-        limits = Limits(max_json_depth=8, max_json_int_digits=30)
-        served.app.state.steerserve.limits = limits
+        limits = InputLimits(max_json_depth=8, max_json_int_digits=30)
+        served.app.state.steerserve.input_limits = limits
         r = await alice.post("/v1/chat/completions", content=raw, headers=JSON)
         assert_openai_error(r, 400, param, named=False)
         # a surrogate *pair* is one character, and fine

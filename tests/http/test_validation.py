@@ -61,7 +61,8 @@ def assert_openai_error(r, status: int, param: str | None = None, code: str | No
     err = r.json()["error"]
     assert set(r.json()) == {"error"} and set(err) == {"message", "type", "param", "code"} and err["message"]
     assert err["type"] == {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-                           404: "not_found_error", 503: "service_unavailable"}.get(status, "invalid_request_error")
+                           404: "not_found_error", 429: "requests", 500: "server_error", 503: "service_unavailable",
+                           504: "timeout"}.get(status, "invalid_request_error")
     if param is not None:
         assert err["param"] is not None and err["param"].startswith(param), err
         assert param in err["message"] or not named, err

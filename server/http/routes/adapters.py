@@ -73,7 +73,7 @@ async def put_adapter(request: Request, name: str, who: Caller, state: State, sc
         kind, path = await _save_upload(request, state.adapters.upload_dir())
         owned = True
     else:
-        body = await read_json(await request.body(), limits=state.limits)
+        body = await read_json(await request.body(), limits=state.input_limits)
         kind, path, owned = *_path_registration(body, who, state.adapter_root), False
     try:
         new, old = await asyncio.to_thread(state.adapters.register, owner, name, kind, path, state.base, owned)

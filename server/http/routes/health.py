@@ -14,7 +14,10 @@ router = APIRouter(tags=["health"])
 
 
 @router.get("/health")
-async def health() -> dict:
+async def health(state: State) -> dict:
+    """Liveness: 200 while the process can serve or is loading; 503 once the engine died (the process exits)."""
+    if state.dead is not None:
+        raise Unavailable(f"the engine is unavailable: {state.dead}", code="engine_unavailable")
     return {"status": "ok"}
 
 
@@ -24,9 +27,14 @@ async def ready(state: State, admin: IsAdmin) -> dict:
         raise Unavailable("the engine failed to start" + (f": {state.error}" if admin else ""),
                           code="engine_unavailable")
     eng = state.ready_engine()
+    if state.admission.draining:
+        raise Unavailable("the server is shutting down", code="shutting_down")
     try:
         await eng.check_health()
     except Exception as exc:
+        if reason := eng.dead():  # died a moment ago: the app's watcher is about to notice it too
+            raise Unavailable("the engine is unavailable" + (f": {reason}" if admin else ""),
+                              code="engine_unavailable") from None
         raise Unavailable("engine unhealthy" + (f": {exc}" if admin else ""), code="engine_unavailable") from None
     return {"status": "ready", "model": eng.info.name}
 

@@ -46,8 +46,10 @@ def model_cards(who: Principal, state: AppState) -> list[dict]:
 
 @router.post(serving.COMPLETIONS)
 async def completions(request: Request, who: Caller, state: State, body: CompletionRequest) -> Response:
+    state.admission.admit(request, who.tenant)  # 429 over a bound; released when the response is done
     run = await serving.completion(state, who, body, request.headers)
     g, tokenizer, top = run.g, run.engine.tokenizer, body.logprobs or 0
+    timeout = state.admission.limits.request_timeout
 
     def choice_json(c: gen.Choice | gen.Delta, offset: int = 0) -> dict:
         lp = (gen.completion_logprobs(c.token_ids, c.logprobs, top, tokenizer, offset)
@@ -56,7 +58,7 @@ async def completions(request: Request, who: Caller, state: State, body: Complet
 
     head = {"id": g.id, "object": "text_completion", "created": g.created, "model": run.served.model}
     if not body.stream:
-        choices = await until_disconnect(request, g.collect())
+        choices = await until_disconnect(request, g.collect(), timeout)
         return JSONResponse({**head, "choices": [choice_json(c) for c in choices], "usage": g.usage(),
                              **run.stats_json()}, headers=run.headers())
 
@@ -66,13 +68,15 @@ async def completions(request: Request, who: Caller, state: State, body: Complet
         sent[d.index] += len(d.text)
         return {**head, "choices": [choice_json(d, sent[d.index] - len(d.text))], "usage": None}
 
-    return await sse(request, g, [], chunk, head, body, run.headers())
+    return await sse(request, g, [], chunk, head, body, run.headers(), timeout)
 
 
 @router.post(serving.CHAT)
 async def chat_completions(request: Request, who: Caller, state: State, body: ChatCompletionRequest) -> Response:
+    state.admission.admit(request, who.tenant)  # 429 over a bound; released when the response is done
     run = await serving.chat(state, who, body, request.headers)
     g, tokenizer, top = run.g, run.engine.tokenizer, body.top_logprobs or 0
+    timeout = state.admission.limits.request_timeout
     head = {"id": g.id, "object": "chat.completion", "created": g.created, "model": run.served.model}
 
     def logprobs_json(c: gen.Choice | gen.Delta) -> dict | None:
@@ -84,7 +88,7 @@ async def chat_completions(request: Request, who: Caller, state: State, body: Ch
         return run.tools.message(c.text, c.token_ids, c.finish_reason)
 
     if not body.stream:
-        choices = await until_disconnect(request, g.collect())
+        choices = await until_disconnect(request, g.collect(), timeout)
         return JSONResponse({**head, "choices": [
             {"index": c.index, "message": m, "logprobs": logprobs_json(c), "finish_reason": finish}
             for c in choices for m, finish in [message(c)]],
@@ -101,4 +105,4 @@ async def chat_completions(request: Request, who: Caller, state: State, body: Ch
         return {**head, "choices": [{"index": d.index, "delta": delta or {}, "logprobs": logprobs_json(d),
                                      "finish_reason": finish}], "usage": None}
 
-    return await sse(request, g, roles, chunk, head, body, run.headers())
+    return await sse(request, g, roles, chunk, head, body, run.headers(), timeout)

@@ -150,6 +150,8 @@ def usage_json(usage: dict[str, Any]) -> dict:
 @router.post("/v1/responses")
 async def create_response(request: Request, who: Caller, state: State, body: ResponsesRequest) -> Response:
     body.check()
+    state.admission.admit(request, who.tenant)  # 429 over a bound; released when the response is done
+    timeout = state.admission.limits.request_timeout
     chat = body.chat()
     try:
         run = await serving.chat(state, who, chat, request.headers)
@@ -165,7 +167,7 @@ async def create_response(request: Request, who: Caller, state: State, body: Res
                              [message_item(item_id, choice.text, status)], usage_json(g.usage()))
 
     if not body.stream:
-        choice = (await until_disconnect(request, g.collect()))[0]
+        choice = (await until_disconnect(request, g.collect(), timeout))[0]
         return JSONResponse(final(choice), headers=run.headers())
 
     seq = iter(range(1 << 62))
@@ -195,4 +197,5 @@ async def create_response(request: Request, who: Caller, state: State, body: Res
                 {"type": "response.output_item.done", "output_index": 0, "item": item, "sequence_number": next(seq)},
                 {"type": f"response.{done['status']}", "response": done, "sequence_number": next(seq)}]
 
-    return await sse(request, g, preamble, delta, {}, chat, run.headers(), epilogue)  # usage: in the last event
+    return await sse(request, g, preamble, delta, {}, chat, run.headers(), epilogue,  # usage: in the last event
+                     timeout=timeout)

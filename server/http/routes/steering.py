@@ -47,7 +47,7 @@ async def put_profile(request: Request, name: str, who: Caller, state: State, sc
     validate_name(name)
     owner = owner_of(who, scope, writing=True)
     require_media_type(request, "application/json")
-    body = await read_json(await request.body(), "the profile", state.limits)
+    body = await read_json(await request.body(), "the profile", state.input_limits)
     spec = steer.validate_profile(body, state.ready_engine().facts, owner, state.vectors)
     await asyncio.to_thread(state.profiles.put, owner, name, spec)  # an SQLite write: off the event loop
     return {"name": name, "scope": scope, "spec": spec}
