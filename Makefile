@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install model serve test lint docs bench-frontend sdk-types browser playground-screenshot soak
+.PHONY: install model serve test lint docs bench-frontend sdk-types browser playground-screenshot soak fuzz
 
 $(STAMP): pyproject.toml clients/python/pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -57,3 +57,8 @@ sdk-types: install
 # The soak and fault run: 10 minutes of three tenants' mixed traffic, the engine killed once (docs/benchmarks.md).
 soak: model
 	$(PY) -m benchmarks.soak $(ARGS)
+
+# API fuzzing with schemathesis against a live SmolLM2 server, longer than CI's (docs/security.md#api-fuzzing).
+FUZZ_EXAMPLES ?= 200
+fuzz: model
+	STEERSERVE_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -s tests/reliability/test_schemathesis.py $(PYTEST_ARGS)

@@ -51,6 +51,22 @@ class Settings(BaseSettings):
     shutdown_timeout: float = Field(30.0, ge=0, description="On SIGTERM: seconds in-flight requests may take to "
                                     "finish (new ones get a 503) before the rest are aborted and the server exits.")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # What one request may send (server/http/limits.py; docs/security.md: the status each gives).
+    max_request_bytes: int = Field(8 * 2**20, ge=1024, description="Largest request body (413 beyond).")
+    max_upload_bytes: int = Field(2**30, ge=1024, description="Largest adapter upload, multipart or "
+                                  "octet-stream (413 beyond, checked while it streams in).")
+    max_header_bytes: int = Field(32 * 2**10, ge=1024, description="Largest request headers in all (431 beyond).")
+    max_json_depth: int = Field(64, ge=4, le=512, description="Deepest nesting of a JSON body (400 beyond).")
+    max_json_int_digits: int = Field(64, ge=20, le=4000, description="Most digits of a JSON integer (400 beyond).")
+    max_messages: int = Field(2048, ge=1, description="Most `messages` in a chat request (400 beyond).")
+    max_prompt_chars: int = Field(1_000_000, ge=1, description="Most characters in a request's messages or "
+                                  "prompts together (400 beyond).")
+    max_prompts: int = Field(256, ge=1, description="Most engine requests one /v1/completions request fans out "
+                             "to: prompts x n (400 beyond).")
+    max_stop_chars: int = Field(1024, ge=1, description="Longest `stop` string (400 beyond).")
+    max_logit_bias: int = Field(300, ge=1, description="Most `logit_bias` entries (400 beyond).")
+    max_steering_bytes: int = Field(16 * 2**10, ge=256, description="Largest `steering` spec in a body, as "
+                                    "compact JSON (400 beyond; the X-Steering header has the same bound).")
     playground: bool = Field(True, description="Serve the steering playground page at /playground "
                              "(docs/playground.md); --no-playground turns it off (404).")
     tool_call_parser: str | None = Field(None, description="vLLM's tool-call parser for chat `tools` (e.g. hermes); "

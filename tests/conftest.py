@@ -77,12 +77,14 @@ def smollm2_path() -> Path:
 
 @pytest.fixture(scope="session")
 def api_keys(tmp_path_factory) -> dict[str, str]:
-    """A key file with an admin and two tenants; returns the keys by who holds them."""
+    """A key file with an admin, two tenants, a metrics scraper and the fuzzer's tenant; returns the keys by who
+    holds them."""
     from steerserve.server.http.auth import add_key
 
     path = tmp_path_factory.mktemp("keys") / "keys.yaml"
     keys = {"ops": add_key(path, "ops", "admin"), "alice": add_key(path, "alice", "user"),
-            "bob": add_key(path, "bob", "user")}
+            "bob": add_key(path, "bob", "user"), "scraper": add_key(path, "ops", "metrics"),
+            "fuzz": add_key(path, "fuzz", "user")}  # the API fuzzer's tenant (tests/reliability/test_schemathesis.py)
     keys["file"] = str(path)
     return keys
 

@@ -27,8 +27,11 @@ from steerserve.server.http.errors import BadRequest
 from steerserve.server.stores.profiles import GLOBAL, validate_name
 
 from . import files
+from .lora_config import check_lora_config_types, selects
+from .safetensors_header import tensor_shapes
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
+MAX_CONFIG_BYTES = 2**20
 # The linear layers vLLM can put LoRA on in the dense decoder families we serve (Llama, Mistral, Qwen2, ...).
 LORA_TARGETS = frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"})
 
@@ -157,21 +160,28 @@ def _read_files(path: Path, config_file: str, weights_file: str) -> tuple[dict, 
         if not (path / name).is_file():
             raise AdapterInvalid("files", f"{name} is missing")
     try:
+        if (path / config_file).stat().st_size > MAX_CONFIG_BYTES:
+            raise ValueError(f"larger than {MAX_CONFIG_BYTES} bytes")
         config = json.loads((path / config_file).read_text())
         if not isinstance(config, dict):
             raise ValueError("not a JSON object")
-    except (ValueError, UnicodeDecodeError) as exc:
+    except RecursionError:
+        raise AdapterInvalid("files", f"{config_file} is nested too deeply") from None
+    except (ValueError, UnicodeDecodeError, OSError) as exc:
         raise AdapterInvalid("files", f"{config_file} is not valid JSON: {exc}") from None
     try:
-        return config, _safetensors_shapes(path / weights_file)
-    except (ValueError, KeyError, TypeError, OSError) as exc:
+        return config, tensor_shapes(path / weights_file)
+    except (ValueError, OSError) as exc:
         raise AdapterInvalid("files", f"{weights_file} is corrupt: {exc}") from None
 
 
 def inspect_lora(path: Path, base: ServedModel) -> dict[str, Any]:
     """The PEFT LoRA adapter in `path`, checked against `base`; its metadata, or AdapterInvalid naming the check."""
     config, shapes = _read_files(path, CONFIG_FILE, WEIGHTS_FILE)
-
+    try:
+        check_lora_config_types(config, CONFIG_FILE)
+    except ValueError as exc:
+        raise AdapterInvalid("config", str(exc)) from None
     if config.get("peft_type", "LORA") != "LORA":
         raise AdapterInvalid("format", f"peft_type is {config.get('peft_type')!r}; this kind needs 'LORA'")
     if config.get("use_dora"):
@@ -182,8 +192,8 @@ def inspect_lora(path: Path, base: ServedModel) -> dict[str, Any]:
     if declared and Path(str(declared)).name.lower() not in {Path(n).name for n in base.names}:
         raise AdapterInvalid("base_model", f"the adapter was trained for {declared!r}; this server serves "
                                            f"{sorted(base.names)[0]!r}")
-    rank = int(config.get("r", 0))
-    ranks = [rank, *map(int, (config.get("rank_pattern") or {}).values())]
+    rank = config.get("r", 8)  # PEFT's default
+    ranks = [rank, *(config.get("rank_pattern") or {}).values()]
     if max(ranks) > base.max_lora_rank or min(ranks) < 1:
         raise AdapterInvalid("rank", f"rank {max(ranks)} is outside 1..{base.max_lora_rank} (the server's "
                                      "--max-lora-rank)")
@@ -204,9 +214,16 @@ def inspect_lora(path: Path, base: ServedModel) -> dict[str, Any]:
     unsupported = [t for t in targets if t not in LORA_TARGETS]
     if unsupported:
         raise AdapterInvalid("target_modules", f"{unsupported} not supported (supported: {sorted(LORA_TARGETS)})")
+    declared_targets = config.get("target_modules")
     for module, parts in sorted(modules.items()):
         if set(parts) != {"lora_A", "lora_B"}:
             raise AdapterInvalid("files", f"{module} has only {sorted(parts)}")
+        if any(len(shape) != 2 for shape in parts.values()):
+            raise AdapterInvalid("files", f"{module}: LoRA matrices must be 2-D, got shapes "
+                                          f"{parts['lora_A']} and {parts['lora_B']}")
+        if declared_targets is not None and not selects(declared_targets, module):
+            raise AdapterInvalid("config", f"{module} has LoRA tensors, but target_modules {declared_targets} does "
+                                           "not name it: the config and the weights disagree")
         if module not in base.linear_shapes:
             raise AdapterInvalid("base_model", f"the served model has no layer {module!r} (another architecture "
                                                "or depth)")
@@ -218,6 +235,10 @@ def inspect_lora(path: Path, base: ServedModel) -> dict[str, Any]:
         if r_a > base.max_lora_rank:
             raise AdapterInvalid("rank", f"{module} has rank {r_a} > the server's --max-lora-rank "
                                          f"{base.max_lora_rank}")
+        if r_a not in ranks:
+            raise AdapterInvalid("config", f"{module} has rank {r_a}, but the config declares r={rank}"
+                                           + (f" and rank_pattern {sorted(set(ranks[1:]))}" if ranks[1:] else "")
+                                           + ": the config and the weights disagree")
     return {"rank": max(ranks), "alpha": config.get("lora_alpha"), "target_modules": targets,
             "base_model": declared, "layers": len({m.split(".self_attn")[0].split(".mlp")[0] for m in modules})}
 
@@ -259,6 +280,9 @@ def inspect_iapt(path: Path, base: ServedModel) -> dict[str, Any]:
     if served is None:
         raise AdapterInvalid("architecture", "the served model has no decoder layers IAPT can attach to "
                                              "(layers.<i>.self_attn.q_proj)")
+    if config.bottleneck > config.hidden_size:
+        raise AdapterInvalid("config", f"bottleneck {config.bottleneck} is larger than the hidden size "
+                                       f"{config.hidden_size}: it must lie in 1..hidden_size")
     if (config.hidden_size, config.num_layers) != served:
         raise AdapterInvalid("architecture", f"the adapter is for hidden size {config.hidden_size} and "
                                              f"{config.num_layers} layers; the served model has hidden size "

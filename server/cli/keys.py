@@ -12,7 +12,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     add = keys_cmd.add_parser("add", help="create a key for a tenant; prints it once, stores only its hash")
     add.add_argument("--file", type=Path, required=True, help="key file (.yaml, .yml or .json); created 0600")
     add.add_argument("--tenant", required=True)
-    add.add_argument("--role", choices=["user", "admin"], required=True)
+    add.add_argument("--role", choices=["user", "admin", "metrics"], required=True,
+                     help="user: a tenant's API; admin: everything; metrics: /metrics only (a scraper)")
     add.add_argument("--name", help="label for the key (who or what uses it)")
 
 

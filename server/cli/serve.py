@@ -56,6 +56,7 @@ def serve_forever(settings: Settings) -> int:
     from ..http.admission import Limits
     from ..http.app import create_app
     from ..http.auth import KeyStore, check_bind
+    from ..http.limits import InputLimits
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("steerserve")
@@ -85,7 +86,8 @@ def serve_forever(settings: Settings) -> int:
     limits = Limits(settings.max_queued_requests, settings.max_requests_per_tenant, settings.request_timeout)
     app = create_app(lambda: Engine(settings, model_path), keys, profiles, on_engine_failure=stop_serving,
                      adapters=adapters, adapter_root=settings.adapter_root, playground=settings.playground,
-                     tool_call_parser=settings.tool_call_parser, chat_template=template, limits=limits)
+                     tool_call_parser=settings.tool_call_parser, chat_template=template, limits=limits,
+                     input_limits=InputLimits.from_settings(settings))
     # Our own access log line carries the request id (server/http/request_id.py); uvicorn's would repeat it.
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                             timeout_graceful_shutdown=ABORT_GRACE_S, access_log=False)

@@ -1,6 +1,7 @@
 """Chat rendering: the model's chat template, tokenized by the server, with the token span of each message."""
 from __future__ import annotations
 
+from bisect import bisect_left, bisect_right
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +18,8 @@ class RenderedChat:
 def render(tokenizer, messages: list[dict[str, Any]], add_generation_prompt: bool, *,
            tools: list[dict[str, Any]] | None = None, continue_final: bool = False) -> RenderedChat:
     """`tools`: OpenAI tool definitions for the template (check `renders_tools` first); `continue_final`: leave
-    the last message open for the model to continue (vLLM's `continue_final_message`)."""
+    the last message open for the model to continue (vLLM's `continue_final_message`). O(text + messages x log tokens) for the spans; CPU-bound (the template,
+    the tokenizer): the server calls it in a worker thread."""
     try:
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
                                              tools=tools, continue_final_message=continue_final)
@@ -25,6 +27,7 @@ def render(tokenizer, messages: list[dict[str, Any]], add_generation_prompt: boo
         raise BadRequest(f"the chat template rejected these messages: {exc}", param="messages") from None
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
+    starts, ends = [a for a, _ in offsets], [b for _, b in offsets]  # non-decreasing: tokens in text order
     role_spans: dict[str, list[tuple[int, int]]] = {}
     pos = 0
     for m in messages:
@@ -34,9 +37,9 @@ def render(tokenizer, messages: list[dict[str, Any]], add_generation_prompt: boo
         if start < 0:
             continue
         end = pos = start + len(m["content"])
-        tokens = [i for i, (a, b) in enumerate(offsets) if a < end and b > start]
-        if tokens:
-            role_spans.setdefault(m["role"], []).append((tokens[0], tokens[-1] + 1))
+        first, last = bisect_right(ends, start), bisect_left(starts, end) - 1  # tokens overlapping [start, end)
+        if first <= last:
+            role_spans.setdefault(m["role"], []).append((first, last + 1))
     return RenderedChat(text, ids, role_spans)
 
 

@@ -11,6 +11,7 @@ this module turns them into engine calls. Streaming (documented in the README):
 """
 from __future__ import annotations
 
+import asyncio
 import os
 import tempfile
 import time
@@ -209,8 +210,19 @@ class PromptRun:
         self.calls.append(g)
         return g
 
-    def _main(self, messages: list[tuple[str, str]]) -> AsyncIterator[gen.Delta]:
-        """The answer's deltas: URIAL-rendered (and cleaned), or through the model's chat template."""
+    async def _main(self, messages: list[tuple[str, str]]) -> AsyncIterator[gen.Delta]:
+        """The answer's deltas: URIAL-rendered (and cleaned), or through the model's chat template. Rendering and
+        tokenization run in a worker thread (a long history must not hold up the event loop)."""
+        prompt, req = await asyncio.to_thread(self._main_prompt, messages)
+        top = req.top_logprobs or 0
+        params = sampling_params(req, prompt_len=len(prompt.ids), max_model_len=self.eng.info.max_model_len,
+                                 vocab_size=self.eng.info.vocab_size, logprobs=top if req.logprobs else None,
+                                 structured=structured_output(req.response_format),
+                                 extra_args=self.steering.extra_args())
+        g = self._generation([prompt], params)
+        return _cleaned(g.deltas()) if self.prefix is not None else g.deltas()
+
+    def _main_prompt(self, messages: list[tuple[str, str]]) -> tuple[gen.Prompt, ChatCompletionRequest]:
         if self.prefix is not None:
             prefix, rest = urial.render(self.prefix, messages)
             ids = [*_prefix_ids(self.eng.tokenizer, prefix), *self.eng.tokenizer.encode(rest, add_special_tokens=False)]
@@ -222,13 +234,7 @@ class PromptRun:
                                         self.req.add_generation_prompt)
             prompt = gen.Prompt(self.eng.tokenizer.encode(text, add_special_tokens=False), text)
             req = self.req
-        top = req.top_logprobs or 0
-        params = sampling_params(req, prompt_len=len(prompt.ids), max_model_len=self.eng.info.max_model_len,
-                                 vocab_size=self.eng.info.vocab_size, logprobs=top if req.logprobs else None,
-                                 structured=structured_output(req.response_format),
-                                 extra_args=self.steering.extra_args())
-        g = self._generation([prompt], params)
-        return _cleaned(g.deltas()) if self.prefix is not None else g.deltas()
+        return prompt, req
 
     async def _translate(self, texts: list[str], source: str, target: str) -> list[str]:
         """Each text translated by the translator model (one engine call per non-empty text), collected."""
@@ -276,7 +282,7 @@ class PromptRun:
                 translated = await self._translate(texts, conj.SOURCE_LANGUAGE, c.language)
             messages = [(r, t) for (r, _), t in zip(messages, translated, strict=True)]
             self.intermediate["messages"] = [{"role": r, "content": t} for r, t in messages]
-        answer = self._main(messages)
+        answer = await self._main(messages)
         if c is None or not c.translate_back:
             answers: dict[int, str] = {}
             async for d in answer:

@@ -1,12 +1,12 @@
 """A request's steering on the server side: gather its sources (profiles, header, body), merge, compile."""
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 from steerserve.server.http.auth import Principal
+from steerserve.server.http.body import parse_json
 from steerserve.server.http.errors import BadRequest, NotFound
 from steerserve.server.stores.profiles import ProfileStore
 from steerserve.server.stores.vectors import VectorStore
@@ -146,7 +146,7 @@ def _header_json(header: str) -> Any:
         raise SpecError("X-Steering", f"is longer than {MAX_HEADER_BYTES} bytes")
     if not header.isascii():
         raise SpecError("X-Steering", "must be ASCII JSON (escape other characters as \\uXXXX)")
-    try:
-        return json.loads(header)
-    except json.JSONDecodeError as exc:
-        raise SpecError("X-Steering", f"is not valid JSON: {exc}") from None
+    try:  # bounded like a body: nesting depth, integer digits, lone surrogates
+        return parse_json(header, "the header")
+    except BadRequest as exc:
+        raise SpecError("X-Steering", exc.message) from None

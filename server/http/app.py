@@ -12,6 +12,7 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from steerserve.server.adapters.pool import AdapterPool
 from steerserve.server.adapters.registry import AdapterStore, ServedModel
@@ -28,6 +29,7 @@ from .admission import Admission, AdmissionMiddleware, Limits
 from .auth import KeyStore
 from .body import body_error, publish_schemas
 from .errors import APIError, pydantic_to_api_error
+from .limits import InputLimits, RequestGuard
 from .metrics import Metrics, MetricsMiddleware
 from .request_id import RequestIdMiddleware
 from .routes import ROUTERS
@@ -70,7 +72,8 @@ def create_app(engine_factory: Callable[[], Engine], keys: KeyStore, profiles: P
                adapter_root: Path | None = None, tenants: TenantStore | None = None,
                prefixes: prompting.PrefixStore | None = None, playground: bool = True,
                tool_call_parser: str | None = None, chat_template: str | None = None,
-               vectors: VectorStore | None = None, limits: Limits | None = None) -> FastAPI:
+               vectors: VectorStore | None = None, limits: Limits | None = None,
+               input_limits: InputLimits | None = None) -> FastAPI:
     """The app. `engine_factory` builds the engine in a worker thread, so /health answers while it loads;
     `on_engine_failure` is called if it cannot be built, fails its steering self-test, or dies while serving
     (the CLI then exits non-zero; from the death on, /health, /ready and every engine route answer 503).
@@ -78,12 +81,14 @@ def create_app(engine_factory: Callable[[], Engine], keys: KeyStore, profiles: P
     engine has LoRA enabled. Tenant settings, URIAL prefixes and control vectors live beside the profiles unless
     given. `playground`: serve the playground page (server/http/routes/playground.py); off, its routes do not
     exist (404). `tool_call_parser` (a vLLM tool parser name) enables chat `tools`; `chat_template` (its text)
-    replaces the model's chat template."""
+    replaces the model's chat template. `input_limits`: what one request may send (server/http/limits.py; the
+    settings' defaults if None)."""
     state = AppState(keys=keys, profiles=profiles, tenants=tenants or TenantStore(profiles.path),
                      prefixes=prefixes or prompting.PrefixStore(profiles.path.parent / "urial"),
                      vectors=vectors or default_store(profiles.path.parent),
                      metrics=Metrics(lambda: state.engine.num_unfinished_requests() if state.engine else 0),
-                     adapters=adapters, adapter_root=adapter_root, admission=Admission(limits))
+                     adapters=adapters, adapter_root=adapter_root, admission=Admission(limits),
+                     input_limits=input_limits or InputLimits())
 
     async def load_engine() -> None:
         try:
@@ -131,12 +136,21 @@ def create_app(engine_factory: Callable[[], Engine], keys: KeyStore, profiles: P
         app.include_router(playground_routes.router)
     publish_schemas(app, SteeringSpec, PathRegistration)  # bodies the profile and adapter routes read themselves
     app.add_middleware(AdmissionMiddleware)
+    app.add_middleware(RequestGuard, limits=state.input_limits, open_mode=keys.is_open)  # inside metrics: counted
     app.add_middleware(MetricsMiddleware, metrics=state.metrics, router=app.router)
     app.add_middleware(RequestIdMiddleware)  # outermost: every response carries X-Request-Id
 
     @app.exception_handler(APIError)
     async def api_error(_: Request, exc: APIError) -> JSONResponse:
         return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers or None)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        """The router's own errors (an unknown path 404, a wrong method 405 with its Allow header) in OpenAI's shape."""
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return JSONResponse({"error": {"message": str(exc.detail), "type": kind, "param": None, "code": code}},
+                            status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(ClientDisconnected)
     async def client_gone(_: Request, exc: ClientDisconnected) -> Response:

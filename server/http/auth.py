@@ -20,7 +20,7 @@ import yaml
 
 from .errors import Unauthorized
 
-ROLES = ("user", "admin")
+ROLES = ("user", "admin", "metrics")  # metrics: may read /metrics and nothing else (a Prometheus scraper)
 KEY_PREFIX = "sk-steer-"
 OPEN_TENANT = "default"
 _NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
@@ -44,6 +44,10 @@ class Principal:
     @property
     def is_admin(self) -> bool:
         return self.role == "admin"
+
+    @property
+    def reads_metrics(self) -> bool:
+        return self.role in ("admin", "metrics")
 
 
 def valid_tenant(tenant: object) -> bool:
@@ -87,7 +91,7 @@ def _check_entry(path: Path, index: int, entry: Any) -> tuple[bytes, Principal]:
     if not valid_tenant(entry["tenant"]):
         raise KeyFileError(f"{where}: field 'tenant' must match [A-Za-z0-9_.-]{{1,64}}, got {entry['tenant']!r}")
     if entry["role"] not in ROLES:
-        raise KeyFileError(f"{where}: field 'role' must be 'user' or 'admin', got {entry['role']!r}")
+        raise KeyFileError(f"{where}: field 'role' must be one of {', '.join(ROLES)}, got {entry['role']!r}")
     sha = entry["sha256"]
     if not isinstance(sha, str) or not _SHA256_RE.fullmatch(sha):
         raise KeyFileError(f"{where}: field 'sha256' must be 64 hex characters (sha256 of the key)")
@@ -228,7 +232,7 @@ def add_key(path: str | Path, tenant: str, role: str, name: str | None = None) -
     if not valid_tenant(tenant):
         raise ValueError(f"tenant must match [A-Za-z0-9_.-]{{1,64}}, got {tenant!r}")
     if role not in ROLES:
-        raise ValueError(f"role must be 'user' or 'admin', got {role!r}")
+        raise ValueError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
     path.parent.mkdir(parents=True, exist_ok=True)
     with _locked(path):
         old_text = path.read_text() if path.exists() else ""

@@ -39,6 +39,22 @@ class Unavailable(APIError):
     status, type = 503, "service_unavailable"
 
 
+class PayloadTooLarge(APIError):
+    status = 413
+
+
+class UnsupportedMediaType(APIError):
+    status = 415
+
+
+class Misdirected(APIError):
+    status = 421
+
+
+class HeadersTooLarge(APIError):
+    status = 431
+
+
 class TooManyRequests(APIError):
     """Over an admission bound (server/http/admission.py): OpenAI's rate-limit shape, with Retry-After."""
 

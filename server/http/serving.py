@@ -2,6 +2,7 @@
 sampling parameters, and hand back a `Run` the route answers with (whole or streamed)."""
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from ..engine.async_engine import Engine, reads_prefix_cache
 from ..engine.router_hook import read_counts
 from .auth import Principal
 from .errors import BadRequest, NotFound
+from .limits import check_generation
 from .protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -103,19 +105,14 @@ class Run:
         return {"steering_stats": {"routed_experts": read_counts(self.stats_key, self.engine.facts.moe_layers)}}
 
 
-def completion(state: AppState, who: Principal, req: CompletionRequest, headers: Mapping[str, str]) -> Run:
+async def completion(state: AppState, who: Principal, req: CompletionRequest, headers: Mapping[str, str]) -> Run:
+    """Admit a completion request. Its size is checked first (server/http/limits.py); tokenization runs in a
+    worker thread, so a large prompt never holds up the event loop."""
+    check_generation(req, state.input_limits)
     eng, steering, served = _admit(state, who, req, headers, COMPLETIONS)
     if req.echo:
         raise BadRequest("echo is not supported by this server", param="echo")
-    prompts = []
-    for p in req.prompts():
-        ids = eng.tokenizer.encode(p) if isinstance(p, str) else list(p)
-        if not ids:
-            raise BadRequest("prompt must not be empty", param="prompt")
-        if isinstance(p, list) and not all(0 <= t < eng.info.vocab_size for t in p):
-            raise BadRequest(f"prompt token ids must be in [0, {eng.info.vocab_size})", param="prompt")
-        prompts.append(gen.Prompt(served.prompt(ids, eng.info.max_model_len, "prompt"),
-                                  p if isinstance(p, str) else None))
+    prompts = await asyncio.to_thread(_completion_prompts, eng, served, req)
     stats = _stats_key(headers, req, eng)
     steering = _full(steering.bind([len(p.ids) for p in prompts], None), served, stats)
     key = _fault_key(steering)
@@ -125,7 +122,23 @@ def completion(state: AppState, who: Principal, req: CompletionRequest, headers:
     return Run(g, eng, steering, served, stats)
 
 
-def chat(state: AppState, who: Principal, req: ChatCompletionRequest, headers: Mapping[str, str]) -> Run:
+def _completion_prompts(eng: Engine, served: Served, req: CompletionRequest) -> list[gen.Prompt]:
+    prompts = []
+    for p in req.prompts():
+        ids = eng.tokenizer.encode(p) if isinstance(p, str) else list(p)
+        if not ids:
+            raise BadRequest("prompt must not be empty", param="prompt")
+        if isinstance(p, list) and not all(0 <= t < eng.info.vocab_size for t in p):
+            raise BadRequest(f"prompt token ids must be in [0, {eng.info.vocab_size})", param="prompt")
+        prompts.append(gen.Prompt(served.prompt(ids, eng.info.max_model_len, "prompt"),
+                                  p if isinstance(p, str) else None))
+    return prompts
+
+
+async def chat(state: AppState, who: Principal, req: ChatCompletionRequest, headers: Mapping[str, str]) -> Run:
+    """Admit a chat request. Its size is checked first (server/http/limits.py); the chat template, tokenization
+    and the messages' token spans run in a worker thread, so a long chat never holds up the event loop."""
+    check_generation(req, state.input_limits)
     eng, steering, served = _admit(state, who, req, headers, CHAT)
     top = req.top_logprobs or 0
     stats = _stats_key(headers, req, eng)
@@ -142,8 +155,8 @@ def chat(state: AppState, who: Principal, req: ChatCompletionRequest, headers: M
                              param="tools")
         g = prompting.PromptRun(eng, state.metrics, req, steering, state.prefixes)
     else:
-        chat = render_chat(eng.tokenizer, messages, req.add_generation_prompt,
-                           tools=_dumped(req.tools) if tools else None)
+        chat = await asyncio.to_thread(render_chat, eng.tokenizer, messages, req.add_generation_prompt,
+                                       tools=_dumped(req.tools) if tools else None)
         prompt = gen.Prompt(served.prompt(chat.ids, eng.info.max_model_len, "messages"), chat.text)
         steering = _full(steering.bind([len(prompt.ids)], chat.role_spans), served, stats)
         structured = tools.structured if tools and tools.structured else structured_output(req.response_format)

@@ -21,7 +21,8 @@ from steerserve.server.stores.vectors import VectorStore
 from ..engine.async_engine import Engine
 from .admission import Admission
 from .auth import KeyStore, Principal
-from .errors import BadRequest, Forbidden, NotFound, Unavailable
+from .errors import BadRequest, Forbidden, NotFound, Unauthorized, Unavailable
+from .limits import InputLimits
 from .metrics import Metrics
 
 
@@ -44,6 +45,7 @@ class AppState:
     tool_parser: str | None = None  # vLLM's tool-call parser for chat `tools` (None: requests with tools are a 400)
     admission: Admission = field(default_factory=Admission)  # bounds on generation requests, and the drain
     dead: str | None = None  # why the engine died while serving (the process is exiting); None while it lives
+    input_limits: InputLimits = field(default_factory=InputLimits)  # what one request may send
 
     def ready_engine(self) -> Engine:
         """The engine, or a 503 saying why there is none (yet, or any more)."""
@@ -51,8 +53,8 @@ class AppState:
             raise Unavailable(f"the engine is unavailable: {self.dead}; the server is restarting",
                               code="engine_unavailable")
         if self.engine is None:
-            raise Unavailable("the model is still loading" if self.error is None
-                              else f"the engine failed to start: {self.error}")
+            raise Unavailable("the model is still loading" if self.error is None  # why: /ready, to admins
+                              else "the engine failed to start (an admin key on /ready tells why)")
         return self.engine
 
     def adapter_pool(self) -> AdapterPool:
@@ -93,11 +95,40 @@ State = Annotated[AppState, Depends(app_state)]
 
 
 async def principal(request: Request, state: State) -> Principal:
-    """Who the request acts as (401 without a valid key; everyone is the default admin in open mode)."""
-    return state.keys.authenticate(request.headers.get("authorization"))
+    """Who the request acts as (401 without a valid key; everyone is the default admin in open mode). A key of
+    the `metrics` role is a 403 here: it reads /metrics only."""
+    who = state.keys.authenticate(request.headers.get("authorization"))
+    if who.role == "metrics":
+        raise Forbidden("a key of the 'metrics' role may read /metrics only", param="Authorization",
+                        code="metrics_key")
+    return who
 
 
 Caller = Annotated[Principal, Depends(principal)]
+
+
+async def metrics_reader(request: Request, state: State) -> Principal:
+    """Who may read /metrics: anyone in open mode (loopback only), else a key of the admin or metrics role
+    (401 without a valid key, 403 for a user key): the series name tenants and adapters."""
+    who = state.keys.authenticate(request.headers.get("authorization"))
+    if not who.reads_metrics:
+        raise Forbidden("/metrics needs a key of the 'admin' or 'metrics' role (`steerserve keys add --role "
+                        "metrics`)", param="Authorization", code="insufficient_role")
+    return who
+
+
+MetricsReader = Annotated[Principal, Depends(metrics_reader)]
+
+
+async def maybe_admin(request: Request, state: State) -> bool:
+    """True when the request carries a valid admin key (always in open mode); never an error."""
+    try:
+        return state.keys.authenticate(request.headers.get("authorization")).is_admin
+    except Unauthorized:
+        return False
+
+
+IsAdmin = Annotated[bool, Depends(maybe_admin)]
 
 
 async def ready_engine(state: State) -> Engine:

@@ -103,7 +103,7 @@ def test_async_adapters(wire):
 
 
 def test_live_register_upload_serve_delete(server, api_keys, smollm2_path, tmp_path):
-    lora = build_tiny_lora(server.adapter_root / "sdk-ahoy", smollm2_path, seed=31, rank=8, std=0.05,
+    lora = build_tiny_lora(server.adapter_root / "alice" / "sdk-ahoy", smollm2_path, seed=31, rank=8, std=0.05,
                            targets=("q_proj", "v_proj"))
     with sc.SteerClient(server.url, api_keys["alice"], max_retries=0, timeout=300) as client:
         by_path = client.adapters.put("sdk-path", lora)

@@ -23,8 +23,9 @@ PROMPT = [{"role": "user", "content": "What is the capital of France?"}]
 
 @pytest.fixture(scope="module")
 def adapter_dirs(server, smollm2_path, tmp_path_factory) -> dict[str, Path]:
-    """Random LoRAs for SmolLM2 inside the server's --adapter-root, plus broken ones for the validation tests."""
-    root = server.adapter_root
+    """Random LoRAs for SmolLM2 in alice's directory of the server's --adapter-root (each tenant registers by
+    path only inside `<root>/<tenant>/`), plus broken ones for the validation tests."""
+    root = server.adapter_root / "alice"
     dirs = {f"r{i}": build_tiny_lora(root / f"r{i}", smollm2_path, seed=10 + i, rank=8, std=0.05,
                                      targets=("q_proj", "v_proj")) for i in range(4)}
     dirs["rank16"] = build_tiny_lora(root / "rank16", smollm2_path, seed=20, rank=16, std=0.05,
@@ -141,8 +142,9 @@ def test_registration_rejects_with_the_failed_check(clients, adapter_dirs, which
     assert clients["ops"].get(f"/v1/adapters/bad-{which}").status_code == 404
 
 
-def test_users_register_by_path_only_under_the_adapter_root(clients, smollm2_path):
+def test_users_register_by_path_only_under_the_adapter_root(clients, smollm2_path, adapter_dirs):
     assert register(clients["bob"], "outside", smollm2_path).status_code == 403
+    assert register(clients["bob"], "alices", adapter_dirs["r0"]).status_code == 403  # another tenant's directory
     missing = register(clients["bob"], "missing", "/nonexistent/adapter")
     assert missing.status_code == 403  # outside the root: no probing of the server's file system
 

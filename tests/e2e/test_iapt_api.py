@@ -150,7 +150,7 @@ def test_upload_and_residency(registered, http, ops, model_name, dirs, server):
         assert http.get("/v1/adapters/mine").json()["loaded"] is True
     finally:
         http.delete("/v1/adapters/mine")
-    metrics = httpx.get(f"{server.url}/metrics").text
+    metrics = ops.get("/metrics").text
     assert "steerserve_adapter_loads_total" in metrics
 
 

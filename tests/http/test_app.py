@@ -24,7 +24,7 @@ CHAT = {"model": NAME, "messages": [{"role": "user", "content": "hi"}], "max_tok
 
 
 def client(app) -> httpx.AsyncClient:
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://steerserve.test")
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1:8000")
 
 
 async def test_ready_only_once_the_engine_is(tmp_path: Path, tokenizer):
@@ -130,7 +130,8 @@ async def test_metrics_label_requests_by_route_template(served):
         for i in range(5):
             await alice.get(f"/v1/nothing/{i}")
         await alice.post("/v1/chat/completions", json=CHAT)
-        text = (await alice.get("/metrics")).text
+    async with served.client("scraper") as scraper:
+        text = (await scraper.get("/metrics")).text
     requests = "steerserve_requests_total"
     assert sample(text, requests, route="/v1/steering/profiles/{name}", status="404") == 2
     assert sample(text, requests, route="/v1/steering/profiles/{name}", status="200") == 1

@@ -10,7 +10,7 @@ from tests.http.test_validation import assert_openai_error
 pytestmark = pytest.mark.anyio
 
 CHAT = {"model": NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
-# every route but /health, /metrics and /ready takes a key
+# every route but /health and /ready takes a key (/metrics: tests/http/test_security.py)
 KEYED = [("GET", "/v1/models"), ("POST", "/v1/completions"), ("POST", "/v1/chat/completions"),
          ("GET", "/v1/steering/profiles"), ("GET", "/v1/steering/profiles/p"), ("PUT", "/v1/steering/profiles/p"),
          ("DELETE", "/v1/steering/profiles/p"), ("GET", "/v1/adapters"), ("GET", "/v1/adapters/a"),
@@ -31,7 +31,8 @@ async def test_auth_is_required(served, headers, code):
         for method, path in KEYED:
             r = await client.request(method, path, json={}, headers=headers)
             assert_openai_error(r, 401, code=code)
-        for path in ("/health", "/ready", "/metrics", "/v1/steering/schema", "/openapi.json"):
+        assert_openai_error(await client.get("/metrics", headers=headers), 401, code=code)
+        for path in ("/health", "/ready", "/v1/steering/schema", "/openapi.json"):
             assert (await client.get(path, headers=headers)).status_code == 200, path
 
 
@@ -81,7 +82,8 @@ async def test_tenant_settings_are_admin_managed(served):
 
 async def test_urial_prefixes_are_admin_managed(served):
     async with served.client("alice") as alice, served.client("ops") as ops:
-        r = await alice.put("/v1/steering/urial/prefixes/mine", content=b"# Query:\nhi")
+        r = await alice.put("/v1/steering/urial/prefixes/mine", content=b"# Query:\nhi",
+                            headers={"content-type": "text/plain"})
         assert_openai_error(r, 403, "name", named=False)
         r = await alice.delete("/v1/steering/urial/prefixes/default")
         assert_openai_error(r, 403, "name", named=False)
@@ -89,7 +91,7 @@ async def test_urial_prefixes_are_admin_managed(served):
                           headers={"content-type": "text/plain"})
         assert r.status_code == 200 and r.json()["name"] == "mine" and r.json()["builtin"] is False
         assert (await alice.get("/v1/steering/urial/prefixes/mine")).json()["text"] == "# Query:\nhi"
-        r = await ops.put("/v1/steering/urial/prefixes/mine", content=b"\xff")
+        r = await ops.put("/v1/steering/urial/prefixes/mine", content=b"\xff", headers={"content-type": "text/plain"})
         assert_openai_error(r, 400, "body", named=False)
         r = await ops.delete("/v1/steering/urial/prefixes/default")
         assert_openai_error(r, 400, "name", named=False)

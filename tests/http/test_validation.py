@@ -10,6 +10,7 @@ from tests.http.fake_engine import MAX_MODEL_LEN, NAME
 
 pytestmark = pytest.mark.anyio
 
+JSON = {"content-type": "application/json"}
 MSG = [{"role": "user", "content": "hi"}]
 
 
@@ -61,7 +62,7 @@ def assert_openai_error(r, status: int, param: str | None = None, code: str | No
     assert set(r.json()) == {"error"} and set(err) == {"message", "type", "param", "code"} and err["message"]
     assert err["type"] == {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                            404: "not_found_error", 429: "requests", 500: "server_error", 503: "service_unavailable",
-                           504: "timeout"}[status]
+                           504: "timeout"}.get(status, "invalid_request_error")
     if param is not None:
         assert err["param"] is not None and err["param"].startswith(param), err
         assert param in err["message"] or not named, err
@@ -98,12 +99,15 @@ async def test_body_errors_are_never_422(served, path):
             assert_openai_error(r, 400)
 
 
-@pytest.mark.parametrize("content_type", ["text/plain", None, "application/x-www-form-urlencoded"])
-async def test_a_json_body_is_read_whatever_its_content_type(alice, content_type):
+@pytest.mark.parametrize("content_type", ["text/plain", None, "application/x-www-form-urlencoded",
+                                          "multipart/form-data; boundary=x"])
+async def test_a_json_body_needs_the_json_content_type(alice, content_type):
+    """A web page's simple cross-site request can send text/plain, a form or multipart, never
+    application/json: each is a 415 naming Content-Type, before the body is read."""
     r = await post(alice, chat(temperature=0), content_type=content_type)
-    assert r.status_code == 200, r.text
-    assert r.json()["choices"][0]["finish_reason"] == "length"
-    assert_openai_error(await post(alice, chat(frobnicate=1), content_type=content_type), 400, "frobnicate")
+    assert_openai_error(r, 415, "Content-Type", "unsupported_media_type", named=False)
+    r = await post(alice, chat(temperature=0), content_type="Application/JSON; charset=utf-8")
+    assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "length"
 
 
 async def test_unknown_field_names_it(alice):
@@ -136,8 +140,12 @@ async def test_unknown_model_is_404(alice):
 
 
 async def test_unknown_route_and_method(alice):
-    assert (await alice.get("/v1/nothing")).status_code == 404
-    assert (await alice.get("/v1/chat/completions")).status_code == 405
+    """The router's own errors are OpenAI's error object too (schemathesis found the bare {"detail": ...})."""
+    assert_openai_error(await alice.get("/v1/nothing"), 404, code="not_found")
+    assert_openai_error(await alice.get("/v1/adapters/a%2Fb/c"), 404, code="not_found")
+    r = await alice.get("/v1/chat/completions")
+    assert_openai_error(r, 405, code="method_not_allowed")
+    assert r.headers["allow"] == "POST"
 
 
 async def test_the_caller_is_checked_before_the_body(served):
@@ -156,8 +164,11 @@ async def test_tenant_settings_body_is_checked(served):
         assert_openai_error(await ops.put("/v1/tenants/bob/settings", json={"allow_conjugate": "yes"}), 400,
                             "allow_conjugate")
         assert_openai_error(await ops.put("/v1/tenants/bob/settings", json={"allow": True}), 400, "allow")
-        assert_openai_error(await ops.put("/v1/tenants/bob/settings", content=b"[]"), 400, code="invalid_json")
+        assert_openai_error(await ops.put("/v1/tenants/bob/settings", content=b"[]", headers=JSON), 400,
+                            code="invalid_json")
         r = await ops.put("/v1/tenants/bob/settings", json={"allow_conjugate": True}, headers={"content-type": ""})
+        assert_openai_error(r, 415, "Content-Type", "unsupported_media_type", named=False)
+        r = await ops.put("/v1/tenants/bob/settings", json={"allow_conjugate": True})
         assert r.status_code == 200 and r.json() == {"tenant": "bob", "allow_conjugate": True}
         assert (await ops.put("/v1/tenants/bob/settings", json={})).json()["allow_conjugate"] is True
 
@@ -165,7 +176,7 @@ async def test_tenant_settings_body_is_checked(served):
 async def test_invalid_profiles_are_rejected_on_put(alice):
     r = await alice.put("/v1/steering/profiles/bad", json={"logits": {"bias": {"two words": 1}}})
     assert_openai_error(r, 400, "profile.logits.bias.two words", "invalid_steering")
-    r = await alice.put("/v1/steering/profiles/bad", content=b"{nope")
+    r = await alice.put("/v1/steering/profiles/bad", content=b"{nope", headers={"content-type": "application/json"})
     assert_openai_error(r, 400, code="invalid_json")
     assert r.json()["error"]["message"].startswith("the profile is not valid JSON: ")
     assert (await alice.put("/v1/steering/profiles/bad name!", json={"logits": {"bias": {"7": 1}}})).status_code \

@@ -5,10 +5,20 @@ import re
 import time
 
 import httpx
+import pytest
+
+from tests.conftest import auth
 
 
-def unfinished(http) -> float:
-    text = http.get("/metrics").text
+@pytest.fixture(scope="module")
+def scraper(server, api_keys):
+    """A client with the metrics key (/metrics needs one)."""
+    with httpx.Client(base_url=server.url, timeout=60, headers=auth(api_keys["scraper"])) as client:
+        yield client
+
+
+def unfinished(scraper) -> float:
+    text = scraper.get("/metrics").text
     return float(re.search(r"^steerserve_engine_unfinished_requests (\S+)$", text, re.M).group(1))
 
 
@@ -26,23 +36,23 @@ def long_chat(model_name: str, stream: bool) -> dict:
             "max_tokens": 900, "ignore_eos": True, "temperature": 0, "stream": stream}
 
 
-def test_stream_disconnect_aborts_engine_request(server, http, model_name):
-    assert wait_for(lambda: unfinished(http) == 0)
+def test_stream_disconnect_aborts_engine_request(server, http, model_name, scraper):
+    assert wait_for(lambda: unfinished(scraper) == 0)
     with httpx.Client(base_url=server.url, timeout=60, headers=http.headers) as client, \
             client.stream("POST", "/v1/chat/completions", json=long_chat(model_name, True)) as r:
         lines = r.iter_lines()
         for _ in range(3):
             next(line for line in lines if line.startswith("data:"))
-        assert unfinished(http) == 1
-    assert wait_for(lambda: unfinished(http) == 0), "the engine still holds the abandoned request"
+        assert unfinished(scraper) == 1
+    assert wait_for(lambda: unfinished(scraper) == 0), "the engine still holds the abandoned request"
 
 
-def test_non_stream_disconnect_aborts_engine_request(server, http, model_name):
-    assert wait_for(lambda: unfinished(http) == 0)
+def test_non_stream_disconnect_aborts_engine_request(server, http, model_name, scraper):
+    assert wait_for(lambda: unfinished(scraper) == 0)
     try:
         httpx.post(f"{server.url}/v1/chat/completions", json=long_chat(model_name, False), timeout=1.5,
                    headers=http.headers)
     except httpx.TimeoutException:
         pass
-    assert wait_for(lambda: unfinished(http) == 0), "the engine still holds the abandoned request"
+    assert wait_for(lambda: unfinished(scraper) == 0), "the engine still holds the abandoned request"
     assert http.get("/ready").status_code == 200

@@ -138,7 +138,7 @@ GOOD = {"tenant": "alice", "role": "user", "sha256": sha(ALICE_KEY)}
     ([{**GOOD, "tenant": "x" * 65}], "field 'tenant' must match"),
     ([{**GOOD, "tenant": ""}], "field 'tenant' must match"),
     ([{**GOOD, "tenant": 7}], "field 'tenant' must match"),
-    ([{**GOOD, "role": "root"}], "field 'role' must be 'user' or 'admin'"),
+    ([{**GOOD, "role": "root"}], "field 'role' must be one of user, admin, metrics"),
     ([{**GOOD, "sha256": "abc"}], "field 'sha256' must be 64 hex"),
     ([{**GOOD, "sha256": "z" * 64}], "field 'sha256' must be 64 hex"),
     ([{**GOOD, "name": 5}], "field 'name' must be a string"),
@@ -271,3 +271,13 @@ def test_cli_keys_add_prints_key_once(tmp_path: Path, capsys: pytest.CaptureFixt
 def test_cli_keys_add_bad_tenant_fails_cleanly(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli_main(["keys", "add", "--file", str(tmp_path / "k.yaml"), "--tenant", "a b", "--role", "user"]) == 1
     assert "tenant" in capsys.readouterr().err
+
+
+def test_cli_keys_add_metrics_role(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`steerserve keys add --role metrics`: a key for a Prometheus scraper (it reads /metrics only:
+    tests/http/test_security.py)."""
+    path = tmp_path / "keys.yaml"
+    assert cli_main(["keys", "add", "--file", str(path), "--tenant", "ops", "--role", "metrics"]) == 0
+    key = capsys.readouterr().out.strip()
+    who = KeyStore.load(path).authenticate(f"Bearer {key}")
+    assert who == Principal("ops", "metrics") and who.reads_metrics and not who.is_admin

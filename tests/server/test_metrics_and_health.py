@@ -3,6 +3,10 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
+from tests.conftest import auth
+
 
 def sample(text: str, name: str, **labels: str) -> float:
     for line in text.splitlines():
@@ -16,13 +20,18 @@ def test_health_and_ready(http, model_name):
     assert http.get("/ready").json() == {"status": "ready", "model": model_name}
 
 
-def test_metrics_count_requests_tokens_and_latency(http, model_name):
-    before = http.get("/metrics").text
+@pytest.fixture
+def scrape(http, api_keys):
+    return lambda: http.get("/metrics", headers=auth(api_keys["scraper"])).text
+
+
+def test_metrics_count_requests_tokens_and_latency(http, model_name, scrape):
+    before = scrape()
     r = http.post("/v1/chat/completions", json={"model": model_name, "max_tokens": 5, "temperature": 0,
                                                 "ignore_eos": True, "messages": [{"role": "user", "content": "Hi"}]})
     assert r.status_code == 200
     http.post("/v1/chat/completions", json={"model": model_name})  # a 400
-    after = http.get("/metrics").text
+    after = scrape()
     route = "/v1/chat/completions"
     assert sample(after, "steerserve_requests_total", route=route, status="200") == \
         sample(before, "steerserve_requests_total", route=route, status="200") + 1

@@ -47,7 +47,7 @@ def model_cards(who: Principal, state: AppState) -> list[dict]:
 @router.post(serving.COMPLETIONS)
 async def completions(request: Request, who: Caller, state: State, body: CompletionRequest) -> Response:
     state.admission.admit(request, who.tenant)  # 429 over a bound; released when the response is done
-    run = serving.completion(state, who, body, request.headers)
+    run = await serving.completion(state, who, body, request.headers)
     g, tokenizer, top = run.g, run.engine.tokenizer, body.logprobs or 0
     timeout = state.admission.limits.request_timeout
 
@@ -74,7 +74,7 @@ async def completions(request: Request, who: Caller, state: State, body: Complet
 @router.post(serving.CHAT)
 async def chat_completions(request: Request, who: Caller, state: State, body: ChatCompletionRequest) -> Response:
     state.admission.admit(request, who.tenant)  # 429 over a bound; released when the response is done
-    run = serving.chat(state, who, body, request.headers)
+    run = await serving.chat(state, who, body, request.headers)
     g, tokenizer, top = run.g, run.engine.tokenizer, body.top_logprobs or 0
     timeout = state.admission.limits.request_timeout
     head = {"id": g.id, "object": "chat.completion", "created": g.created, "model": run.served.model}

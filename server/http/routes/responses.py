@@ -154,7 +154,7 @@ async def create_response(request: Request, who: Caller, state: State, body: Res
     timeout = state.admission.limits.request_timeout
     chat = body.chat()
     try:
-        run = serving.chat(state, who, chat, request.headers)
+        run = await serving.chat(state, who, chat, request.headers)
     except APIError as exc:  # name the field the client sent, not the chat field it became
         exc.param = FIELDS.get(exc.param, exc.param) if exc.param else exc.param
         raise

@@ -1,6 +1,8 @@
 """Steering resources: the spec's JSON schema, stored profiles (per tenant, or global) and URIAL prefixes."""
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter, Request
 
 from steerserve.server.frontend import prompt_methods as prompting
@@ -8,7 +10,7 @@ from steerserve.server.frontend import request_steering as steer
 from steerserve.server.stores.profiles import validate_name
 from steerserve.steering.spec import SteeringSpec
 
-from ..body import JSONRoute, described, model_ref, parse_json
+from ..body import JSONRoute, described, model_ref, read_json, require_media_type
 from ..errors import BadRequest, Forbidden, NotFound
 from ..state import Caller, State, owner_of
 
@@ -44,16 +46,17 @@ async def get_profile(name: str, who: Caller, state: State, scope: str | None = 
 async def put_profile(request: Request, name: str, who: Caller, state: State, scope: str = "tenant") -> dict:
     validate_name(name)
     owner = owner_of(who, scope, writing=True)
-    body = parse_json(await request.body(), "the profile")
+    require_media_type(request, "application/json")
+    body = await read_json(await request.body(), "the profile", state.input_limits)
     spec = steer.validate_profile(body, state.ready_engine().facts, owner, state.vectors)
-    state.profiles.put(owner, name, spec)
+    await asyncio.to_thread(state.profiles.put, owner, name, spec)  # an SQLite write: off the event loop
     return {"name": name, "scope": scope, "spec": spec}
 
 
 @router.delete("/v1/steering/profiles/{name}")
 async def delete_profile(name: str, who: Caller, state: State, scope: str = "tenant") -> dict:
     validate_name(name)
-    if not state.profiles.delete(owner_of(who, scope, writing=True), name):
+    if not await asyncio.to_thread(state.profiles.delete, owner_of(who, scope, writing=True), name):
         raise NotFound(f"steering profile '{name}' not found", param="name", code="profile_not_found")
     return {"name": name, "deleted": True}
 
@@ -77,8 +80,9 @@ async def get_prefix(name: str, who: Caller, state: State) -> dict:
 async def put_prefix(request: Request, name: str, who: Caller, state: State) -> dict:
     if not who.is_admin:
         raise Forbidden("only admins register URIAL prefixes", param="name")
+    require_media_type(request, "text/plain", "application/octet-stream", "")  # a PUT: never sent cross-site
     try:
-        return state.prefixes.put(name, (await request.body()).decode("utf-8"))
+        return await asyncio.to_thread(state.prefixes.put, name, (await request.body()).decode("utf-8"))
     except UnicodeDecodeError:
         raise BadRequest("the prefix must be UTF-8 text", param="body") from None
     except ValueError as exc:

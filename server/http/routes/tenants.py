@@ -1,6 +1,7 @@
 """Tenant settings: switches only admins change (e.g. whether a tenant may use conjugate prompting)."""
 from __future__ import annotations
 
+import asyncio
 from typing import Annotated
 
 from fastapi import APIRouter, Depends
@@ -38,4 +39,5 @@ async def get_tenant_settings(tenant: str, who: Caller, state: State) -> dict:
 @router.put("/v1/tenants/{tenant}/settings")
 async def put_tenant_settings(owner: Annotated[str, Depends(tenant_to_write)], state: State,
                               body: TenantSettingsUpdate) -> dict:
-    return {"tenant": owner, **state.tenants.update(owner, body).model_dump()}
+    updated = await asyncio.to_thread(state.tenants.update, owner, body)  # an SQLite write: off the event loop
+    return {"tenant": owner, **updated.model_dump()}

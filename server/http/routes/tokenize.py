@@ -8,6 +8,7 @@ true, "add_special_tokens": false, "tools": [...]}`, each with optional `model` 
 naming the field): the served template is the only one."""
 from __future__ import annotations
 
+import asyncio
 from typing import Annotated
 
 from fastapi import APIRouter
@@ -53,19 +54,23 @@ class DetokenizeRequest(Strict):
     tokens: list[Annotated[int, Field(ge=0)]]
 
 
+def _token_ids(eng, body: TokenizeRequest) -> list[int]:
+    tok = eng.tokenizer
+    if body.prompt is not None:
+        return list(tok(body.prompt, add_special_tokens=body.add_special_tokens is not False)["input_ids"])
+    chat = render_chat(tok, [m.template_dict() for m in body.messages], body.add_generation_prompt,
+                       tools=serving.chat_tools(eng, body.tools), continue_final=body.continue_final_message)
+    if body.add_special_tokens:
+        return list(tok(chat.text, add_special_tokens=True)["input_ids"])
+    return chat.ids
+
+
 @router.post("/tokenize")
 async def tokenize(who: Caller, eng: ReadyEngine, body: TokenizeRequest) -> dict:
     if body.model is not None:
         serving.check_model(eng, body.model)
     tok = eng.tokenizer
-    if body.prompt is not None:
-        ids = list(tok(body.prompt, add_special_tokens=body.add_special_tokens is not False)["input_ids"])
-    else:
-        chat = render_chat(tok, [m.template_dict() for m in body.messages], body.add_generation_prompt,
-                           tools=serving.chat_tools(eng, body.tools), continue_final=body.continue_final_message)
-        ids = chat.ids
-        if body.add_special_tokens:
-            ids = list(tok(chat.text, add_special_tokens=True)["input_ids"])
+    ids = await asyncio.to_thread(_token_ids, eng, body)  # CPU-bound (template, tokenizer): off the event loop
     return {"count": len(ids), "max_model_len": eng.info.max_model_len, "tokens": ids,
             "token_strs": tok.convert_ids_to_tokens(ids) if body.return_token_strs else None}
 
