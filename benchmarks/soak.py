@@ -263,7 +263,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--unready-grace", type=float, default=10, help="supervisor: restart after /ready is non-200 "
                                                                    "this long")
     p.add_argument("--workers-per-tenant", type=int, default=2, help="closed-loop requests in flight per tenant")
-    p.add_argument("--bad-input", choices=("core", "all"), default="core",
+    p.add_argument("--bad-input", choices=("core", "all"), default="all",
                    help="'all' adds the input-limit cases of issue #17 (deep JSON, huge integers, lone surrogates, "
                         "JSON sent as text/plain)")
     p.add_argument("--request-timeout", type=float, default=120)
