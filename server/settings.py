@@ -65,8 +65,9 @@ class Settings(BaseSettings):
                              "to: prompts x n (400 beyond).")
     max_stop_chars: int = Field(1024, ge=1, description="Longest `stop` string (400 beyond).")
     max_logit_bias: int = Field(300, ge=1, description="Most `logit_bias` entries (400 beyond).")
-    max_steering_bytes: int = Field(16 * 2**10, ge=256, description="Largest `steering` spec in a body, as "
-                                    "compact JSON (400 beyond; the X-Steering header has the same bound).")
+    max_steering_bytes: int = Field(2**20, ge=256, description="Largest `steering` spec in a body, as compact "
+                                    "JSON (400 beyond); 1 MiB leaves room for inline control vectors (at most "
+                                    "65,536 values). The X-Steering header is bounded at 16 KiB on its own.")
     playground: bool = Field(True, description="Serve the steering playground page at /playground "
                              "(docs/playground.md); --no-playground turns it off (404).")
     tool_call_parser: str | None = Field(None, description="vLLM's tool-call parser for chat `tools` (e.g. hermes); "

@@ -39,7 +39,7 @@ class InputLimits:
     max_prompts: int = 256
     max_stop_chars: int = 1024
     max_logit_bias: int = 300
-    max_steering_bytes: int = 16 * 2**10
+    max_steering_bytes: int = 2**20  # room for inline control vectors (up to 65,536 values)
 
     @classmethod
     def from_settings(cls, settings: Any) -> InputLimits:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from steerserve.server.adapters.files import STAGING
 from steerserve.server.adapters.registry import AdapterStore
 from steerserve.server.http.app import create_app
 from steerserve.server.http.auth import KeyStore
@@ -75,17 +76,22 @@ async def test_request_body_size(small):
     assert (await small.post("/v1/chat/completions", content=padded, headers=JSON)).status_code == 200
 
 
+def leftovers(files: Path) -> list[Path]:
+    """Whatever an upload left under the adapter files directory, but the (empty) staging root itself."""
+    return [p for p in files.rglob("*") if p != files / STAGING]
+
+
 async def test_upload_size_checked_while_streaming_nothing_left_on_disk(small):
     big = {"adapter_config.json": ("adapter_config.json", b"{}"),
            "adapter_model.safetensors": ("adapter_model.safetensors", b"\0" * 20000)}
     r = await small.put("/v1/adapters/big", files=big)
     assert_openai_error(r, 413, "body", "request_too_large", named=False)
     assert "--max-upload-bytes" in r.json()["error"]["message"]
-    assert list(small.files.iterdir()) == []  # the partial upload's directory is gone
+    assert leftovers(small.files) == []  # the partial upload's directory is gone
     # an upload under the limit is read (and then refused by the adapter checks, a 400)
     r = await small.put("/v1/adapters/small", files={k: (n, b"{}") for k, (n, _) in big.items()})
     assert r.status_code == 400 and r.json()["error"]["code"] == "adapter_files", r.text
-    assert list(small.files.iterdir()) == []
+    assert leftovers(small.files) == []
 
 
 async def test_malformed_multipart_is_a_400_and_leaves_nothing(small):
@@ -95,7 +101,7 @@ async def test_malformed_multipart_is_a_400_and_leaves_nothing(small):
         assert_openai_error(r, 400, "files", "invalid_upload", named=False)
     r = await small.put("/v1/adapters/m", content=b"x", headers={"content-type": "multipart/form-data"})
     assert_openai_error(r, 400, "files", "invalid_upload", named=False)  # no boundary
-    assert list(small.files.iterdir()) == []
+    assert leftovers(small.files) == []
 
 
 async def test_header_size(small):
