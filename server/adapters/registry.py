@@ -15,7 +15,6 @@ import math
 import re
 import shutil
 import sqlite3
-import struct
 import threading
 import time
 from collections.abc import Callable
@@ -28,7 +27,7 @@ from steerserve.server.stores.profiles import GLOBAL, validate_name
 
 from . import files
 from .lora_config import check_lora_config_types, selects
-from .safetensors_header import tensor_shapes
+from .safetensors_header import read_header, tensor_shapes
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 MAX_CONFIG_BYTES = 2**20
@@ -130,19 +129,11 @@ _Q_PROJ = re.compile(r"(?:.*\.)?layers\.(\d+)\.self_attn\.q_proj")
 
 
 def _safetensors_shapes(path: Path) -> dict[str, list[int]]:
-    """Tensor shapes from a safetensors header, checking that the data offsets fit the file (cheap: no data read)."""
-    size = path.stat().st_size
-    with path.open("rb") as f:
-        raw = f.read(8)
-        if len(raw) != 8:
-            raise ValueError("shorter than a safetensors header")
-        (header_len,) = struct.unpack("<Q", raw)
-        if header_len > min(size - 8, 100 * 2**20):
-            raise ValueError("header length points past the end of the file")
-        header = json.loads(f.read(header_len))
-    if not isinstance(header, dict):
-        raise ValueError("header is not a JSON object")
-    data_len, shapes = size - 8 - header_len, {}
+    """Tensor shapes of the served checkpoint, checking only that the data offsets fit the file (cheap: no data
+    read). Lenient on purpose: the operator's checkpoint is trusted, and may use dtypes newer than
+    `tensor_shapes`, the strict reader for adapters, knows."""
+    header, data_len = read_header(path, max_bytes=100 * 2**20)
+    shapes = {}
     for key, info in header.items():
         if key == "__metadata__":
             continue

@@ -23,16 +23,17 @@ def _is_int(x: object) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
 
-def tensor_shapes(path: Path) -> dict[str, list[int]]:
-    """Tensor name -> shape from the header of `path`; ValueError saying what is wrong (OSError if unreadable)."""
+def read_header(path: Path, max_bytes: int = MAX_HEADER_BYTES) -> tuple[dict, int]:
+    """The header of `path` as a JSON object, and the length of the data after it; ValueError saying what is wrong
+    (OSError if unreadable). Checks only the framing: the header's length and that it is a JSON object."""
     size = path.stat().st_size
     with path.open("rb") as f:
         raw = f.read(8)
         if len(raw) != 8:
             raise ValueError("shorter than a safetensors header")
         (header_len,) = struct.unpack("<Q", raw)
-        if header_len > MAX_HEADER_BYTES:
-            raise ValueError(f"header of {header_len} bytes; at most {MAX_HEADER_BYTES} are accepted")
+        if header_len > max_bytes:
+            raise ValueError(f"header of {header_len} bytes; at most {max_bytes} are accepted")
         if header_len > size - 8:
             raise ValueError("header length points past the end of the file")
         text = f.read(header_len)
@@ -44,7 +45,14 @@ def tensor_shapes(path: Path) -> dict[str, list[int]]:
         raise ValueError(f"header is not JSON: {exc}") from None
     if not isinstance(header, dict):
         raise ValueError("header is not a JSON object")
-    data_len, shapes, spans = size - 8 - header_len, {}, []
+    return header, size - 8 - header_len
+
+
+def tensor_shapes(path: Path) -> dict[str, list[int]]:
+    """Tensor name -> shape from the header of `path`, every check of the module docstring applied; ValueError
+    saying what is wrong (OSError if unreadable)."""
+    header, data_len = read_header(path)
+    shapes, spans = {}, []
     for key, info in header.items():
         if key == "__metadata__":
             if not isinstance(info, dict) or not all(isinstance(v, str) for v in info.values()):
