@@ -31,6 +31,9 @@ class Settings(BaseSettings):
     cache: Path = Field(Path.home() / ".cache" / "steerserve", description="Model cache (env STEERSERVE_CACHE).")
     data_dir: Path = Field(Path.home() / ".local" / "share" / "steerserve",
                            description="Server state that must survive restarts (steering profiles).")
+    database_url: str | None = Field(None, description="Where profiles, tenant settings, the adapter and vector "
+                                     "registries and URIAL prefixes live: postgresql://user:pass@host/db (shared by "
+                                     "replicas); none: SQLite files under --data-dir (docs/deployment.md).")
     api_keys: Path | None = Field(None, description="YAML/JSON file of API key hashes -> tenant and role "
                                                     "(`steerserve keys add`); none: open mode, loopback only.")
     enable_lora: bool = Field(False, description="Serve LoRA adapters from the adapter registry (off: a base-only "
