@@ -80,7 +80,8 @@ def serve_forever(settings: Settings) -> int:
         profiles = ProfileStore(db or settings.data_dir / "profiles.sqlite3")
         adapters = AdapterStore(db or settings.data_dir / "adapters.sqlite3", settings.data_dir / "adapters")
         shared = {} if db is None else {"tenants": TenantStore(db), "prefixes": PrefixStore(db),
-                                        "vectors": VectorStore(db, settings.data_dir / "vectors")}
+                                        "vectors": VectorStore(db, settings.data_dir / "vectors"),
+                                        "data_dir": settings.data_dir}
     except (DatabaseUnavailable, RuntimeError, ValueError, OSError) as exc:
         print(f"error: database: {exc}", file=sys.stderr)
         return 1

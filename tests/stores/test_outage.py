@@ -40,7 +40,7 @@ async def _outage_over_http(pgdata: Path, tmp_path: Path) -> None:
         profiles = ProfileStore(db)
         profiles.put("default", "calm", SPEC)  # (a PUT through HTTP validates against a loaded model: not here)
         app = create_app(lambda: None, KeyStore.open(), profiles, tenants=TenantStore(db),
-                         prefixes=PrefixStore(db), vectors=VectorStore(db, tmp_path / "vectors"))
+                         prefixes=PrefixStore(db), vectors=VectorStore(db, tmp_path / "vectors"), data_dir=tmp_path)
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1") as http:
             assert (await http.get("/v1/steering/profiles/calm")).json()["spec"] == SPEC
 
