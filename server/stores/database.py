@@ -184,7 +184,7 @@ def open_database(url: str | Path, synchronous: str = "NORMAL") -> Database:
 
 def as_database(where: str | Path | Database, synchronous: str = "NORMAL") -> Database:
     """`where` itself if it is a Database, else the SQLite file at that path (how stores take either)."""
-    return where if isinstance(where, Database) else open_database(Path(where), synchronous)
+    return where if isinstance(where, Database) else open_database(where, synchronous)
 
 
 def redact(url: str) -> str:

@@ -3,10 +3,10 @@ concurrent writers on separate connections, the old SQLite files still opening, 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import sqlite3
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -58,38 +58,40 @@ def test_transaction_rolls_back_both_rows(database: Database) -> None:
     assert database.query("SELECT label FROM things") == []
 
 
-def test_concurrent_writers_on_separate_connections(database_url: str, tmp_path: Path,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    """Two connections (as two replicas) replace the same adapter and update the same tenant 25 times each:
-    no error, no lost or duplicated row, every engine id distinct."""
-    monkeypatch.setitem(registry.INSPECTORS, "fake", lambda path, base: {})
-    dbs = [open_database(database_url) for _ in range(2)]
-    stores = [(AdapterStore(db, tmp_path / "f"), ProfileStore(db), TenantStore(db)) for db in dbs]
-    ids: list[int] = []
-    errors: list[BaseException] = []
-
-    def work(k: int) -> None:
-        adapters, profiles, tenants = stores[k]
-        try:
+def _writer(url: str, files: str, k: int, out) -> None:
+    """One replica's writes (run in a child process): the same adapter name replaced, the same tenant updated."""
+    registry.INSPECTORS["fake"] = lambda path, base: {}
+    try:
+        with open_database(url) as db:
+            adapters, profiles, tenants = AdapterStore(db, files), ProfileStore(db), TenantStore(db)
+            ids = []
             for i in range(25):
-                new, _ = adapters.register("alice", "same", "fake", tmp_path / f"{k}-{i}", base=None)
+                new, _ = adapters.register("alice", "same", "fake", Path(files) / f"{k}-{i}", base=None)
                 ids.append(new.id)
                 profiles.put("alice", f"p{k}-{i}", {"i": i})
                 tenants.update("alice", TenantSettingsUpdate(allow_conjugate=bool(i % 2)))
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
+        out.put(ids)
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent
+        out.put(repr(exc))
 
-    threads = [threading.Thread(target=work, args=(k,)) for k in range(2)]
-    [t.start() for t in threads]
-    [t.join(60) for t in threads]
-    try:
-        assert errors == [] and len(ids) == 50 == len(set(ids))
-        (only,) = stores[0][0].all()
+
+def test_concurrent_writers_in_two_processes(database_url: str, tmp_path: Path) -> None:
+    """Two processes (as two replicas, each with its own connection) replace the same adapter and update the same
+    tenant 25 times each, interleaved: no error, no lost or duplicated row, every engine id distinct."""
+    ctx = multiprocessing.get_context("fork")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_writer, args=(database_url, str(tmp_path / "f"), k, out)) for k in range(2)]
+    [p.start() for p in procs]
+    results = [out.get(timeout=120) for _ in procs]
+    [p.join(30) for p in procs]
+    assert all(isinstance(r, list) for r in results), results
+    ids = [i for r in results for i in r]
+    assert len(ids) == 50 == len(set(ids))
+    with open_database(database_url) as db:
+        (only,) = AdapterStore(db, tmp_path / "f").all()
         assert only.id == max(ids)  # the last registration won; every earlier one was replaced
-        assert len(stores[1][1].list("alice")) == 50
-        assert len(stores[0][2].list()) == 1
-    finally:
-        [db.close() for db in dbs]
+        assert len(ProfileStore(db).list("alice")) == 50
+        assert len(TenantStore(db).list()) == 1
 
 
 OLD_PROFILES_SCHEMA = """CREATE TABLE profiles (tenant TEXT NOT NULL, name TEXT NOT NULL, spec TEXT NOT NULL,
@@ -141,3 +143,14 @@ def test_unsupported_urls_and_redaction() -> None:
         open_database("mysql://u:secret@h/db")
     assert redact("postgresql://u:pw@host:5432/db") == "postgresql://u:***@host:5432/db"
     assert redact("postgresql:///db?host=/tmp") == "postgresql:///db?host=/tmp"
+
+
+def test_serve_exits_1_when_its_database_is_unreachable(tmp_path: Path) -> None:
+    """`--database-url` reaches the stores: a server whose database cannot be reached says so and exits 1 before
+    loading the model (port 1 on loopback: nothing listens there)."""
+    url = "postgresql://steerserve:secret@127.0.0.1:1/steerserve"
+    out = subprocess.run([sys.executable, "-m", "steerserve.server", "serve", "--database-url", url,
+                          "--data-dir", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1, out.stderr[-2000:]
+    assert "error: database: the database is unavailable (PostgreSQL:" in out.stderr
+    assert "secret" not in out.stderr
