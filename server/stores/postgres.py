@@ -17,7 +17,7 @@ from typing import Any
 
 import psycopg
 
-from .database import Database, DatabaseUnavailable, Result, Session, redact
+from .sql import Database, DatabaseUnavailable, Result, Session, redact
 
 CONNECT_TIMEOUT_S = 3  # psycopg's connect_timeout (whole seconds)
 STATEMENT_TIMEOUT_MS = 15_000  # a statement (or an advisory-lock wait) longer than this fails, never stalls
