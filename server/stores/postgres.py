@@ -4,9 +4,10 @@ Imported only when a postgresql:// URL is opened. One connection per process beh
 autocommit mode; `transaction` opens a real transaction on it. Outage handling: a connection error (server down,
 restarting, a dropped connection) closes the connection and raises DatabaseUnavailable (a 503); the next call
 connects again, so requests recover by themselves once the server is back. A statement on a connection that was
-already open when it failed (the server restarted in between) is retried once on a fresh connection, so the first
-request after a restart does not fail needlessly. After a failed connect, calls fail fast for RETRY_AFTER_S instead
-of each waiting for a connect timeout.
+already open when it failed (the server restarted in between) is retried once on a fresh connection, and so is
+the start of a transaction (BEGIN and its lock), so the first request after a restart does not fail needlessly; a
+transaction cut after it started is not retried (its outcome may be unknown): a 503. After a failed connect,
+calls fail fast for RETRY_AFTER_S instead of each waiting for a connect timeout.
 """
 from __future__ import annotations
 
@@ -78,16 +79,36 @@ class PostgresDatabase(Database):
 
     @contextmanager
     def _transaction(self, lock: str | None) -> Iterator[Session]:
-        conn = self._connection()
-        try:
-            with conn.transaction():
-                session = _Session(conn)
+        for attempt in (0, 1):
+            fresh = self._conn is None or self._conn.closed
+            conn = self._connection()
+            tx = conn.transaction()
+            try:  # BEGIN (and the lock): nothing of the caller's has run yet, so a cut connection is retried once
+                tx.__enter__()
                 if lock is not None:
-                    session.execute("SELECT pg_advisory_xact_lock(hashtext(?))", (f"steerserve:{lock}",))
-                yield session
-        except _CONNECTION_ERRORS as exc:
-            self._drop()
-            raise DatabaseUnavailable(f"PostgreSQL: {_first_line(exc)}") from exc
+                    _run_on(conn, "SELECT pg_advisory_xact_lock(hashtext(?))", (f"steerserve:{lock}",))
+                break
+            except _CONNECTION_ERRORS as exc:
+                self._drop()
+                if fresh or attempt:
+                    raise DatabaseUnavailable(f"PostgreSQL: {_first_line(exc)}") from exc
+        try:
+            yield _Session(conn)
+        except BaseException as exc:
+            try:
+                tx.__exit__(type(exc), exc, exc.__traceback__)  # ROLLBACK
+            except _CONNECTION_ERRORS:
+                self._drop()
+            if isinstance(exc, _CONNECTION_ERRORS):
+                self._drop()
+                raise DatabaseUnavailable(f"PostgreSQL: {_first_line(exc)}") from exc
+            raise
+        else:
+            try:
+                tx.__exit__(None, None, None)  # COMMIT
+            except _CONNECTION_ERRORS as exc:
+                self._drop()
+                raise DatabaseUnavailable(f"PostgreSQL: {_first_line(exc)}") from exc
 
     def close(self) -> None:
         with self._lock:

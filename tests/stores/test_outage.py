@@ -1,5 +1,6 @@
 """PostgreSQL going away under the stores: requests that need the database get a clear 503 (OpenAI's error shape,
-code database_unavailable) for as long as it is down, and work again by themselves once it is back; no stall.
+code database_unavailable) for as long as it is down, and work again by themselves once it is back; no stall; a
+restart between two requests costs the next one nothing (the cut connection is replaced and the call retried).
 A PostgreSQL instance of this test's own is stopped and started again (the session's shared one is left alone)."""
 from __future__ import annotations
 
@@ -62,6 +63,11 @@ async def _outage_over_http(pgdata: Path, tmp_path: Path) -> None:
                 time.sleep(0.2)
             assert up.status_code == 200 and up.json()["spec"] == SPEC
             assert (await http.get("/v1/steering/urial/prefixes")).status_code == 200
+
+            srv.cleanup()  # a restart between two requests: the next write finds its connection cut ...
+            srv = start_postgres(pgdata)
+            r = await http.put("/v1/tenants/default/settings", json={"allow_conjugate": True})
+            assert r.status_code == 200 and r.json()["allow_conjugate"] is True  # ... and retries, no 503
     finally:
         srv.cleanup()
 
