@@ -154,3 +154,23 @@ def test_serve_exits_1_when_its_database_is_unreachable(tmp_path: Path) -> None:
     assert out.returncode == 1, out.stderr[-2000:]
     assert "error: database: the database is unavailable (PostgreSQL:" in out.stderr
     assert "secret" not in out.stderr
+
+
+def test_admin_commands_use_the_database_url(database_url: str, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """`steerserve urial add` and `steerserve tenants set` write where the server reads: STEERSERVE_DATABASE_URL
+    (here an SQLite path or a PostgreSQL URL) when it is set, not the data dir's file."""
+    from steerserve.server.cli import main
+    from steerserve.server.settings import Settings
+
+    monkeypatch.setenv("STEERSERVE_DATABASE_URL", database_url)
+    assert Settings.load().database_url == database_url
+    (tmp_path / "p.txt").write_text("# Query:\nhi", encoding="utf-8")
+    data = str(tmp_path / "data")
+    assert main(["urial", "add", "mine", str(tmp_path / "p.txt"), "--data-dir", data]) == 0
+    assert main(["tenants", "set", "acme", "--allow-conjugate", "--data-dir", data]) == 0
+    capsys.readouterr()
+    with open_database(database_url) as db:
+        assert PrefixStore(db).get("mine") == "# Query:\nhi"
+        assert TenantStore(db).get("acme").allow_conjugate
+    assert not (tmp_path / "data" / "profiles.sqlite3").exists()
