@@ -75,9 +75,9 @@ def _unpacked(cache: torch.Tensor, blocks: torch.Tensor, layout: BlockLayout) ->
 def gather_keys_t(key_cache: torch.Tensor, blocks: torch.Tensor, layout: BlockLayout, n_max: int) -> torch.Tensor:
     """K transposed for a batch of rows: [rows, kv_heads, head_size, keys] with keys >= n_max (the most keys any
     row has), from a [num_blocks, kv_heads, block_size, head_size] cache view and a [rows, blocks] block table.
-    Plain and transposed layouts come back as a view of KV-head-major storage ([kv_heads, rows, ...] contiguous
-    but for the last two dims), copied from the cache once (twice for a transposed multi-block table), so
-    `biased_attention` multiplies it without another copy."""
+    Plain and transposed layouts come back as a view of KV-head-major storage ([kv_heads, rows, ...], the last
+    two dims any BLAS-compatible strides), copied from the cache once (twice for a transposed multi-block table),
+    so `biased_attention` multiplies it without another copy; keys beyond n_max are sliced off, not copied."""
     R, nb = blocks.shape
     _, Hkv, bs, D = key_cache.shape
     if layout.kind == "packed":
@@ -87,11 +87,11 @@ def gather_keys_t(key_cache: torch.Tensor, blocks: torch.Tensor, layout: BlockLa
         if nb == 1:  # copy only the used slots of the one block (the common decode case)
             return cache[..., :n_max].index_select(1, blocks[:, 0]).transpose(0, 1)
         stored = cache.index_select(1, blocks.flatten()).view(Hkv, R, nb, D, bs)
-        return stored.permute(0, 1, 3, 2, 4).reshape(Hkv, R, D, nb * bs).transpose(0, 1)
+        return stored.permute(0, 1, 3, 2, 4).reshape(Hkv, R, D, nb * bs)[..., :n_max].transpose(0, 1)
     cache = key_cache.transpose(0, 1)
     if nb == 1:
         return cache[:, :, :n_max].index_select(1, blocks[:, 0]).transpose(2, 3).transpose(0, 1)
-    return cache.index_select(1, blocks.flatten()).view(Hkv, R, nb * bs, D).transpose(2, 3).transpose(0, 1)
+    return cache.index_select(1, blocks.flatten()).view(Hkv, R, nb * bs, D)[:, :, :n_max].transpose(2, 3).transpose(0, 1)
 
 
 def gather_values(value_cache: torch.Tensor, blocks: torch.Tensor, layout: BlockLayout, n_max: int
@@ -107,11 +107,11 @@ def gather_values(value_cache: torch.Tensor, blocks: torch.Tensor, layout: Block
         if nb == 1:
             return cache[..., :n_max].index_select(1, blocks[:, 0]).transpose(2, 3).transpose(0, 1)
         stored = cache.index_select(1, blocks.flatten()).view(Hkv, R, nb, D, bs)
-        return stored.permute(0, 1, 2, 4, 3).reshape(Hkv, R, nb * bs, D).transpose(0, 1)
+        return stored.permute(0, 1, 2, 4, 3).reshape(Hkv, R, nb * bs, D)[:, :, :n_max].transpose(0, 1)
     cache = value_cache.transpose(0, 1)
     if nb == 1:
         return cache[:, :, :n_max].index_select(1, blocks[:, 0]).transpose(0, 1)
-    return cache.index_select(1, blocks.flatten()).view(Hkv, R, nb * bs, D).transpose(0, 1)
+    return cache.index_select(1, blocks.flatten()).view(Hkv, R, nb * bs, D)[:, :, :n_max].transpose(0, 1)
 
 
 def biased_attention(q: torch.Tensor, k_t: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor,
