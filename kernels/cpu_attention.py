@@ -77,7 +77,9 @@ def gather_keys_t(key_cache: torch.Tensor, blocks: torch.Tensor, layout: BlockLa
     row has), from a [num_blocks, kv_heads, block_size, head_size] cache view and a [rows, blocks] block table.
     Plain and transposed layouts come back as a view of KV-head-major storage ([kv_heads, rows, ...], the last
     two dims any BLAS-compatible strides), copied from the cache once (twice for a transposed multi-block table),
-    so `biased_attention` multiplies it without another copy; keys beyond n_max are sliced off, not copied."""
+    so `biased_attention` multiplies it without another copy; keys beyond n_max are sliced off, not copied.
+    (Advanced indexing, not `index_select`, on the KV-head-major view: index_select on a non-leading dim of a
+    strided view copies the whole cache first.)"""
     R, nb = blocks.shape
     _, Hkv, bs, D = key_cache.shape
     if layout.kind == "packed":
@@ -85,13 +87,13 @@ def gather_keys_t(key_cache: torch.Tensor, blocks: torch.Tensor, layout: BlockLa
     if layout.kind == "transposed":
         cache = key_cache.view(-1, Hkv, D, bs).transpose(0, 1)  # a view: never copy the whole cache
         if nb == 1:  # copy only the used slots of the one block (the common decode case)
-            return cache[..., :n_max].index_select(1, blocks[:, 0]).transpose(0, 1)
-        stored = cache.index_select(1, blocks.flatten()).view(Hkv, R, nb, D, bs)
+            return cache[..., :n_max][:, blocks[:, 0]].transpose(0, 1)
+        stored = cache[:, blocks.flatten()].view(Hkv, R, nb, D, bs)
         return stored.permute(0, 1, 3, 2, 4).reshape(Hkv, R, D, nb * bs)[..., :n_max].transpose(0, 1)
     cache = key_cache.transpose(0, 1)
     if nb == 1:
-        return cache[:, :, :n_max].index_select(1, blocks[:, 0]).transpose(2, 3).transpose(0, 1)
-    return cache.index_select(1, blocks.flatten()).view(Hkv, R, nb * bs, D)[:, :, :n_max].transpose(2, 3).transpose(0, 1)
+        return cache[:, :, :n_max][:, blocks[:, 0]].transpose(2, 3).transpose(0, 1)
+    return cache[:, blocks.flatten()].view(Hkv, R, nb * bs, D)[:, :, :n_max].transpose(2, 3).transpose(0, 1)
 
 
 def gather_values(value_cache: torch.Tensor, blocks: torch.Tensor, layout: BlockLayout, n_max: int
@@ -105,13 +107,13 @@ def gather_values(value_cache: torch.Tensor, blocks: torch.Tensor, layout: Block
     if layout.kind == "transposed":
         cache = value_cache.view(-1, Hkv, D, bs).transpose(0, 1)
         if nb == 1:
-            return cache[..., :n_max].index_select(1, blocks[:, 0]).transpose(2, 3).transpose(0, 1)
-        stored = cache.index_select(1, blocks.flatten()).view(Hkv, R, nb, D, bs)
+            return cache[..., :n_max][:, blocks[:, 0]].transpose(2, 3).transpose(0, 1)
+        stored = cache[:, blocks.flatten()].view(Hkv, R, nb, D, bs)
         return stored.permute(0, 1, 2, 4, 3).reshape(Hkv, R, nb * bs, D)[:, :, :n_max].transpose(0, 1)
     cache = value_cache.transpose(0, 1)
     if nb == 1:
-        return cache[:, :, :n_max].index_select(1, blocks[:, 0]).transpose(0, 1)
-    return cache.index_select(1, blocks.flatten()).view(Hkv, R, nb * bs, D)[:, :, :n_max].transpose(0, 1)
+        return cache[:, :, :n_max][:, blocks[:, 0]].transpose(0, 1)
+    return cache[:, blocks.flatten()].view(Hkv, R, nb * bs, D)[:, :, :n_max].transpose(0, 1)
 
 
 def biased_attention(q: torch.Tensor, k_t: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor,
