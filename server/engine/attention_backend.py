@@ -1,11 +1,20 @@
 """Attention steering inside vLLM: the attention backend override and the per-step steered rows it reads.
 
 The steering processor (server/engine/processor.py) sees every batch change before the step's forward and publishes the
-steered rows here (`AttentionRows`); the backend then recomputes those rows' attention with their key biases
-(kernels/cpu_attention.py) and overwrites the native kernel's output for them. Unsteered rows keep the native
-kernel's output untouched. The cache layout of every kernel vLLM-CPU picks (plain, transposed, or the AMX kernel's
-packed tiles in bf16) is found by probing its cache writer. A steered row that cannot be computed never raises in
-the engine step: attention steering is switched off for the engine and the fault reported (server/engine/faults.py). Registered by the plugin for `CPU_ATTN`, the backend every non-MLA model gets on CPU.
+steered rows here (`AttentionRows`). Each steered row is computed once per layer: once per step the step's
+metadata is split, the native kernel runs on the unsteered rows alone (a sub-batch with its own query offsets,
+sequence lengths, block table and scheduler metadata; skipped when every row with tokens is steered), and the
+steered rows are computed exactly with their key biases in torch (kernels/cpu_attention.py), all decode rows of one
+attention mode in one call, each prefill chunk alone. Why this and not a post-hoc correction of the native output:
+the native kernel returns no log-sum-exp, so even a sink-only correction needs every key's score again (the K
+gather and half the math), and the corrected output amplifies the native output's rounding by up to 1/gamma
+(e^20 for the start-up probe), which breaks fp32 parity with HF eager; span plans bias many keys, not one.
+Unsteered rows stay bit-identical: the native kernel computes each row independently of the batch around it.
+The cache layout of every kernel vLLM-CPU picks (plain, transposed, or the AMX kernel's packed tiles in bf16) is
+found by probing its cache writer. A steered row that cannot be computed never raises in the engine step:
+attention steering is switched off for the engine, the native kernel reruns the whole step, and the fault is
+reported (server/engine/faults.py). Registered by the plugin for `CPU_ATTN`, the backend every non-MLA model gets
+on CPU.
 """
 from __future__ import annotations
 
