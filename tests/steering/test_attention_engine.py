@@ -148,3 +148,41 @@ def test_prefix_cache_never_mixes_steered_and_unsteered_kv(llm, hf):
         check_against_reference(model, out, spec, f"prefix-cache {spec}")
     # The repeats hit the cache (so the test exercised it), each within its own salt.
     assert out.num_cached_tokens and out.num_cached_tokens >= 128
+
+
+def test_native_kernel_computes_only_the_unsteered_rows(llm, hf, monkeypatch):
+    """Steered rows are computed once: vLLM's kernel never sees a steered row's tokens in a layer it steers (it
+    would, if the backend recomputed them on top of the native output), and the rows still match the reference."""
+    from steerserve.server.engine import vllm_compat
+
+    native_impl = vllm_compat.cpu_attention_classes()[1]
+    seen: list[int] = []
+    forward = native_impl.forward
+
+    def counting(self, layer, query, key, value, kv_cache, md, output, *args, **kwargs):
+        if md is not None:
+            seen.append(md.num_actual_tokens)
+        return forward(self, layer, query, key, value, kv_cache, md, output, *args, **kwargs)
+
+    monkeypatch.setattr(native_impl, "forward", counting)
+    model, tok = hf
+    ids = tok("Fresh words for this test only: the native kernel counts tokens. " * 3).input_ids
+    steps = 4
+    specs = {**SPECS, "layer1": {"sink": {"gamma": 2.0, "layers": [1]}}}
+    # Unsteered rows between steered ones (a non-contiguous sub-batch); "layer1" steers layer 1 only.
+    names = ["sink_all", "none", "spans", "layer1", "none"]
+    reqs = [request(tok, ids[:len(ids) - k], specs[n], steps) for k, n in enumerate(names)]  # no shared prefix
+    outs = llm.generate([p for p, _ in reqs], [sp for _, sp in reqs], use_tqdm=False)
+    for name, out in zip(names, outs, strict=True):
+        check_against_reference(model, out, specs[name], f"once/{name}")
+    tokens = [len(ids) - k + steps - 1 for k in range(len(names))]  # tokens each row puts through attention
+    unsteered = sum(t for t, n in zip(tokens, names, strict=True) if n == "none")
+    # The "layer1" row may go to the kernel in layer 0; or not (decoding next to rows that steer layer 0, it is
+    # computed with theirs, with a zero bias). Never a steered row in a layer it steers: that would add >= 77.
+    assert LAYERS * unsteered <= sum(seen) <= LAYERS * unsteered + tokens[names.index("layer1")]
+
+    seen.clear()  # every row steered in every layer: the native kernel has nothing to compute
+    reqs = [request(tok, ids[: len(ids) - 8 - k], SPECS["sink_all"], steps) for k in range(3)]
+    for out in llm.generate([p for p, _ in reqs], [sp for _, sp in reqs], use_tqdm=False):
+        check_against_reference(model, out, SPECS["sink_all"], "once/all steered")
+    assert sum(seen) == 0
