@@ -1,0 +1,124 @@
+"""The experimental GPU attention backend, as far as it can be checked without a GPU.
+
+- Selection: the backends vLLM 0.32 ranks first for non-MLA models on SM 8.x/9.x (FLASH_ATTN; TRITON_ATTN, the one
+  that takes fp32) are the ones overridden; `attention_glue.register` installs our subclasses over them only on a
+  CUDA platform (faked here by its argument), vLLM's registry then hands out our classes, and `unregister` restores
+  vLLM's. The subclasses derive from vLLM's own impls and declare no CUDA-graph support.
+- The glue: `attention_glue.steer_rows` on CPU tensors in the GPU backends' cache layout ([num_blocks, Hkv,
+  block_size, 2 * D], split by `vllm_compat.gpu_kv_views`), with row groups built by the CPU backend's
+  `AttentionRows` from per-row bias tables, checked against the independent float64 paged-attention reference of
+  tests/kernels; unsteered rows' output is never written. Run with the torch path and with the Triton kernel under
+  the interpreter (what runs on a GPU). About 10 s.
+"""
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from steerserve.kernels import dispatch
+from steerserve.server.engine import attention_glue, vllm_compat
+from steerserve.server.engine.attention_backend import AttentionRows, RowSteer
+from tests.kernels.interpreter import load_kernels
+from tests.kernels.test_attention_kernels import reference_attention
+
+kernels = load_kernels()
+HQ, HKV, D, BS, LAYERS = 4, 2, 32, 16, 2
+
+
+def test_the_backends_vllm_picks_on_gpus_are_the_ones_overridden():
+    from vllm.platforms.cuda import _get_backend_priorities
+    from vllm.platforms.interface import DeviceCapability
+
+    for major in (8, 9):
+        ranked = [b.name for b in _get_backend_priorities(False, DeviceCapability(major, 0))]
+        assert ranked[0] == "FLASH_ATTN" and "TRITON_ATTN" in ranked, ranked
+    flash, _, _ = vllm_compat.gpu_attention_classes("FLASH_ATTN")
+    triton_backend, _, _ = vllm_compat.gpu_attention_classes("TRITON_ATTN")
+    assert torch.float32 not in flash.supported_dtypes and torch.float32 in triton_backend.supported_dtypes
+    assert set(attention_glue.GPU_BACKEND_PATHS) == set(vllm_compat.GPU_ATTENTION_BACKENDS)
+
+
+def test_register_installs_the_subclasses_on_cuda_platforms_only():
+    from steerserve.server.engine import attention_backend_gpu as gpu
+
+    plain = {name: vllm_compat.attention_backend_class(name) for name in vllm_compat.GPU_ATTENTION_BACKENDS}
+    assert not any(cls.__module__ == gpu.__name__ for cls in plain.values())
+    try:
+        assert attention_glue.register(is_cuda=False) is False
+        assert {n: vllm_compat.attention_backend_class(n) for n in plain} == plain
+        assert attention_glue.register(is_cuda=True) is True
+        for name, path in attention_glue.GPU_BACKEND_PATHS.items():
+            ours = vllm_compat.attention_backend_class(name)
+            assert ".".join(ours.full_cls_name()) == path
+            base, impl, builder = vllm_compat.gpu_attention_classes(name)
+            assert issubclass(ours, base) and ours.get_name() == base.get_name()
+            assert issubclass(ours.get_impl_cls(), impl) and ours.get_impl_cls() is not impl
+            assert issubclass(ours.get_builder_cls(), builder)
+            assert ours.get_builder_cls().get_cudagraph_support(None, None) == vllm_compat.no_cudagraph_support()
+    finally:
+        attention_glue.unregister()
+    assert {n: vllm_compat.attention_backend_class(n) for n in plain} == plain
+
+
+# (q_len, seq_len, steered) per row: decode rows (steered and not), a steered prefill chunk crossing blocks.
+ROWS = [(1, 37, True), (1, 20, False), (1, 50, True), (9, 40, True), (1, 17, True)]
+
+
+def _step(seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    q_lens = [ql for ql, _, _ in ROWS]
+    blocks_per_row = [math.ceil(sl / BS) for _, sl, _ in ROWS]
+    num_blocks = sum(blocks_per_row) + 3
+    perm = torch.randperm(num_blocks, generator=gen)
+    block_table = torch.zeros(len(ROWS), max(blocks_per_row) + 1, dtype=torch.int32)
+    used = 0
+    for r, n in enumerate(blocks_per_row):
+        block_table[r, :n] = perm[used:used + n]
+        used += n
+    kv_cache = torch.randn(num_blocks, HKV, BS, 2 * D, generator=gen)  # the GPU backends' cache
+    key_cache, value_cache = vllm_compat.gpu_kv_views(kv_cache, D)
+    key_cache[block_table[:, 0].long(), 0] *= 3.0  # a strong key 0 (the sink), so gains on it move the output
+    md = SimpleNamespace(query_start_loc=torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()]),
+                         seq_lens=torch.tensor([sl for _, sl, _ in ROWS]), block_table=block_table)
+    query = torch.randn(sum(q_lens), HQ, D, generator=gen)
+    # Per steered row, per layer: a [heads, keys] bias (sink gains on key 0, a span's ln alpha, random tables).
+    steers, key_bias = [], torch.zeros(LAYERS, len(ROWS), HQ, 30)
+    for r, (_, _, steered) in enumerate(ROWS):
+        if steered:
+            biases = [torch.zeros(HQ, 1), torch.randn(HQ, 30, generator=gen)]
+            biases[0][:, 0] = torch.tensor([math.log(4.0), math.log(0.25), 0.0, -3.0])
+            for layer, b in enumerate(biases):
+                key_bias[layer, r, :, : b.shape[1]] = b
+            steers.append((r, RowSteer(biases)))
+    return query, key_cache, value_cache, md, steers, key_bias
+
+
+@pytest.mark.parametrize("kernel", ["torch", "triton"])
+def test_steer_rows_in_the_gpu_layout_matches_the_reference(kernel, monkeypatch):
+    monkeypatch.setenv(dispatch.KERNEL_ENV, kernel)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    query, key_cache, value_cache, md, steers, key_bias = _step()
+    rows = AttentionRows()
+    rows.rows = steers
+    groups = rows.groups(md)
+    assert sorted(len(g.rows) for g in groups) == [1, 3]  # the decode rows in one group, the prefill chunk alone
+    qsl, seq_lens = md.query_start_loc.int(), md.seq_lens.int()
+    for layer in range(LAYERS):
+        sentinel = torch.full((query.shape[0], HQ * D), 1234.5)
+        output = sentinel.clone()
+        attention_glue.steer_rows(query, key_cache, value_cache, md.block_table, groups, layer, output,
+                                  scale=1 / math.sqrt(D))
+        ref, _ = reference_attention(query, key_cache, value_cache, md.block_table, qsl, seq_lens, 1 / math.sqrt(D),
+                                     key_bias=key_bias[layer])
+        plain, _ = reference_attention(query, key_cache, value_cache, md.block_table, qsl, seq_lens, 1 / math.sqrt(D))
+        out = output.view(-1, HQ, D)
+        for r, (_, _, steered) in enumerate(ROWS):
+            tokens = slice(int(qsl[r]), int(qsl[r + 1]))
+            if steered:
+                torch.testing.assert_close(out[tokens], ref[tokens], atol=1e-5, rtol=0)
+                assert (ref[tokens] - plain[tokens]).abs().max() > 1e-2  # the bias moved this row
+            else:
+                assert torch.equal(output.view(-1, HQ, D)[tokens], sentinel.view(-1, HQ, D)[tokens])
