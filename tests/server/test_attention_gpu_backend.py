@@ -1,9 +1,9 @@
 """The experimental GPU attention backend, as far as it can be checked without a GPU.
 
-- Selection: the backends vLLM 0.32 ranks first for non-MLA models on SM 8.x/9.x (FLASH_ATTN; TRITON_ATTN, the one
-  that takes fp32) are the ones overridden; `attention_glue.register` installs our subclasses over them only on a
-  CUDA platform (faked here by its argument), vLLM's registry then hands out our classes, and `unregister` restores
-  vLLM's. The subclasses derive from vLLM's own impls and declare no CUDA-graph support.
+- Selection: vLLM's own CUDA platform selector, under a faked SM 9.0 device, picks FLASH_ATTN for bf16/fp16 and
+  TRITON_ATTN for fp32, and our subclasses once `attention_glue.register` ran (only on a CUDA platform: faked here by
+  its argument); `unregister` restores vLLM's. The subclasses derive from vLLM's own impls and declare no CUDA-graph
+  support.
 - The glue: `attention_glue.steer_rows` on CPU tensors in the GPU backends' cache layout ([num_blocks, Hkv,
   block_size, 2 * D], split by `vllm_compat.gpu_kv_views`), with row groups built by the CPU backend's
   `AttentionRows` from per-row bias tables, checked against the independent float64 paged-attention reference of
@@ -13,7 +13,8 @@
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
+import sys
+from types import ModuleType, SimpleNamespace
 
 import pytest
 import torch
@@ -28,17 +29,36 @@ kernels = load_kernels()
 HQ, HKV, D, BS, LAYERS = 4, 2, 32, 16, 2
 
 
-def test_the_backends_vllm_picks_on_gpus_are_the_ones_overridden():
-    from vllm.platforms.cuda import _get_backend_priorities
+@pytest.fixture
+def cuda_platform(monkeypatch):
+    """vLLM's CUDA platform module, importable here: its compiled ops module is stubbed (it only registers ops) and
+    the device capability faked to SM 9.0 (H100/H200). Removed from sys.modules afterwards."""
+    monkeypatch.setitem(sys.modules, "vllm._C_stable_libtorch", ModuleType("vllm._C_stable_libtorch"))
+    had = "vllm.platforms.cuda" in sys.modules
+    from vllm.platforms import cuda
     from vllm.platforms.interface import DeviceCapability
 
-    for major in (8, 9):
-        ranked = [b.name for b in _get_backend_priorities(False, DeviceCapability(major, 0))]
-        assert ranked[0] == "FLASH_ATTN" and "TRITON_ATTN" in ranked, ranked
-    flash, _, _ = vllm_compat.gpu_attention_classes("FLASH_ATTN")
-    triton_backend, _, _ = vllm_compat.gpu_attention_classes("TRITON_ATTN")
-    assert torch.float32 not in flash.supported_dtypes and torch.float32 in triton_backend.supported_dtypes
-    assert set(attention_glue.GPU_BACKEND_PATHS) == set(vllm_compat.GPU_ATTENTION_BACKENDS)
+    monkeypatch.setattr(cuda.CudaPlatform, "get_device_capability",
+                        classmethod(lambda cls, device_id=0: DeviceCapability(9, 0)))
+    yield cuda
+    if not had:
+        sys.modules.pop("vllm.platforms.cuda", None)
+
+
+@pytest.mark.parametrize("dtype, backend", [(torch.bfloat16, "FLASH_ATTN"), (torch.float16, "FLASH_ATTN"),
+                                            (torch.float32, "TRITON_ATTN")])
+def test_vllms_cuda_selector_picks_our_subclass(cuda_platform, dtype, backend):
+    from vllm.v1.attention.selector import AttentionSelectorConfig
+
+    config = AttentionSelectorConfig(head_size=64, dtype=dtype, kv_cache_dtype="auto", block_size=None)
+    plain = cuda_platform.CudaPlatform.get_attn_backend_cls(None, config)
+    assert plain.rsplit(".", 1)[1] == vllm_compat.gpu_attention_classes(backend)[0].__name__
+    try:
+        attention_glue.register(is_cuda=True)
+        assert cuda_platform.CudaPlatform.get_attn_backend_cls(None, config) == attention_glue.GPU_BACKEND_PATHS[backend]
+    finally:
+        attention_glue.unregister()
+    assert cuda_platform.CudaPlatform.get_attn_backend_cls(None, config) == plain
 
 
 def test_register_installs_the_subclasses_on_cuda_platforms_only():

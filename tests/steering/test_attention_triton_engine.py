@@ -60,7 +60,7 @@ def test_triton_path_in_the_engine_matches_hf_eager(llm, tiny_dir, monkeypatch):
     model, tok = reference.load(tiny_dir), AutoTokenizer.from_pretrained(tiny_dir)
     ids = [tok(p).input_ids for p in PROMPTS[1:3]]  # one cache block; two blocks, prefilled in chunks
     jobs = [(i, name) for name in NAMES for i in range(len(ids))]
-    reqs = [request(tok, ids[i], SPECS[name], 2) for i, name in jobs]
+    reqs = [request(tok, ids[i], SPECS[name], 3) for i, name in jobs]
     outs = llm.generate([p for p, _ in reqs], [sp for _, sp in reqs], use_tqdm=False)
 
     assert {mode for _, mode, _ in launches} == {"softmax", "lssa", "reweight"}, launches
