@@ -13,16 +13,12 @@ engine never loads it.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
 
 from steerserve.kernels import dispatch
 
 from . import vllm_compat
-
-if TYPE_CHECKING:
-    from .attention_backend import RowGroup
 
 GPU_BACKEND_PATHS = {  # vllm_compat.GPU_ATTENTION_BACKENDS -> our subclass
     "FLASH_ATTN": "steerserve.server.engine.attention_backend_gpu.SteeringFlashAttentionBackend",
@@ -59,13 +55,14 @@ def check_supported(kv_cache_dtype: str, alibi_slopes, sinks) -> None:
 
 
 def steer_rows(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, block_table: torch.Tensor,
-               groups: list[RowGroup], layer: int, output: torch.Tensor, *, scale: float, sliding_window: int = -1,
+               groups: list, layer: int, output: torch.Tensor, *, scale: float, sliding_window: int = -1,
                softcap: float = 0.0) -> None:
     """Overwrite the output of the groups' rows that steer `layer` with their biased attention.
 
     query [tokens, Hq, D] (or [tokens, Hq * D]); key_cache, value_cache [num_blocks, block_size, Hkv, D] views;
     block_table [rows, max_blocks] (the step's metadata); output [tokens, Hq * D] or [tokens, Hq, D], written in
-    place on the steered rows' tokens only. The groups' index tensors live on the CPU (built once per step);
+    place on the steered rows' tokens only. groups: the step's `attention_backend.RowGroup`s (not imported: that
+    module imports this one). The groups' index tensors live on the CPU (built once per step);
     they are moved to the queries' device here."""
     kv = dispatch.PagedKV.flash(key_cache, value_cache)
     block_size, device = key_cache.shape[1], query.device
