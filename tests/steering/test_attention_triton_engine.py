@@ -2,11 +2,12 @@
 TRITON_INTERPRET=1, fp32) through kernels/dispatch.py, against HF eager with the steering written out
 (tests/attention_reference.py), as tests/steering/test_attention_engine.py checks the torch path.
 
-This checks the glue, not only the kernel: vLLM-CPU's own cache layouts turned into the kernel's strided views,
+This checks the glue, not only the kernel: vLLM-CPU's own cache layouts (fp32: keys transposed per block, values
+plain) turned into the kernel's strided views,
 the block tables of rows whose prompt spans two cache blocks (chunked prefill next to decode rows), sequence
 lengths and query positions, and the per-row bias tables. The kernel is spied on, so a silent fallback to the
-torch path, or attention steering switched off by a fault, fails the test. Costs about 40 s on 2 cores (one tiny
-engine; the interpreter runs a few dozen kernel launches).
+torch path, or attention steering switched off by a fault, fails the test. Costs about 30 s on 2 cores (one tiny
+engine, ~10 s; the interpreter runs ~70 kernel launches).
 """
 from __future__ import annotations
 
