@@ -41,6 +41,8 @@ def _steering_impl(base: type) -> type:
                     self._layer = vllm_compat.layer_index(layer.layer_name)
                 attention_glue.check_supported(str(self.kv_cache_dtype), self.alibi_slopes,
                                                getattr(self, "sinks", None))
+                if kwargs.get("output_scale") is not None or (args and args[0] is not None):
+                    raise RuntimeError("attention steering cannot write a quantized (fused output scale) output")
                 key_cache, value_cache = vllm_compat.gpu_kv_views(kv_cache, self.head_size)
                 attention_glue.steer_rows(
                     query, key_cache, value_cache, attn_metadata.block_table, rows.groups(attn_metadata),

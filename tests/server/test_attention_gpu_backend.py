@@ -8,7 +8,10 @@
   block_size, 2 * D], split by `vllm_compat.gpu_kv_views`), with row groups built by the CPU backend's
   `AttentionRows` from per-row bias tables, checked against the independent float64 paged-attention reference of
   tests/kernels; unsteered rows' output is never written. Run with the torch path and with the Triton kernel under
-  the interpreter (what runs on a GPU). About 10 s.
+  the interpreter (what runs on a GPU).
+- The subclass's forward around vLLM's kernel (stubbed): steered rows overwritten, unsteered rows left to vLLM, and
+  a layer it cannot handle switches attention steering off with the reason (fail closed).
+About 5 s of test time (importing vLLM's GPU backend modules takes longer on a loaded machine).
 """
 from __future__ import annotations
 
@@ -142,3 +145,58 @@ def test_steer_rows_in_the_gpu_layout_matches_the_reference(kernel, monkeypatch)
                 assert (ref[tokens] - plain[tokens]).abs().max() > 1e-2  # the bias moved this row
             else:
                 assert torch.equal(output.view(-1, HQ, D)[tokens], sentinel.view(-1, HQ, D)[tokens])
+
+
+@pytest.mark.parametrize("backend", ["TRITON_ATTN", "FLASH_ATTN"])
+def test_the_gpu_impl_overwrites_steered_rows_and_fails_closed(backend, monkeypatch):
+    """The subclass's forward around vLLM's kernel (stubbed: it cannot run here; it writes a sentinel as "native"
+    output): it finds its engine's rows, overwrites only the steered rows with the reference, and on a layer it
+    cannot handle (an fp8 KV cache) switches attention steering off with the reason, leaving vLLM's output alone."""
+    from steerserve.server.engine import attention_backend, attention_backend_gpu, faults
+    from steerserve.server.engine import state as engine_state
+
+    monkeypatch.setenv(dispatch.KERNEL_ENV, "torch")
+    base_impl = vllm_compat.gpu_attention_classes(backend)[1]
+    ours = attention_backend_gpu.SteeringTritonAttentionImpl if backend == "TRITON_ATTN" else \
+        attention_backend_gpu.SteeringFlashAttentionImpl
+
+    def native(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
+        return output.fill_(1234.5)
+
+    monkeypatch.setattr(base_impl, "forward", native)
+    query, key_cache, value_cache, md, steers, key_bias = _step()
+    kv_cache = torch.cat([key_cache, value_cache], dim=-1).transpose(1, 2).contiguous()  # [nb, Hkv, bs, 2D]
+    class Owner:  # the steering processor, whose collection drops the state
+        pass
+
+    config, owner = SimpleNamespace(), Owner()
+    state = engine_state.create(config, owner, (attention_backend.HOOK,))
+    state.rows["attention"].rows = steers
+
+    def impl(kv_cache_dtype: str):
+        impl = object.__new__(ours)
+        impl.__dict__.update(num_heads=HQ, head_size=D, scale=1 / math.sqrt(D), sliding_window=(-1, -1),
+                             logits_soft_cap=0, kv_cache_dtype=kv_cache_dtype, alibi_slopes=None, sinks=None,
+                             attn_type="decoder", _config=config, _rows=None, _layer=None)
+        return impl
+
+    layer = SimpleNamespace(layer_name="model.layers.1.self_attn.attn")
+    output = torch.empty(query.shape[0], HQ * D)
+    impl("auto").forward(layer, query, None, None, kv_cache, md, output)
+    qsl, seq_lens = md.query_start_loc.int(), md.seq_lens.int()
+    ref, _ = reference_attention(query, key_cache, value_cache, md.block_table, qsl, seq_lens, 1 / math.sqrt(D),
+                                 key_bias=key_bias[1])
+    out = output.view(-1, HQ, D)
+    for r, (_, _, steered) in enumerate(ROWS):
+        tokens = slice(int(qsl[r]), int(qsl[r + 1]))
+        if steered:
+            torch.testing.assert_close(out[tokens], ref[tokens], atol=1e-5, rtol=0)
+        else:
+            assert (out[tokens] == 1234.5).all()
+    assert state.rows["attention"].off is None
+
+    faults.clear()
+    impl("fp8").forward(layer, query, None, None, kv_cache, md, output)
+    assert (output == 1234.5).all()
+    assert "fp8" in (state.rows["attention"].off or "") and "fp8" in faults.reported().get("attention", "")
+    faults.clear()
