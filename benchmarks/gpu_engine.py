@@ -16,7 +16,9 @@ import time
 CASES = ((0.0, 0), (0.5, 8), (1.0, 1), (1.0, 8))  # (fraction steered, distinct configs)
 
 
-def engine_case(model: str, dtype: str = "bfloat16", rows: int = 32, tokens: int = 128, repeats: int = 2) -> dict:
+def engine_case(model: str, dtype: str = "bfloat16", rows: int = 32, tokens: int = 128, repeats: int = 2,
+                **engine_kwargs) -> dict:
+    """The report of case (d); `engine_kwargs` go to `vllm.LLM` (e.g. enforce_eager=True for a CPU smoke run)."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process, as the server's engine: inspectable
     from vllm import SamplingParams
 
@@ -25,7 +27,7 @@ def engine_case(model: str, dtype: str = "bfloat16", rows: int = 32, tokens: int
     from steerserve.steering import spec as S
 
     llm = open_steering_llm(model, dtype=dtype, max_model_len=2048, max_num_seqs=rows, gpu_memory_utilization=0.5,
-                            seed=0)
+                            seed=0, **engine_kwargs)
     tok, facts = llm.get_tokenizer(), llm_facts(llm, model)
     config = llm.llm_engine.vllm_config
     report = {"model": model, "dtype": dtype, "rows": rows, "tokens": tokens,
