@@ -12,7 +12,9 @@
     batches (contexts up to 8k, so N a reaches thousands and x^15 would overflow fp32 unscaled), and timing of
     each mode vs the softmax kernel (same biases) for decode and prefill at a couple of context lengths.
 
-Needs only torch + triton (no vLLM, no install): run from the repo root on a CUDA machine as
+(d) With `--engine MODEL` (needs steerserve installed with vLLM for CUDA): the experimental steering GPU backend
+    inside vLLM (benchmarks/gpu_engine.py): which backend was built, whether steering moves the output, throughput.
+(a)-(c) need only torch + triton (no vLLM, no install): run from the repo root on a CUDA machine as
     python -m benchmarks.gpu_attention --out DIR      or      python benchmarks/gpu_attention.py --out DIR
 Writes DIR/gpu_attention.json (rewritten after every case, so a cut-off run keeps what it measured) and
 DIR/gpu_attention.png. Cases start only within the time budget (`budget_s`), in the order (c), (a), (b). Every case catches its own failure into the JSON. `--dry-run` runs tiny sizes under
@@ -447,6 +449,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     parser.add_argument("--dry-run", action="store_true", help="tiny sizes under TRITON_INTERPRET on the CPU")
+    parser.add_argument("--engine", metavar="MODEL", help="also (d): the steering GPU backend inside vLLM on MODEL "
+                        "(benchmarks/gpu_engine.py; needs steerserve installed with vLLM for CUDA)")
+    parser.add_argument("--engine-dtype", default="bfloat16", help="(d)'s dtype: bfloat16/float16 get FLASH_ATTN, "
+                        "float32 TRITON_ATTN")
     args = parser.parse_args(argv)
     if args.dry_run:
         os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: it decides at @triton.jit time
@@ -489,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
         elif kind == "mode_correctness":
             brief = f"ok={res['ok']} " + " ".join(f"{m}_err={e['out']:.2e}" for m, e in res["modes"].items())
         else:
-            ratios = res["ratio_to_unsteered" if kind == "timing" else "ratio_to_softmax"]
+            ratios = res["ratio_to_softmax" if kind == "mode_timing" else "ratio_to_unsteered"]
             brief = " ".join(f"{k}={v:.3f}" for k, v in ratios.items())
         print(f"[{time.monotonic() - started:6.1f}s] {kind} {label}: {brief}", flush=True)
         if device == "cuda":
@@ -514,6 +520,18 @@ def main(argv: list[str] | None = None) -> int:
         for num_rows, ctx in sz.prefills:
             run("timing", f"prefill rows={num_rows} ctx={ctx} {dtype_name}",
                 lambda n=num_rows, c=ctx, d=dtype_name: time_case(attn, sz, "prefill", n, c, d, device))
+    if args.engine:  # last: it loads a model next to the kernels' cases
+        from benchmarks.gpu_engine import engine_case
+
+        def engine():
+            res = engine_case(args.engine, args.engine_dtype)
+            res["ratio_to_unsteered"] = {f"{t['steered_fraction']:.0%} K={t['distinct_configs']}": t["ratio"]
+                                         for t in res["throughput"]}
+            return res
+
+        report["engine"] = []
+        sz.budget_s = float("inf")  # (d) runs whatever the kernel cases took
+        run("engine", f"steering backend in vLLM ({args.engine}, {args.engine_dtype})", engine)
     report["all_correct"] = all(c.get("ok", False) for c in report["correctness"] + report["mode_correctness"])
     report["plot_error"] = plot(report, png_path)
     save()

@@ -23,11 +23,11 @@ from dataclasses import dataclass
 
 import torch
 
-from steerserve.kernels import cpu_attention
+from steerserve.kernels import cpu_attention, dispatch
 from steerserve.steering.plan import AttentionPlan
 
+from . import attention_glue, vllm_compat
 from . import state as engine_state
-from . import vllm_compat
 from .state import Hook, MethodRows, RowContext
 
 BACKEND_PATH = "steerserve.server.engine.attention_backend.SteeringCPUBackend"
@@ -267,13 +267,12 @@ class SteeringCPUImpl(_CPUImpl):
         q = query.view(-1, self.num_heads, self.head_size).index_select(0, group.tokens.flatten())
         bias = group.biases[self._layer]
         mode = group.mode if self._layer in group.mode_layers else "softmax"
-        o = cpu_attention.biased_attention(
+        o = dispatch.steered_rows_attention(
             q.view(R, q_len, self.num_heads, self.head_size),
-            cpu_attention.gather_keys_t(key_cache, blocks, k_layout, group.n_max),
-            cpu_attention.gather_values(value_cache, blocks, v_layout, group.n_max),
-            group.q_pos, group.n_keys, bias if bias is not None else torch.zeros(R, self.num_heads, 1), self.scale,
-            self.sliding_window, self.logits_soft_cap, mode, group.power)
-        o = o.view(R * q_len, self.num_heads, self.head_size)
+            dispatch.PagedKV(key_cache, value_cache, k_layout, v_layout), blocks, group.q_pos, group.n_keys, bias,
+            self.scale, sliding_window=self.sliding_window, softcap=self.logits_soft_cap, mode=mode,
+            power=group.power, n_max=group.n_max)
+        o = o.reshape(R * q_len, self.num_heads, self.head_size)
         if group.src is not None:
             o = o.index_select(0, group.src)
         output.view(-1, self.num_heads, self.head_size).index_copy_(0, group.dest, o.to(output.dtype))
@@ -287,11 +286,13 @@ class SteeringCPUBackend(_CPUBackend):
 
 def register() -> None:
     vllm_compat.override_cpu_attention(BACKEND_PATH)  # also drops a plain backend an earlier engine cached
+    attention_glue.register()  # the experimental GPU backends, on CUDA platforms only
 
 
 def unregister() -> None:
     """Back to vLLM's own backend for engines built later in this process (tests)."""
     vllm_compat.override_cpu_attention(None)
+    attention_glue.unregister()
 
 
 HOOK = Hook("attention", AttentionRows, admit, register=register, unregister=unregister)

@@ -245,3 +245,78 @@ def engine_dead_error() -> type:
     from vllm.v1.engine.exceptions import EngineDeadError
 
     return EngineDeadError
+
+
+# ---- the GPU attention backends (server/engine/attention_backend_gpu.py, attention_glue.py; experimental) ----
+
+# vllm/platforms/cuda.py `_get_backend_priorities`: for non-MLA models vLLM 0.32 ranks FLASH_ATTN first on SM 8.x/9.x
+# (fp16/bf16), then FLASHINFER, then TRITON_ATTN (the one valid for fp32). FLASHINFER (ranked first on SM 10.x) is
+# not overridden: there the start-up self-test finds attention steering inactive and turns it off.
+GPU_ATTENTION_BACKENDS: tuple[str, ...] = ("FLASH_ATTN", "TRITON_ATTN")
+
+
+def gpu_attention_classes(name: str) -> tuple[type, type, type]:
+    """(backend, impl, metadata builder) of a GPU backend in `GPU_ATTENTION_BACKENDS`:
+    vllm/v1/attention/backends/flash_attn.py `FlashAttentionBackend`, `FlashAttentionImpl`,
+    `FlashAttentionMetadataBuilder`; vllm/v1/attention/backends/triton_attn.py `TritonAttentionBackend`,
+    `TritonAttentionImpl`, `TritonAttentionMetadataBuilder`. Each impl has `forward(layer, query, key, value,
+    kv_cache, attn_metadata, output, ...)` writing [tokens, heads, head_size] into `output`, and `attn_type`,
+    `num_heads`, `head_size`, `scale`, `sliding_window` ((-1, -1) or (window - 1, 0)), `logits_soft_cap` (0: none),
+    `kv_cache_dtype`, `alibi_slopes`, `sinks`; the metadata has `query_start_loc`, `seq_lens`, `block_table`."""
+    if name == "FLASH_ATTN":
+        from vllm.v1.attention.backends import flash_attn as m
+
+        return m.FlashAttentionBackend, m.FlashAttentionImpl, m.FlashAttentionMetadataBuilder
+    if name == "TRITON_ATTN":
+        from vllm.v1.attention.backends import triton_attn as m
+
+        return m.TritonAttentionBackend, m.TritonAttentionImpl, m.TritonAttentionMetadataBuilder
+    raise ValueError(f"not a GPU attention backend steerserve overrides: {name!r}")
+
+
+def no_cudagraph_support():
+    """vllm/v1/attention/backend.py: `AttentionCGSupport.NEVER`. A builder class attribute `_cudagraph_support`
+    with it makes vllm/config/compilation.py `resolve_cudagraph_mode_and_sizes` drop full CUDA graphs to
+    PIECEWISE, so attention runs eagerly every step (our host-side row selection must run)."""
+    from vllm.v1.attention.backend import AttentionCGSupport
+
+    return AttentionCGSupport.NEVER
+
+
+def gpu_kv_views(kv_cache, head_size: int):
+    """Key and value views [num_blocks, block_size, Hkv, head_size] of a GPU backend's KV cache, as
+    FlashAttentionImpl.forward and TritonAttentionImpl.forward take them: `kv_cache` is
+    [num_blocks, Hkv, block_size, 2 * head_size], split by `kv_cache.transpose(1, 2).split(head_size, dim=-1)`."""
+    key_cache, value_cache = kv_cache.transpose(1, 2).split(head_size, dim=-1)
+    return key_cache, value_cache
+
+
+def platform_is_cuda() -> bool:
+    """vllm/platforms/__init__.py: `current_platform.is_cuda()`."""
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cuda()
+
+
+def override_gpu_attention(paths: Mapping[str, str] | None) -> None:
+    """vllm/v1/attention/backends/registry.py: `register_backend(AttentionBackendEnum[name], path)` for each entry
+    (None: drop every `GPU_ATTENTION_BACKENDS` entry from `_ATTN_OVERRIDES`); then vllm/v1/attention/selector.py:
+    `_cached_get_attn_backend.cache_clear()`, as `override_cpu_attention`."""
+    from vllm.v1.attention.backends.registry import _ATTN_OVERRIDES, AttentionBackendEnum, register_backend
+    from vllm.v1.attention.selector import _cached_get_attn_backend
+
+    if paths is None:
+        for name in GPU_ATTENTION_BACKENDS:
+            _ATTN_OVERRIDES.pop(AttentionBackendEnum[name], None)
+    else:
+        for name, path in paths.items():
+            register_backend(AttentionBackendEnum[name], path)
+    _cached_get_attn_backend.cache_clear()
+
+
+def attention_backend_class(name: str) -> type:
+    """vllm/v1/attention/backends/registry.py: `AttentionBackendEnum[name].get_class()`, the class vLLM's selector
+    would load for that backend (our override if one is registered)."""
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    return AttentionBackendEnum[name].get_class()

@@ -5,13 +5,12 @@ docs/internals.md), at small sizes: block_size 16, GQA Hq=4/Hkv=2, D=32 by defau
 """
 from __future__ import annotations
 
-import importlib
 import math
-import os
-from types import ModuleType
 
 import pytest
 import torch
+
+from tests.kernels.interpreter import load_kernels
 
 HQ, HKV, D, BLOCK_SIZE = 4, 2, 32, 16
 SCALE = 1.0 / math.sqrt(D)
@@ -19,42 +18,7 @@ SCALE = 1.0 / math.sqrt(D)
 ROWS = [(1, 37), (1, 1), (20, 20), (7, 50), (1, 100), (33, 70), (1, 17)]
 
 
-def _load_kernels() -> ModuleType:
-    """The kernel module; without a GPU, built for the Triton interpreter.
-
-    triton picks interpreter or compiler when `@triton.jit` runs (triton.knobs.runtime.interpret reads
-    TRITON_INTERPRET then), i.e. when a module is imported. That also holds for triton's own @jit library
-    (tl.zeros, tl.max, tl.sum...): if something imported triton earlier in this session (vLLM does), both it and
-    our module were decorated for the compiler, which cannot run here ("0 active drivers"), so re-import them
-    with the variable set. The variable is restored afterwards (servers that later tests start inherit
-    os.environ); the `_interpreter` fixture sets it again around each test for triton's launch-time checks.
-    """
-    if torch.cuda.is_available():
-        return importlib.import_module("steerserve.kernels.attention")
-    saved = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        pytest.importorskip("triton", reason="triton is not installed")
-        import triton.language as tl
-        from triton.runtime.interpreter import InterpretedFunction
-
-        if not isinstance(tl.zeros, InterpretedFunction):
-            importlib.reload(tl.standard)
-            importlib.reload(tl)
-        module = importlib.import_module("steerserve.kernels.attention")
-        if not isinstance(module._paged_attention_kernel, InterpretedFunction):
-            module = importlib.reload(module)
-    except ImportError as exc:
-        pytest.skip(f"triton cannot run the kernels here: {exc!r}", allow_module_level=True)
-    finally:
-        if saved is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = saved
-    return module
-
-
-kernels = _load_kernels()
+kernels = load_kernels()
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
