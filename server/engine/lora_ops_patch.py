@@ -5,10 +5,11 @@ CPU") ops gather `lora_weights[indices]`, and -1 wraps around to the *last* slot
 `max_loras - 1` holds an adapter, base rows silently get that adapter. Here a row with a negative index gets
 nothing: its shrink output is 0 and expand leaves its output untouched, which is exactly the base model.
 
-The grouping: the stock ops materialise one weight matrix per row (`[rows, out, r]`, for every token of a prefill)
-before an einsum. There are at most `max_loras` distinct adapters in a batch, so each op here runs one matmul per
-adapter present over that adapter's rows (one matmul for a single-adapter batch, none for a base-only batch).
-GPU vLLM uses Triton kernels that skip index -1; this module only touches the torch ops.
+The batching: the stock ops materialise one weight matrix per row (`[rows, out, r]`, for every token of a prefill)
+before an einsum. Here each op is one segmented matmul over the rows that have an adapter, sorted by slot
+(`kernels/segmented_lora.py`: one call whatever the number of distinct adapters; one plain matmul for a
+single-adapter batch, none for a base-only batch); the rows' grouping is computed once per step and shared by
+every projection. GPU vLLM uses Triton kernels that skip index -1; this module only touches the torch ops.
 """
 from __future__ import annotations
 
@@ -16,21 +17,14 @@ import logging
 
 import torch
 
+from steerserve.kernels import segmented_lora
+
 from . import vllm_compat
 
 log = logging.getLogger("steerserve.lora_fix")
 
 _ORIGINAL = "__steerserve_original__"
 _OPS = ("bgmv_shrink", "bgmv_expand", "bgmv_expand_slice")
-
-
-def _groups(indices: torch.Tensor) -> list[tuple[int, torch.Tensor | None]]:
-    """(slot, rows) for every adapter slot in use; rows None means every row. Rows with index < 0 are in none."""
-    lo, hi = int(indices.min()), int(indices.max())
-    if lo == hi:
-        return [] if lo < 0 else [(lo, None)]
-    return [(slot, (indices == slot).nonzero(as_tuple=True)[0]) for slot in torch.unique(indices).tolist()
-            if slot >= 0]
 
 
 def _weights(stacked: torch.Tensor) -> torch.Tensor:
@@ -42,29 +36,12 @@ def bgmv_shrink(inputs, lora_a_weights, output_tensor, lora_indices_tensor, scal
     if inputs.shape[0] != output_tensor.shape[0] or lora_indices_tensor.shape[0] != inputs.shape[0]:
         return _fallback("bgmv_shrink", inputs, lora_a_weights, output_tensor, lora_indices_tensor, scaling)
     w = _weights(lora_a_weights)
-    out = output_tensor[:, : w.shape[1]]
-    x = inputs.to(output_tensor.dtype)
-    groups = _groups(lora_indices_tensor)
-    if len(groups) != 1 or groups[0][1] is not None:
-        out.zero_()
-    for slot, rows in groups:
-        wt = w[slot].to(output_tensor.dtype).t()
-        if rows is None:
-            out.copy_(scaling * (x @ wt))
-        else:
-            out[rows] = scaling * (x[rows] @ wt)
+    segmented_lora.shrink(inputs, w, output_tensor[:, : w.shape[1]],
+                          segmented_lora.row_groups(lora_indices_tensor, w.shape[0]), scaling)
 
 
 def _expand_into(y: torch.Tensor, inputs, w: torch.Tensor, indices: torch.Tensor, add_inputs: bool) -> None:
-    x = inputs.to(y.dtype)
-    if not add_inputs:
-        y.zero_()
-    for slot, rows in _groups(indices):
-        wt = w[slot, : y.shape[1]].to(y.dtype).t()
-        if rows is None:
-            y += x @ wt
-        else:
-            y[rows] += x[rows] @ wt
+    segmented_lora.expand(inputs, w, y, segmented_lora.row_groups(indices, w.shape[0]), add_inputs)
 
 
 def bgmv_expand(inputs, lora_b_weights, output_tensor, lora_indices_tensor, add_inputs: bool = True):
