@@ -1,20 +1,25 @@
-"""Multi-adapter LoRA math on CPU: every adapter's rows of a batch in one segmented matmul per projection.
+"""Multi-adapter LoRA math on CPU: every adapter's rows of a batch in one batched matmul per projection.
 
 A batch row carries an adapter slot (`indices[row]`, an index into stacked weights `[slots, out, in]`) or a
 negative index for "no adapter" (the base model). `RowGroups` sorts the rows that have an adapter by slot once
-(stable, so each slot's rows keep their batch order); `shrink` and `expand` then gather those rows into one
-contiguous block, run one segmented matmul over it (`torch._grouped_mm`: slot s multiplies rows
-`offsets[s-1]:offsets[s]` of the block by weight s; one C++ call whatever the number of adapters), and scatter the
-result back. Each row's result is the plain matmul of that row with its slot's weight (the same numbers as a
-per-adapter loop), and rows with a negative index are never read into the block nor written by `expand`: the
-base rows of a batch stay bit-identical to a run without adapters.
+(stable, so each slot's rows keep their batch order); `shrink` and `expand` then gather those rows, run one
+matmul call over all adapters, and scatter the result back:
+
+- padded (`torch.bmm`): each adapter's rows padded to the largest group's count, one `[groups, width, in]` block;
+  chosen when padding at most doubles the rows, e.g. decode steps, where each request is one row;
+- segmented (`torch._grouped_mm`: slot s multiplies rows `offsets[s-1]:offsets[s]` of the sorted block) when a
+  long prefill shares the step with other adapters' rows and padding would waste more.
+
+Each row's result is its row times its slot's weight; the order of the additions inside a matmul may differ from a
+one-adapter matmul (float rounding, 1e-7 relative in fp32). Rows with a negative index are never read into the
+block nor written by `expand`: the base rows of a batch stay bit-identical to a run without adapters.
 
 Two shortcuts skip the gather and scatter: a batch with no adapter row does nothing, and a batch whose every row
 has the same slot is one plain matmul. Where `torch._grouped_mm` is missing (torch < 2.8) or refuses the inputs,
-the segments run as one matmul per slot present (the same numbers, more calls).
+the segments run as one matmul per slot present.
 
-The grouping depends only on the indices' values; a step's dozens of projections share one `RowGroups`
-(`row_groups` keeps the last few by value: the indices of one step are the same tensor values for every layer).
+The grouping depends only on the indices' values; a step's dozens of projections share one `RowGroups` (the
+last few are kept by value: the indices of one step are the same values for every layer and projection).
 """
 from __future__ import annotations
 
@@ -23,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["RowGroups", "row_groups", "shrink", "expand"]
+__all__ = ["RowGroups", "row_groups", "segment_groups", "shrink", "expand"]
 
 _CACHE: OrderedDict[tuple, RowGroups] = OrderedDict()
 _CACHE_SIZE = 8
@@ -33,27 +38,49 @@ _CACHE_SIZE = 8
 class RowGroups:
     """Rows of a batch grouped by adapter slot.
 
-    `single`: the slot every row has (-1 when no row has an adapter), or None for a mixed batch; for a mixed
-    batch `order` holds the rows with an adapter, sorted by slot (stable), `offsets[s]` (int32, one per slot)
-    the end of slot s's rows in `order`, and `present` the slots with at least one row (for the fallback)."""
+    `single`: the slot every row has (-1 when no row has an adapter), or None for a mixed batch. For a mixed
+    batch: `order` holds the rows with an adapter, sorted by slot (stable); `offsets[s]` (int32, one per slot)
+    the end of slot s's rows in `order`; `present` the slots with at least one row. When padding is cheap
+    (`padded`), the matmul is one `bmm` over a [groups, width, in] block: group g is slot `present[g]`, `gather`
+    the rows that fill it (padding repeats a real row; its results are dropped), `valid` the positions of
+    `order`'s rows in the flattened block (None: no padding, the block is `order` itself)."""
 
     rows: int
     single: int | None
     order: torch.Tensor | None = None
     offsets: torch.Tensor | None = None
     present: tuple[int, ...] = ()
+    padded: bool = False
+    width: int = 0
+    gather: torch.Tensor | None = None
+    valid: torch.Tensor | None = None
+    present_index: torch.Tensor | None = None  # `present` as a tensor, None when every slot is present
 
 
 def row_groups(indices: torch.Tensor, slots: int) -> RowGroups:
     """The `RowGroups` of a 1-D integer tensor of slots (negative: no adapter) for weights with `slots` slots;
     cached by value. IndexError for a slot >= `slots` (as indexing the weights would raise)."""
     flat = indices.reshape(-1)
-    key = (slots, str(flat.dtype), flat.numel(), flat.cpu().contiguous().numpy().tobytes())
+    return _cached(("rows", slots, str(flat.dtype), flat.numel(), _bytes(flat)), lambda: _build(flat, slots))
+
+
+def segment_groups(seq_lens: torch.Tensor, segment_slots: torch.Tensor, slots: int) -> RowGroups:
+    """`row_groups` of the rows of consecutive segments (`seq_lens[i]` rows with slot `segment_slots[i]`: vLLM's
+    prefill metadata), cached by the segments' values, so the per-row indices are built once per step."""
+    return _cached(("segments", slots, _bytes(seq_lens), _bytes(segment_slots)),
+                   lambda: _build(torch.repeat_interleave(segment_slots, seq_lens), slots))
+
+
+def _bytes(t: torch.Tensor) -> bytes:
+    return t.detach().cpu().contiguous().numpy().tobytes()
+
+
+def _cached(key: tuple, build) -> RowGroups:
     hit = _CACHE.get(key)
     if hit is not None:
         _CACHE.move_to_end(key)
         return hit
-    groups = _build(flat, slots)
+    groups = build()
     _CACHE[key] = groups
     if len(_CACHE) > _CACHE_SIZE:
         _CACHE.popitem(last=False)
@@ -71,14 +98,37 @@ def _build(flat: torch.Tensor, slots: int) -> RowGroups:
         return RowGroups(rows, -1 if hi < 0 else hi)
     keep = (flat >= 0).nonzero(as_tuple=True)[0]
     kept = flat.index_select(0, keep)
-    order = keep.index_select(0, torch.argsort(kept, stable=True))
+    sorted_slots, by_slot = torch.sort(kept, stable=True)
+    order = keep.index_select(0, by_slot)
     counts = torch.bincount(kept, minlength=slots)
-    present = tuple(int(s) for s in counts.nonzero(as_tuple=True)[0].tolist())
-    return RowGroups(rows, None, order, torch.cumsum(counts, 0).to(torch.int32), present)
+    present_t = counts.nonzero(as_tuple=True)[0]
+    present = tuple(int(s) for s in present_t.tolist())
+    offsets = torch.cumsum(counts, 0)
+    width = int(counts.max())
+    base = dict(rows=rows, single=None, order=order, offsets=offsets.to(torch.int32), present=present)
+    if len(present) * width > 2 * order.numel():  # padding would more than double the rows: segmented matmul
+        return RowGroups(**base)
+    group_of_slot = torch.zeros(slots, dtype=torch.long)
+    group_of_slot[present_t] = torch.arange(len(present))
+    start_of_slot = offsets - counts
+    position = torch.arange(order.numel()) - start_of_slot[sorted_slots]
+    valid = group_of_slot[sorted_slots] * width + position
+    gather = torch.full((len(present) * width,), int(order[0]), dtype=torch.long)
+    gather[valid] = order
+    dense = len(present) * width == order.numel()
+    return RowGroups(**base, padded=True, width=width, gather=order if dense else gather,
+                     valid=None if dense else valid,
+                     present_index=None if len(present) == slots else present_t)
 
 
-def _segmented(block: torch.Tensor, weights_t: torch.Tensor, groups: RowGroups) -> torch.Tensor:
-    """block[i] @ weights_t[slot of i] for the sorted block of `groups.order` rows; weights_t is [slots, k, n]."""
+def _grouped_matmul(x: torch.Tensor, weights_t: torch.Tensor, groups: RowGroups) -> torch.Tensor:
+    """x[row] @ weights_t[slot of row] for the rows of `groups.order`, in that order; weights_t is [slots, k, n]."""
+    if groups.padded:
+        w = weights_t if groups.present_index is None else weights_t.index_select(0, groups.present_index)
+        block = x.index_select(0, groups.gather).view(len(groups.present), groups.width, x.shape[1])
+        out = torch.bmm(block, w).view(-1, weights_t.shape[2])
+        return out if groups.valid is None else out.index_select(0, groups.valid)
+    block = x.index_select(0, groups.order)
     grouped_mm = getattr(torch, "_grouped_mm", None)
     if grouped_mm is not None:
         try:
@@ -102,8 +152,7 @@ def shrink(x: torch.Tensor, weights: torch.Tensor, out: torch.Tensor, groups: Ro
         else:
             out.copy_(scaling * (x.to(out.dtype) @ weights[groups.single].to(out.dtype).t()))
         return
-    block = x.index_select(0, groups.order).to(out.dtype)
-    result = _segmented(block, weights.to(out.dtype).transpose(1, 2), groups)
+    result = _grouped_matmul(x.to(out.dtype), weights.to(out.dtype).transpose(1, 2), groups)
     if scaling != 1.0:
         result.mul_(scaling)
     out.zero_()
@@ -119,6 +168,5 @@ def expand(x: torch.Tensor, weights: torch.Tensor, y: torch.Tensor, groups: RowG
         if groups.single >= 0:
             y += x.to(y.dtype) @ weights[groups.single, : y.shape[1]].to(y.dtype).t()
         return
-    block = x.index_select(0, groups.order).to(y.dtype)
-    result = _segmented(block, weights[:, : y.shape[1]].to(y.dtype).transpose(1, 2), groups)
+    result = _grouped_matmul(x.to(y.dtype), weights[:, : y.shape[1]].to(y.dtype).transpose(1, 2), groups)
     y.index_add_(0, groups.order, result)

@@ -24,7 +24,7 @@ from . import vllm_compat
 log = logging.getLogger("steerserve.lora_fix")
 
 _ORIGINAL = "__steerserve_original__"
-_OPS = ("bgmv_shrink", "bgmv_expand", "bgmv_expand_slice")
+_OPS = ("bgmv_shrink", "bgmv_expand", "bgmv_expand_slice", "sgmv_shrink", "sgmv_expand", "sgmv_expand_slice")
 
 
 def _weights(stacked: torch.Tensor) -> torch.Tensor:
@@ -63,15 +63,66 @@ def bgmv_expand_slice(inputs, lora_b_weights, output_tensor, lora_indices_tensor
                  lora_indices_tensor, add_inputs)
 
 
-_FIXED = {"bgmv_shrink": bgmv_shrink, "bgmv_expand": bgmv_expand, "bgmv_expand_slice": bgmv_expand_slice}
+def _segments(inputs, output_tensor, seq_len_tensor, lora_indices_tensor, weights: torch.Tensor):
+    """The prefill ops' (segment lengths, segment slots) as `RowGroups`, or None where the rows do not add up
+    (then the stock op explodes the indices and calls the bgmv op above)."""
+    rows = inputs.shape[0]
+    if output_tensor.shape[0] != rows or seq_len_tensor.shape != lora_indices_tensor.shape or \
+            int(seq_len_tensor.sum()) != rows:
+        return None
+    return segmented_lora.segment_groups(seq_len_tensor, lora_indices_tensor, weights.shape[0])
+
+
+# vLLM V1 marks every step as prefill, so the punica CPU wrapper always calls these: per call, the stock ones
+# rebuild the per-row indices (`repeat_interleave`); here the grouping comes from the step's cache.
+def sgmv_shrink(inputs, lora_a_weights, output_tensor, b_seq_start_loc, seq_len_tensor, lora_indices_tensor,
+                batches, max_seq_length, token_nums, scaling):
+    """sgmv_shrink(x, A, out, starts, lengths, slots, ...) = bgmv_shrink over the exploded per-row slots."""
+    w = _weights(lora_a_weights)
+    groups = _segments(inputs, output_tensor, seq_len_tensor, lora_indices_tensor, w)
+    if groups is None:
+        return _stock("sgmv_shrink")(inputs, lora_a_weights, output_tensor, b_seq_start_loc, seq_len_tensor,
+                                     lora_indices_tensor, batches, max_seq_length, token_nums, scaling)
+    segmented_lora.shrink(inputs, w, output_tensor[:, : w.shape[1]], groups, scaling)
+
+
+def sgmv_expand(inputs, lora_b_weights, output_tensor, b_seq_start_loc, seq_len_tensor, lora_indices_tensor,
+                batches, max_seq_length, token_nums, add_inputs=False):
+    """sgmv_expand = bgmv_expand over the exploded per-row slots."""
+    w = _weights(lora_b_weights)
+    groups = _segments(inputs, output_tensor, seq_len_tensor, lora_indices_tensor, w)
+    if groups is None:
+        return _stock("sgmv_expand")(inputs, lora_b_weights, output_tensor, b_seq_start_loc, seq_len_tensor,
+                                     lora_indices_tensor, batches, max_seq_length, token_nums, add_inputs)
+    segmented_lora.expand(inputs, w, output_tensor[:, : min(w.shape[1], output_tensor.shape[1])], groups, add_inputs)
+
+
+def sgmv_expand_slice(inputs, lora_b_weights, output_tensor, b_seq_start_loc, seq_len_tensor, lora_indices_tensor,
+                      batches, max_seq_length, token_nums, slice_offset, slice_size, add_inputs=False):
+    """sgmv_expand_slice = bgmv_expand_slice over the exploded per-row slots."""
+    w = _weights(lora_b_weights)
+    groups = _segments(inputs, output_tensor, seq_len_tensor, lora_indices_tensor, w)
+    if groups is None:
+        return _stock("sgmv_expand_slice")(inputs, lora_b_weights, output_tensor, b_seq_start_loc, seq_len_tensor,
+                                           lora_indices_tensor, batches, max_seq_length, token_nums, slice_offset,
+                                           slice_size, add_inputs)
+    segmented_lora.expand(inputs, w, output_tensor[:, slice_offset: slice_offset + slice_size], groups, add_inputs)
+
+
+_FIXED = {"bgmv_shrink": bgmv_shrink, "bgmv_expand": bgmv_expand, "bgmv_expand_slice": bgmv_expand_slice,
+          "sgmv_shrink": sgmv_shrink, "sgmv_expand": sgmv_expand, "sgmv_expand_slice": sgmv_expand_slice}
+
+
+def _stock(name: str):
+    """vLLM's own op `name` (its prefill ops look our bgmv ops up at call time, so they keep the base-row fix)."""
+    lora_ops = vllm_compat.torch_lora_op_modules()[0]
+    return getattr(getattr(lora_ops, name), _ORIGINAL, getattr(lora_ops, name))
 
 
 def _fallback(name: str, inputs, weights, output_tensor, indices, *args):
     """Shapes the grouped ops do not cover (a one-row input broadcast to many rows): the stock op, with the
     base-row fix applied to its result where that is well defined (shrink)."""
-    lora_ops = vllm_compat.torch_lora_op_modules()[0]
-    original = getattr(getattr(lora_ops, name), _ORIGINAL, getattr(lora_ops, name))
-    original(inputs, weights, output_tensor, indices, *args)
+    _stock(name)(inputs, weights, output_tensor, indices, *args)
     if name == "bgmv_shrink" and indices.shape[0] == output_tensor.shape[0]:
         output_tensor[indices < 0] = 0
 

@@ -72,10 +72,28 @@ def test_overwrite_form_and_a_slice_of_a_wider_output():
     torch.testing.assert_close(wide.double(), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_both_strategies_are_exercised():
+    """Padding where it at most doubles the rows (decode: one row per request), segments otherwise."""
+    groups = {name: segmented_lora.row_groups(torch.tensor(p), SLOTS) for name, p in PATTERNS.items()}
+    assert groups["distinct"].padded and groups["distinct"].valid is None  # no padding at all
+    assert groups["unsorted-repeats"].padded and groups["unsorted-repeats"].valid is not None
+    assert groups["unsorted-repeats"].present_index is not None  # slots 3, 4 absent: weights gathered
+    assert not groups["prefill-and-decode"].padded and groups["prefill-and-decode"].single is None
+
+
+def test_segments_from_prefill_metadata_equal_the_per_row_grouping():
+    """vLLM's prefill ops pass (segment lengths, segment slots); the grouping must be the per-row one."""
+    seq_lens, seg_slots = torch.tensor([3, 1, 4, 2]), torch.tensor([2, -1, 0, 2])
+    by_segments = segmented_lora.segment_groups(seq_lens, seg_slots, SLOTS)
+    by_rows = segmented_lora.row_groups(torch.repeat_interleave(seg_slots, seq_lens), SLOTS)
+    assert torch.equal(by_segments.order, by_rows.order) and torch.equal(by_segments.offsets, by_rows.offsets)
+    assert (by_segments.padded, by_segments.width) == (by_rows.padded, by_rows.width)
+
+
 def test_fallback_without_grouped_mm_gives_the_same_numbers(monkeypatch):
     gen = torch.Generator().manual_seed(2)
     a, b = weights(gen)
-    idx = torch.tensor(PATTERNS["unsorted-repeats"])
+    idx = torch.tensor(PATTERNS["prefill-and-decode"])
     x, y0 = torch.randn(len(idx), IN, generator=gen), torch.randn(len(idx), OUT, generator=gen)
     fast = y0.clone()
     lora(x, a, b, idx, fast, 0.25)
