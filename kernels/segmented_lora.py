@@ -23,15 +23,19 @@ last few are kept by value: the indices of one step are the same values for ever
 """
 from __future__ import annotations
 
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
 
-__all__ = ["RowGroups", "row_groups", "segment_groups", "shrink", "expand"]
+__all__ = ["RowGroups", "row_groups", "segment_groups", "shrink", "expand", "transposed"]
 
 _CACHE: OrderedDict[tuple, RowGroups] = OrderedDict()
 _CACHE_SIZE = 8
+# id(stacked weights) -> (weak reference to them, their version counter, contiguous transposed copy)
+_TRANSPOSED: dict[int, tuple[weakref.ref, int, torch.Tensor]] = {}
+TRANSPOSED_BUDGET_BYTES = 512 * 2**20
 
 
 @dataclass(frozen=True)
@@ -159,14 +163,44 @@ def shrink(x: torch.Tensor, weights: torch.Tensor, out: torch.Tensor, groups: Ro
     out.index_copy_(0, groups.order, result)
 
 
-def expand(x: torch.Tensor, weights: torch.Tensor, y: torch.Tensor, groups: RowGroups, add: bool) -> None:
+def transposed(stacked: torch.Tensor) -> torch.Tensor:
+    """Expand weights `[slots, (1,) out, r]` as `[slots, r, out]`, contiguous: CPU `bmm` over the transposed view
+    (r contiguous) is several times slower. The copy is kept while the same tensor object lives with the same
+    version counter (vLLM loads an adapter into a slot in place, which bumps it), up to
+    TRANSPOSED_BUDGET_BYTES in all; where the version cannot be read (inference tensors), the view."""
+    w = stacked.squeeze(1) if stacked.dim() == 4 else stacked
+    try:
+        version = stacked._version
+    except RuntimeError:
+        return w.transpose(1, 2)
+    key = id(stacked)
+    entry = _TRANSPOSED.get(key)
+    if entry is not None and entry[0]() is stacked and entry[1] == version:
+        return entry[2]
+    copy = w.transpose(1, 2).contiguous()
+    held = sum(e[2].nbytes for k, e in _TRANSPOSED.items() if k != key)
+    if held + copy.nbytes <= TRANSPOSED_BUDGET_BYTES:
+        _TRANSPOSED[key] = (weakref.ref(stacked, lambda ref, key=key: _forget(key, ref)), version, copy)
+    return copy
+
+
+def _forget(key: int, ref: weakref.ref) -> None:
+    entry = _TRANSPOSED.get(key)
+    if entry is not None and entry[0] is ref:
+        del _TRANSPOSED[key]
+
+
+def expand(x: torch.Tensor, weights: torch.Tensor, y: torch.Tensor, groups: RowGroups, add: bool,
+           weights_t: torch.Tensor | None = None) -> None:
     """y (+)= x @ weights[slot].T per row; rows without an adapter are not written when `add` (else zeroed).
-    x [rows, r] (cast to y's dtype), weights [slots, >= n, r] (the first n = y.shape[1] outputs), y [rows, n]."""
+    x [rows, r] (cast to y's dtype), weights [slots, >= n, r] (the first n = y.shape[1] outputs), y [rows, n];
+    `weights_t`, optional, the same weights as [slots, r, >= n] (`transposed`), for the batched matmul."""
     if not add:
         y.zero_()
     if groups.single is not None:
         if groups.single >= 0:
             y += x.to(y.dtype) @ weights[groups.single, : y.shape[1]].to(y.dtype).t()
         return
-    result = _grouped_matmul(x.to(y.dtype), weights[:, : y.shape[1]].to(y.dtype).transpose(1, 2), groups)
+    w_t = weights.transpose(1, 2) if weights_t is None else weights_t
+    result = _grouped_matmul(x.to(y.dtype), w_t[:, :, : y.shape[1]].to(y.dtype), groups)
     y.index_add_(0, groups.order, result)

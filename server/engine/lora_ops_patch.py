@@ -9,7 +9,8 @@ The batching: the stock ops materialise one weight matrix per row (`[rows, out, 
 before an einsum. Here each op is one segmented matmul over the rows that have an adapter, sorted by slot
 (`kernels/segmented_lora.py`: one call whatever the number of distinct adapters; one plain matmul for a
 single-adapter batch, none for a base-only batch); the rows' grouping is computed once per step and shared by
-every projection. GPU vLLM uses Triton kernels that skip index -1; this module only touches the torch ops.
+every projection. The prefill ops (`sgmv_*`, called on every step by vLLM V1) are replaced too: they take the
+grouping from the step's (segment lengths, slots) instead of rebuilding per-row indices for each projection. GPU vLLM uses Triton kernels that skip index -1; this module only touches the torch ops.
 """
 from __future__ import annotations
 
@@ -40,8 +41,13 @@ def bgmv_shrink(inputs, lora_a_weights, output_tensor, lora_indices_tensor, scal
                           segmented_lora.row_groups(lora_indices_tensor, w.shape[0]), scaling)
 
 
-def _expand_into(y: torch.Tensor, inputs, w: torch.Tensor, indices: torch.Tensor, add_inputs: bool) -> None:
-    segmented_lora.expand(inputs, w, y, segmented_lora.row_groups(indices, w.shape[0]), add_inputs)
+def _expand(inputs, stacked: torch.Tensor, y: torch.Tensor, groups, add_inputs: bool) -> None:
+    segmented_lora.expand(inputs, _weights(stacked), y, groups, add_inputs,
+                          None if groups.single is not None else segmented_lora.transposed(stacked))
+
+
+def _expand_into(y: torch.Tensor, inputs, stacked: torch.Tensor, indices: torch.Tensor, add_inputs: bool) -> None:
+    _expand(inputs, stacked, y, segmented_lora.row_groups(indices, stacked.shape[0]), add_inputs)
 
 
 def bgmv_expand(inputs, lora_b_weights, output_tensor, lora_indices_tensor, add_inputs: bool = True):
@@ -49,8 +55,8 @@ def bgmv_expand(inputs, lora_b_weights, output_tensor, lora_indices_tensor, add_
     if inputs.shape[0] != output_tensor.shape[0] or lora_indices_tensor.shape[0] != inputs.shape[0]:
         return _fallback("bgmv_expand", inputs, lora_b_weights, output_tensor, lora_indices_tensor, add_inputs)
     w = _weights(lora_b_weights)
-    _expand_into(output_tensor[:, : min(w.shape[1], output_tensor.shape[1])], inputs, w, lora_indices_tensor,
-                 add_inputs)
+    _expand_into(output_tensor[:, : min(w.shape[1], output_tensor.shape[1])], inputs, lora_b_weights,
+                 lora_indices_tensor, add_inputs)
 
 
 def bgmv_expand_slice(inputs, lora_b_weights, output_tensor, lora_indices_tensor, slice_offset: int,
@@ -59,7 +65,7 @@ def bgmv_expand_slice(inputs, lora_b_weights, output_tensor, lora_indices_tensor
     if inputs.shape[0] != output_tensor.shape[0] or lora_indices_tensor.shape[0] != inputs.shape[0]:
         return _fallback("bgmv_expand_slice", inputs, lora_b_weights, output_tensor, lora_indices_tensor,
                          slice_offset, slice_size, add_inputs)
-    _expand_into(output_tensor[:, slice_offset: slice_offset + slice_size], inputs, _weights(lora_b_weights),
+    _expand_into(output_tensor[:, slice_offset: slice_offset + slice_size], inputs, lora_b_weights,
                  lora_indices_tensor, add_inputs)
 
 
@@ -94,7 +100,7 @@ def sgmv_expand(inputs, lora_b_weights, output_tensor, b_seq_start_loc, seq_len_
     if groups is None:
         return _stock("sgmv_expand")(inputs, lora_b_weights, output_tensor, b_seq_start_loc, seq_len_tensor,
                                      lora_indices_tensor, batches, max_seq_length, token_nums, add_inputs)
-    segmented_lora.expand(inputs, w, output_tensor[:, : min(w.shape[1], output_tensor.shape[1])], groups, add_inputs)
+    _expand(inputs, lora_b_weights, output_tensor[:, : min(w.shape[1], output_tensor.shape[1])], groups, add_inputs)
 
 
 def sgmv_expand_slice(inputs, lora_b_weights, output_tensor, b_seq_start_loc, seq_len_tensor, lora_indices_tensor,
@@ -106,7 +112,7 @@ def sgmv_expand_slice(inputs, lora_b_weights, output_tensor, b_seq_start_loc, se
         return _stock("sgmv_expand_slice")(inputs, lora_b_weights, output_tensor, b_seq_start_loc, seq_len_tensor,
                                            lora_indices_tensor, batches, max_seq_length, token_nums, slice_offset,
                                            slice_size, add_inputs)
-    segmented_lora.expand(inputs, w, output_tensor[:, slice_offset: slice_offset + slice_size], groups, add_inputs)
+    _expand(inputs, lora_b_weights, output_tensor[:, slice_offset: slice_offset + slice_size], groups, add_inputs)
 
 
 _FIXED = {"bgmv_shrink": bgmv_shrink, "bgmv_expand": bgmv_expand, "bgmv_expand_slice": bgmv_expand_slice,

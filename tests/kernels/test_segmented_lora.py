@@ -38,7 +38,7 @@ def lora(x, a, b, indices, y, scale, width=R):
     groups = segmented_lora.row_groups(indices, SLOTS)
     buffer = torch.full((x.shape[0], width), 7.0)
     segmented_lora.shrink(x, a.squeeze(1), buffer[:, :R], groups, scale)
-    segmented_lora.expand(buffer[:, :R], b.squeeze(1), y, groups, add=True)
+    segmented_lora.expand(buffer[:, :R], b.squeeze(1), y, groups, add=True, weights_t=segmented_lora.transposed(b))
     return buffer
 
 
@@ -128,3 +128,19 @@ def test_grouping_is_by_value_and_refuses_a_slot_out_of_range():
     assert segmented_lora.row_groups(torch.tensor([-1, -1]), SLOTS).single == -1
     with pytest.raises(IndexError, match="slot 6"):
         segmented_lora.row_groups(torch.tensor([0, 6]), SLOTS)
+
+
+def test_transposed_expand_weights_follow_in_place_loads():
+    """The kept transposed copy must never outlive a change of the weights (vLLM loads adapters in place)."""
+    b = torch.randn(SLOTS, 1, OUT, R)
+    first = segmented_lora.transposed(b)
+    assert torch.equal(first, b.squeeze(1).transpose(1, 2)) and first.is_contiguous()
+    assert segmented_lora.transposed(b) is first
+    b[2, 0].mul_(2.0)  # an adapter loaded into slot 2
+    second = segmented_lora.transposed(b)
+    assert second is not first and torch.equal(second, b.squeeze(1).transpose(1, 2))
+    other = b.clone()  # another tensor with the same values and version: its own entry
+    assert segmented_lora.transposed(other) is not second
+    with torch.inference_mode():
+        frozen = torch.randn(SLOTS, 1, OUT, R)  # no version counter: the view, never a kept copy
+    assert torch.equal(segmented_lora.transposed(frozen), frozen.squeeze(1).transpose(1, 2))
