@@ -7,6 +7,7 @@ average it ran under.
 
     python -m benchmarks.lora_overhead --repeats 3                      # JSON in benchmarks/results/
     python -m benchmarks.lora_overhead --repeats 1 --profile            # + torch.profiler table, N distinct
+    python -m benchmarks.lora_overhead --repeats 0 --profile            # the profile only
 
 `--profile` runs one more, short (--profile-tokens) N-distinct batch under torch.profiler and writes the top operators by self CPU time
 (benchmarks/results/lora_overhead_profile.txt): where a step's time goes, before and after a change of the ops.
@@ -76,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
             loads[ph].append(os.getloadavg()[0])
             print(f"{ph:<36} {results[ph][-1]:7.1f} tok/s  (load {loads[ph][-1]:.1f})", flush=True)
     lora_ops_patch.apply()
-    best = {ph: max(v) for ph, v in results.items()}
+    best = {ph: max(v) for ph, v in results.items() if v}  # --repeats 0: the profile only
     out = {"conditions": {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                           "command": " ".join(["python -m benchmarks.lora_overhead", *sys.argv[1:]]),
                           "model": a.model, "dtype": "float32", "batch": a.batch, "tokens": a.tokens,
@@ -84,14 +85,14 @@ def main(argv: list[str] | None = None) -> int:
                           "targets": "q,k,v,o,gate,up,down", "repeats": a.repeats, "cpu_cores": os.cpu_count(),
                           "omp_threads": os.environ.get("OMP_NUM_THREADS"), "loadavg_1m_end": os.getloadavg()[0]},
            "tok_s": results, "loadavg_1m": loads, "best_tok_s": best,
-           "ratio_over_base": {ph: best[ph] / best["base"] for ph in phases}}
+           "ratio_over_base": {ph: best[ph] / best["base"] for ph in best}}
     if a.profile:
         short = SamplingParams(temperature=0, max_tokens=a.profile_tokens, ignore_eos=True)
         out["profile"] = {"tokens": a.profile_tokens, **profile(lambda: run(many, short),
                                                                  RESULTS / "lora_overhead_profile.txt")}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "lora_overhead.json").write_text(json.dumps(out, indent=1))
-    for ph in phases:
+    for ph in best:
         print(f"{ph:<36} best {best[ph]:7.1f} tok/s  {best[ph] / best['base']:.2f}x base")
     return 0
 

@@ -73,10 +73,10 @@ def _segments(inputs, output_tensor, seq_len_tensor, lora_indices_tensor, weight
     """The prefill ops' (segment lengths, segment slots) as `RowGroups`, or None where the rows do not add up
     (then the stock op explodes the indices and calls the bgmv op above)."""
     rows = inputs.shape[0]
-    if output_tensor.shape[0] != rows or seq_len_tensor.shape != lora_indices_tensor.shape or \
-            int(seq_len_tensor.sum()) != rows:
+    if output_tensor.shape[0] != rows or seq_len_tensor.shape != lora_indices_tensor.shape:
         return None
-    return segmented_lora.segment_groups(seq_len_tensor, lora_indices_tensor, weights.shape[0])
+    groups = segmented_lora.segment_groups(seq_len_tensor, lora_indices_tensor, weights.shape[0])
+    return groups if groups.rows == rows else None
 
 
 # vLLM V1 marks every step as prefill, so the punica CPU wrapper always calls these: per call, the stock ones

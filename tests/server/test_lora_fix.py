@@ -69,3 +69,12 @@ def test_prefill_ops_take_segments_and_keep_base_segments_untouched():
     narrow = torch.zeros(len(idx), OUT)
     lora_ops_patch.sgmv_expand(buffer, b, narrow, *meta, False)
     torch.testing.assert_close(narrow, reference_delta(x, a, b, idx, 0.5), rtol=1e-5, atol=1e-5)
+
+
+def test_prefill_ops_whose_segments_do_not_cover_the_rows_take_the_stock_path():
+    gen = torch.Generator().manual_seed(2)
+    a = torch.randn(SLOTS, 1, R, IN, generator=gen)
+    lengths, slots = torch.tensor([2, 2]), torch.tensor([0, 1])
+    x, buffer = torch.randn(3, IN, generator=gen), torch.zeros(3, R)
+    with pytest.raises(RuntimeError):  # the stock op's own error: 4 segment rows for 3 input rows
+        lora_ops_patch.sgmv_shrink(x, a, buffer, torch.tensor([0, 2]), lengths, slots, 2, 2, 4, 1.0)
