@@ -30,7 +30,7 @@ def register() -> None:
         os.environ[vllm_compat.V2_RUNNER_ENV] = "0"
         log.info("steerserve: forcing the V1 model runner (VLLM_USE_V2_MODEL_RUNNER=0) for the steering hooks")
     # LoRA on vLLM-CPU: base rows must not pick up the adapter in the last slot (docs/adapters.md), and one
-    # matmul per adapter instead of a weight gather per row (lora_ops_patch.py).
+    # batched matmul over all adapters instead of a weight gather per row (lora_ops_patch.py).
     from . import lora_ops_patch
 
     if lora_ops_patch.apply():

@@ -205,8 +205,8 @@ def decoder_layers(model) -> list | None:
 # ---- LoRA (server/engine/lora_ops_patch.py) ----
 
 def torch_lora_op_modules() -> tuple:
-    """vllm/lora/ops/torch_ops/lora_ops.py (`bgmv_shrink`, `bgmv_expand`, `bgmv_expand_slice`; its `sgmv_*` look
-    them up at call time), and the namespaces that import them by name: vllm/lora/ops/torch_ops/__init__.py and
+    """vllm/lora/ops/torch_ops/lora_ops.py (`bgmv_shrink`, `bgmv_expand`, `bgmv_expand_slice` and `sgmv_*`,
+    which look the bgmv ops up at call time), and the namespaces that import them by name: vllm/lora/ops/torch_ops/__init__.py and
     vllm/lora/punica_wrapper/punica_cpu.py. The stock module first. ImportError if this vLLM has none."""
     from vllm.lora.ops import torch_ops
     from vllm.lora.ops.torch_ops import lora_ops

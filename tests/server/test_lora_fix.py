@@ -48,3 +48,33 @@ def test_apply_is_idempotent_and_removable():
     assert not hasattr(punica_cpu.bgmv_shrink, "__steerserve_original__")
     lora_ops_patch.apply()
     assert lora_ops_patch.is_applied() and punica_cpu.bgmv_shrink is not patched
+
+
+def test_prefill_ops_take_segments_and_keep_base_segments_untouched():
+    """vLLM V1 calls the sgmv ops every step, with (segment starts, lengths, slots): same result as per row."""
+    gen = torch.Generator().manual_seed(1)
+    a, b = torch.randn(SLOTS, 1, R, IN, generator=gen), torch.randn(SLOTS, 1, OUT, R, generator=gen)
+    lengths, slots = torch.tensor([3, 2, 1, 4]), torch.tensor([2, -1, 0, 1])
+    starts = torch.cumsum(lengths, 0) - lengths
+    idx = torch.repeat_interleave(slots, lengths)
+    x, y0 = torch.randn(len(idx), IN, generator=gen), torch.randn(len(idx), OUT + 4, generator=gen)
+    meta = (starts, lengths, slots, 4, 4, len(idx))
+    buffer, y = torch.full((len(idx), R), 7.0), y0.clone()
+    lora_ops_patch.sgmv_shrink(x, a, buffer, *meta, 0.5)
+    lora_ops_patch.sgmv_expand_slice(buffer, b, y, *meta, 2, OUT, True)
+    expected = y0.clone()
+    expected[:, 2:2 + OUT] += reference_delta(x, a, b, idx, 0.5)
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(y[idx < 0], y0[idx < 0])
+    narrow = torch.zeros(len(idx), OUT)
+    lora_ops_patch.sgmv_expand(buffer, b, narrow, *meta, False)
+    torch.testing.assert_close(narrow, reference_delta(x, a, b, idx, 0.5), rtol=1e-5, atol=1e-5)
+
+
+def test_prefill_ops_whose_segments_do_not_cover_the_rows_take_the_stock_path():
+    gen = torch.Generator().manual_seed(2)
+    a = torch.randn(SLOTS, 1, R, IN, generator=gen)
+    lengths, slots = torch.tensor([2, 2]), torch.tensor([0, 1])
+    x, buffer = torch.randn(3, IN, generator=gen), torch.zeros(3, R)
+    with pytest.raises(RuntimeError):  # the stock op's own error: 4 segment rows for 3 input rows
+        lora_ops_patch.sgmv_shrink(x, a, buffer, torch.tensor([0, 2]), lengths, slots, 2, 2, 4, 1.0)
