@@ -50,7 +50,9 @@ def serve_forever(settings: Settings) -> int:
     from steerserve.server.adapters.registry import AdapterStore
     from steerserve.server.frontend.tool_calls import chat_template
     from steerserve.server.models.store import ModelFetchError, resolve_model
+    from steerserve.server.stores.artifacts import open_for_server
     from steerserve.server.stores.profiles import ProfileStore
+    from steerserve.server.stores.vectors import default_store
 
     from ..engine.async_engine import Engine
     from ..http.admission import Limits
@@ -65,14 +67,15 @@ def serve_forever(settings: Settings) -> int:
         check_bind(settings.host, keys)
         model_path = resolve_model(settings.model, settings.cache)
         template = chat_template(settings.chat_template) if settings.chat_template else None
-    except (ModelFetchError, ValueError, OSError) as exc:
+        adapter_files, vector_files = open_for_server(settings.artifact_store, settings.data_dir)
+    except (ModelFetchError, ValueError, OSError, ImportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     if keys.is_open:
         log.warning("no API keys configured (--api-keys): open mode, every request is the 'default' tenant "
                     "with admin rights; listening on loopback only")
     profiles = ProfileStore(settings.data_dir / "profiles.sqlite3")
-    adapters = AdapterStore(settings.data_dir / "adapters.sqlite3", settings.data_dir / "adapters")
+    adapters = AdapterStore(settings.data_dir / "adapters.sqlite3", settings.data_dir / "adapters", adapter_files)
     failed = []
 
     def stop_serving() -> None:
@@ -87,7 +90,8 @@ def serve_forever(settings: Settings) -> int:
     app = create_app(lambda: Engine(settings, model_path), keys, profiles, on_engine_failure=stop_serving,
                      adapters=adapters, adapter_root=settings.adapter_root, playground=settings.playground,
                      tool_call_parser=settings.tool_call_parser, chat_template=template, limits=limits,
-                     input_limits=InputLimits.from_settings(settings))
+                     input_limits=InputLimits.from_settings(settings),
+                     vectors=default_store(settings.data_dir, vector_files))
     # Our own access log line carries the request id (server/http/request_id.py); uvicorn's would repeat it.
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                             timeout_graceful_shutdown=ABORT_GRACE_S, access_log=False)
