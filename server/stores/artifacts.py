@@ -209,6 +209,18 @@ class ArtifactStore:
             local = self.local_path(key)
             shutil.rmtree(local, ignore_errors=True) if local.is_dir() else local.unlink(missing_ok=True)
 
+    def probe(self) -> None:
+        """Write and delete a small object (remote stores): StoreUnavailable if the store cannot be written."""
+        if not self.remote:
+            return
+        probe, key = self.temp_file(), f".probe-{uuid.uuid4().hex}"
+        try:
+            probe.write_bytes(b"steerserve artifact store probe\n")
+            self._call(key, lambda: self._fs.put_file(str(probe), self._remote(key)))
+            self._call(key, lambda: self._fs.rm(self._remote(key)))
+        finally:
+            probe.unlink(missing_ok=True)
+
     # --- internals ---------------------------------------------------------------------------------------------
     def _remote(self, key: str) -> str:
         return f"{self._root}/{_check_key(key)}"
@@ -256,16 +268,10 @@ def open_for_server(url: str | None, data_dir: Path) -> tuple[ArtifactStore | No
                   ArtifactStore(Path(data_dir) / "vectors", f"{url.rstrip('/')}/vectors"))
     except ImportError as exc:
         raise ImportError(f"--artifact-store {url}: {exc} (install steerserve[s3] for s3:// URLs)") from None
-    probe = stores[0].temp_file()
     try:
-        probe.write_bytes(b"steerserve artifact store probe\n")
-        key = f".probe-{uuid.uuid4().hex}"
-        stores[0]._call(key, lambda: stores[0]._fs.put_file(str(probe), stores[0]._remote(key)))
-        stores[0]._call(key, lambda: stores[0]._fs.rm(stores[0]._remote(key)))
+        stores[0].probe()
     except ArtifactError as exc:
         raise ValueError(f"--artifact-store {url} cannot be written: {exc}") from None
-    finally:
-        probe.unlink(missing_ok=True)
     return stores
 
 

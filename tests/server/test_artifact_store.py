@@ -254,3 +254,19 @@ print(sorted(m for m in ("fsspec", "s3fs", "aiobotocore", "botocore", "boto3") i
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
     assert (tmp_path / "adapters").is_dir() and len(list((tmp_path / "vectors").glob("*.safetensors"))) == 1
+
+
+def test_a_store_that_cannot_be_written_stops_start_up_with_the_reason(s3, tmp_path, monkeypatch):
+    """`--artifact-store` (here from STEERSERVE_ARTIFACT_STORE, S3 settings from the AWS_* environment as a server
+    reads them): a bucket that does not exist is a ValueError naming the URL before anything serves."""
+    from steerserve.server.settings import Settings
+    from steerserve.server.stores.artifacts import open_for_server
+
+    for name, value in s3.env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("STEERSERVE_ARTIFACT_STORE", "s3://no-such-bucket/steerserve")
+    settings = Settings.load()
+    with pytest.raises(ValueError, match="s3://no-such-bucket/steerserve cannot be written"):
+        open_for_server(settings.artifact_store, tmp_path)
+    adapters, vectors = open_for_server(s3.url(), tmp_path)
+    assert adapters.remote and vectors.remote and adapters.local_dir == tmp_path / "adapters"
