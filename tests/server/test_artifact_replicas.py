@@ -13,6 +13,7 @@ from tests.conftest import Server
 from tests.tiny_models import build_tiny_llama, build_tiny_lora
 
 LORA_FILES = ("adapter_config.json", "adapter_model.safetensors")
+STARTUP_S = 600  # a tiny-model start-up takes seconds on a quiet machine and minutes on a crowded one
 
 
 def greedy(server: Server, model: str) -> httpx.Response:
@@ -34,7 +35,7 @@ def replicas(tmp_path_factory, s3):
     args = ["--model", str(model), "--dtype", "float32", "--max-model-len", "256", "--kv-cache-gib", "0.1",
             "--max-num-seqs", "4", "--data-dir", str(data), "--enable-lora", "--max-lora-rank", "8",
             "--artifact-store", url]
-    first = Server(args, tmp / "first.log", env=s3.env).wait_ready()
+    first = Server(args, tmp / "first.log", env=s3.env).wait_ready(STARTUP_S)
     try:
         upload = {n: (n, (lora / n).read_bytes()) for n in LORA_FILES}
         r = httpx.put(f"{first.url}/v1/adapters/up", files=upload, timeout=60)
@@ -57,7 +58,7 @@ def replicas(tmp_path_factory, s3):
     flipped = bytearray(fs.cat_file(weights))
     flipped[-1] ^= 1  # still a valid safetensors file: only the checksum tells
     fs.pipe_file(weights, bytes(flipped))
-    second = Server(args, tmp / "second.log", env=s3.env).wait_ready()
+    second = Server(args, tmp / "second.log", env=s3.env).wait_ready(STARTUP_S)
     try:
         yield second, answers, model
     finally:
