@@ -270,3 +270,26 @@ def test_a_store_that_cannot_be_written_stops_start_up_with_the_reason(s3, tmp_p
         open_for_server(settings.artifact_store, tmp_path)
     adapters, vectors = open_for_server(s3.url(), tmp_path)
     assert adapters.remote and vectors.remote and adapters.local_dir == tmp_path / "adapters"
+
+
+def test_registrations_of_earlier_versions_keep_working(tiny_lora, tmp_path):
+    """The default store keeps the earlier layout (`<files>/<32 hex>/`); rows written before the artifact store
+    (no `artifact` or `sha256` in their meta: an upload, and a path registration read in place) still serve."""
+    lora, base = tiny_lora
+    store = AdapterStore(tmp_path / "adapters.db", tmp_path / "files")
+    new, _ = store.register("alice", "new", "lora", upload(store, lora), base, owned=True)
+    assert new.path.parent == tmp_path / "files" and len(new.path.name) == 32 and new.meta["artifact"] == new.path.name
+    old_upload = tmp_path / "files" / ("ab" * 16)
+    old_upload.mkdir()
+    for name in LORA_FILES:
+        (old_upload / name).write_bytes((lora / name).read_bytes())
+    uploaded, _ = store._insert("alice", "old-upload", "lora", old_upload, True, inspect_lora(old_upload, base))
+    in_place, _ = store._insert("alice", "old-path", "lora", lora, False, inspect_lora(lora, base))
+    store.close()
+    store = AdapterStore(tmp_path / "adapters.db", tmp_path / "files")  # a restart: its sweep keeps them
+    assert store.recheck(base) == {}
+    assert store.materialise(uploaded) == old_upload and store.materialise(in_place) == lora
+    assert in_place.public()["source"] == str(lora) and uploaded.public()["source"] == "upload"
+    store.remove_files(uploaded)
+    store.remove_files(in_place)  # not the server's: left alone
+    assert not old_upload.exists() and (lora / "adapter_model.safetensors").is_file()
