@@ -35,6 +35,9 @@ class Settings(BaseSettings):
                                        "default the local <data-dir>/adapters and <data-dir>/vectors; or an fsspec "
                                        "URL every replica shares (s3://bucket/prefix: the [s3] extra, credentials "
                                        "and endpoint from AWS_* variables), read through a cache in --data-dir.")
+    database_url: str | None = Field(None, description="Where profiles, tenant settings, the adapter and vector "
+                                     "registries and URIAL prefixes live: postgresql://user:pass@host/db (shared by "
+                                     "replicas); none: SQLite files under --data-dir (docs/deployment.md).")
     api_keys: Path | None = Field(None, description="YAML/JSON file of API key hashes -> tenant and role "
                                                     "(`steerserve keys add`); none: open mode, loopback only.")
     enable_lora: bool = Field(False, description="Serve LoRA adapters from the adapter registry (off: a base-only "

@@ -16,8 +16,6 @@ import logging
 import math
 import re
 import shutil
-import sqlite3
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,6 +24,7 @@ from typing import Any
 
 from steerserve.server.http.errors import APIError, BadRequest, Unavailable
 from steerserve.server.stores.artifacts import ArtifactStore, StoreUnavailable
+from steerserve.server.stores.database import Database, as_database
 from steerserve.server.stores.profiles import GLOBAL, validate_name
 
 from . import files
@@ -38,19 +37,19 @@ MAX_CONFIG_BYTES = 2**20
 # The linear layers vLLM can put LoRA on in the dense decoder families we serve (Llama, Mistral, Qwen2, ...).
 LORA_TARGETS = frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"})
 
-_SCHEMA = """
+MIGRATIONS = ("""
 CREATE TABLE IF NOT EXISTS adapters (
-    id      INTEGER PRIMARY KEY AUTOINCREMENT,  -- stable engine id (LoRARequest.lora_int_id); never reused
+    id      {id},  -- stable engine id (LoRARequest.lora_int_id); never reused
     tenant  TEXT NOT NULL,
     name    TEXT NOT NULL,
     kind    TEXT NOT NULL,
     path    TEXT NOT NULL,
     owned   INTEGER NOT NULL,  -- 1: the files were uploaded and the server deletes them with the adapter
     meta    TEXT NOT NULL,     -- JSON: what the inspector found (rank, alpha, target modules, base model)
-    created REAL NOT NULL,
+    created {real} NOT NULL,
     UNIQUE (tenant, name)
 )
-"""
+""",)
 
 
 def validate_adapter_name(name: object, param: str = "name") -> str:
@@ -310,22 +309,18 @@ class AdapterStore:
     registrations at start-up: a broken one stays registered and each request for it is refused (`broken`), the
     rest serve."""
 
-    def __init__(self, db_path: str | Path, files_dir: str | Path, artifacts: ArtifactStore | None = None):
+    def __init__(self, db: str | Path | Database, files_dir: str | Path, artifacts: ArtifactStore | None = None):
+        # SQLite: synchronous=FULL, a committed registration survives a power loss too.
+        self.db, self._owns_db = as_database(db, synchronous="FULL"), not isinstance(db, Database)
         self.artifacts = artifacts or ArtifactStore(files_dir)
-        self.path, self.files_dir = Path(db_path), self.artifacts.local_dir
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=10.0)
-        with self._lock:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")  # a committed registration survives a power loss too
-            self._db.execute(_SCHEMA)
+        self.path, self.files_dir = self.db.path, self.artifacts.local_dir
+        self.db.migrate("adapters", MIGRATIONS)
         self._broken: dict[int, str] = {}  # registration id -> why it cannot be served (`recheck`)
         files.sweep(self.artifacts, {self.local_dir(a).resolve() for a in self.all()})
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        if self._owns_db:
+            self.db.close()
 
     def register(self, tenant: str, name: str, kind: str, path: Path, base: ServedModel,
                  owned: bool = False) -> tuple[Adapter, Adapter | None]:
@@ -363,21 +358,17 @@ class AdapterStore:
 
     def _insert(self, tenant: str, name: str, kind: str, path: Path, owned: bool, meta: dict
                 ) -> tuple[Adapter, Adapter | None]:
-        with self._lock:
-            old = self._get(tenant, name)
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                self._db.execute("DELETE FROM adapters WHERE tenant = ? AND name = ?", (tenant, name))
-                cur = self._db.execute(
-                    "INSERT INTO adapters (tenant, name, kind, path, owned, meta, created) VALUES (?,?,?,?,?,?,?)",
-                    (tenant, name, kind, str(path), int(owned), json.dumps(meta), time.time()))
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            new = self._by_id(cur.lastrowid)
-        assert new is not None
-        return new, old
+        # Replacing is two rows (the old one goes, the new one with a new id comes): one transaction, under the
+        # table's write lock so that two replicas registering the same name serialise.
+        with self.db.transaction(lock="adapters") as tx:
+            old = tx.execute(f"DELETE FROM adapters WHERE tenant = ? AND name = ? RETURNING {_COLUMNS}",
+                             (tenant, name)).one()
+            row = tx.execute(
+                "INSERT INTO adapters (tenant, name, kind, path, owned, meta, created) VALUES (?,?,?,?,?,?,?) "
+                f"RETURNING {_COLUMNS}", (tenant, name, kind, str(path), int(owned), json.dumps(meta), time.time())
+            ).one()
+        assert row is not None
+        return _adapter(row), _adapter(old) if old else None
 
     def upload_dir(self) -> Path:
         """A fresh staging directory for one upload's files (`register` publishes it; on failure the caller
@@ -423,35 +414,29 @@ class AdapterStore:
     def get(self, tenant: str, name: str) -> Adapter | None:
         """The adapter in exactly `tenant`'s scope."""
         validate_name(name)
-        with self._lock:
-            return self._get(tenant, name)
+        return self._get(tenant, name)
 
     def resolve(self, tenant: str, name: str) -> Adapter | None:
         """What a request of `tenant` means by `name`: its own adapter, else a global one, else None."""
         validate_name(name)
-        with self._lock:
-            row = self._db.execute(f"SELECT {_COLUMNS} FROM adapters WHERE name = ? AND tenant IN (?, ?) "
-                                   "ORDER BY tenant = ? LIMIT 1", (name, tenant, GLOBAL, GLOBAL)).fetchone()
+        row = self.db.query_one(f"SELECT {_COLUMNS} FROM adapters WHERE name = ? AND tenant IN (?, ?) "
+                                "ORDER BY tenant = ? LIMIT 1", (name, tenant, GLOBAL, GLOBAL))
         return _adapter(row) if row else None
 
     def delete(self, tenant: str, name: str) -> Adapter | None:
         """Remove the registration (not its files: the pool deletes owned files once no request uses them)."""
         validate_name(name)
-        with self._lock:
-            old = self._get(tenant, name)
-            if old is not None:
-                self._db.execute("DELETE FROM adapters WHERE id = ?", (old.id,))
-        return old
+        row = self.db.query_one(f"DELETE FROM adapters WHERE tenant = ? AND name = ? RETURNING {_COLUMNS}",
+                                (tenant, name))
+        return _adapter(row) if row else None
 
     def list(self, tenant: str) -> list[Adapter]:
-        with self._lock:
-            rows = self._db.execute(f"SELECT {_COLUMNS} FROM adapters WHERE tenant IN (?, ?) ORDER BY name, "
-                                    "tenant = ?", (tenant, GLOBAL, GLOBAL)).fetchall()
+        rows = self.db.query(f"SELECT {_COLUMNS} FROM adapters WHERE tenant IN (?, ?) ORDER BY name, tenant = ?",
+                             (tenant, GLOBAL, GLOBAL))
         return [_adapter(r) for r in rows]
 
     def all(self) -> list[Adapter]:
-        with self._lock:
-            return [_adapter(r) for r in self._db.execute(f"SELECT {_COLUMNS} FROM adapters").fetchall()]
+        return [_adapter(r) for r in self.db.query(f"SELECT {_COLUMNS} FROM adapters ORDER BY id")]
 
     def remove_files(self, adapter: Adapter) -> None:
         """Delete an owned adapter's artifact (from the store and this machine's cache) once it is retired."""
@@ -461,12 +446,7 @@ class AdapterStore:
             shutil.rmtree(adapter.path, ignore_errors=True)
 
     def _get(self, tenant: str, name: str) -> Adapter | None:
-        row = self._db.execute(f"SELECT {_COLUMNS} FROM adapters WHERE tenant = ? AND name = ?",
-                               (tenant, name)).fetchone()
-        return _adapter(row) if row else None
-
-    def _by_id(self, adapter_id: int | None) -> Adapter | None:
-        row = self._db.execute(f"SELECT {_COLUMNS} FROM adapters WHERE id = ?", (adapter_id,)).fetchone()
+        row = self.db.query_one(f"SELECT {_COLUMNS} FROM adapters WHERE tenant = ? AND name = ?", (tenant, name))
         return _adapter(row) if row else None
 
 

@@ -35,10 +35,12 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Print the result as JSON; 1 on a bad name or file, or removing a prefix that is not registered."""
+    from steerserve.server.stores.database import DatabaseUnavailable
+
     data_dir = args.data_dir or Settings.load().data_dir
     try:
         return tenants(args, data_dir) if args.command == "tenants" else urial(args, data_dir)
-    except (ValueError, OSError) as exc:
+    except (ValueError, OSError, DatabaseUnavailable) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
 
@@ -46,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
 def tenants(args: argparse.Namespace, data_dir: Path) -> int:
     from steerserve.server.stores.tenants import TenantSettingsUpdate, TenantStore
 
-    store = TenantStore(data_dir / "profiles.sqlite3")
+    store = TenantStore(_database(data_dir))
     if args.tenants_command == "set":
         print(json.dumps({"tenant": args.tenant, **store.update(
             args.tenant, TenantSettingsUpdate(allow_conjugate=args.allow_conjugate)).model_dump()}))
@@ -58,7 +60,8 @@ def tenants(args: argparse.Namespace, data_dir: Path) -> int:
 def urial(args: argparse.Namespace, data_dir: Path) -> int:
     from steerserve.server.frontend.prompt_methods import PrefixStore
 
-    prefixes = PrefixStore(data_dir / "urial")
+    db = _database(data_dir)
+    prefixes = PrefixStore(db, legacy_dir=data_dir / "urial" if db.dialect == "sqlite" else None)
     if args.urial_command == "add":
         print(json.dumps(prefixes.put(args.name, args.file.read_text(encoding="utf-8"))))
     elif args.urial_command == "remove":
@@ -68,3 +71,10 @@ def urial(args: argparse.Namespace, data_dir: Path) -> int:
     else:
         print(json.dumps(prefixes.list(), indent=1))
     return 0
+
+
+def _database(data_dir: Path):
+    """The server's database: STEERSERVE_DATABASE_URL if set, else the profiles' SQLite file under `data_dir`."""
+    from steerserve.server.stores.database import open_database
+
+    return open_database(Settings.load().database_url or data_dir / "profiles.sqlite3")

@@ -59,7 +59,8 @@ def run(args: argparse.Namespace) -> int:
     llm, facts = open_engine(str(model_path))
     scorer = C.Scorer(llm, facts)
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    store = ProfileStore((args.data_dir or settings.data_dir) / "profiles.sqlite3") if args.profile_name else None
+    store = ProfileStore(settings.database_url or (args.data_dir or settings.data_dir) / "profiles.sqlite3") \
+        if args.profile_name else None
     for name in names:
         task = tasks[name]
         configs = 1 + 2 * facts.num_heads + max(len(C.GRID_UP), len(C.GRID_DOWN))

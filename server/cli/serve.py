@@ -51,8 +51,11 @@ def serve_forever(settings: Settings) -> int:
     from steerserve.server.frontend.tool_calls import chat_template
     from steerserve.server.models.store import ModelFetchError, resolve_model
     from steerserve.server.stores.artifacts import open_for_server
+    from steerserve.server.stores.database import DatabaseUnavailable, open_database
+    from steerserve.server.stores.prefixes import PrefixStore
     from steerserve.server.stores.profiles import ProfileStore
-    from steerserve.server.stores.vectors import default_store
+    from steerserve.server.stores.tenants import TenantStore
+    from steerserve.server.stores.vectors import VectorStore
 
     from ..engine.async_engine import Engine
     from ..http.admission import Limits
@@ -74,8 +77,19 @@ def serve_forever(settings: Settings) -> int:
     if keys.is_open:
         log.warning("no API keys configured (--api-keys): open mode, every request is the 'default' tenant "
                     "with admin rights; listening on loopback only")
-    profiles = ProfileStore(settings.data_dir / "profiles.sqlite3")
-    adapters = AdapterStore(settings.data_dir / "adapters.sqlite3", settings.data_dir / "adapters", adapter_files)
+    try:  # one shared database (--database-url), else the SQLite files under --data-dir, as always
+        db = open_database(settings.database_url) if settings.database_url else None
+        profiles = ProfileStore(db or settings.data_dir / "profiles.sqlite3")
+        adapters = AdapterStore(db or settings.data_dir / "adapters.sqlite3", settings.data_dir / "adapters",
+                                adapter_files)
+        shared = {} if db is None else {"tenants": TenantStore(db), "prefixes": PrefixStore(db),
+                                        "data_dir": settings.data_dir}
+        # Vector files in the artifact store (--artifact-store), rows beside the others.
+        shared["vectors"] = VectorStore(db or settings.data_dir / "vectors.sqlite3", settings.data_dir / "vectors",
+                                        vector_files)
+    except (DatabaseUnavailable, RuntimeError, ValueError, OSError) as exc:
+        print(f"error: database: {exc}", file=sys.stderr)
+        return 1
     failed = []
 
     def stop_serving() -> None:
@@ -90,8 +104,7 @@ def serve_forever(settings: Settings) -> int:
     app = create_app(lambda: Engine(settings, model_path), keys, profiles, on_engine_failure=stop_serving,
                      adapters=adapters, adapter_root=settings.adapter_root, playground=settings.playground,
                      tool_call_parser=settings.tool_call_parser, chat_template=template, limits=limits,
-                     input_limits=InputLimits.from_settings(settings),
-                     vectors=default_store(settings.data_dir, vector_files))
+                     input_limits=InputLimits.from_settings(settings), **shared)
     # Our own access log line carries the request id (server/http/request_id.py); uvicorn's would repeat it.
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                             timeout_graceful_shutdown=ABORT_GRACE_S, access_log=False)

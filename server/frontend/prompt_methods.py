@@ -12,13 +12,10 @@ this module turns them into engine calls. Streaming (documented in the README):
 from __future__ import annotations
 
 import asyncio
-import os
-import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator
 from functools import lru_cache
-from pathlib import Path
 from typing import Any
 
 from steerserve.server.engine.async_engine import Engine
@@ -28,71 +25,18 @@ from steerserve.server.http.auth import Principal
 from steerserve.server.http.errors import BadRequest, Forbidden
 from steerserve.server.http.metrics import Metrics
 from steerserve.server.http.protocol import ChatCompletionRequest, sampling_params, structured_output
+from steerserve.server.stores.prefixes import MAX_PREFIX_BYTES, PrefixStore, describe  # noqa: F401
 from steerserve.server.stores.tenants import TenantStore
 from steerserve.steering import conjugate as conj
 from steerserve.steering import urial
 from steerserve.steering.model import SpecError
 
-MAX_PREFIX_BYTES = 256 * 1024
 ROUTE = "/v1/chat/completions"
 
 
 # --- registered URIAL prefixes ---------------------------------------------------------------------------------
 
-class PrefixStore:
-    """URIAL prefixes by name: the built-in `default` and `help`, and those admins register (one UTF-8 text file
-    each, `<data dir>/urial/<name>.txt`, used verbatim; e.g. the official URIAL prompt files)."""
-
-    def __init__(self, root: str | Path):
-        self.root = Path(root)
-
-    def get(self, name: str) -> str | None:
-        if name in urial.BUILTIN_PREFIXES:
-            return urial.BUILTIN_PREFIXES[name]
-        try:
-            urial.validate_prefix_name(name)
-            return (self.root / f"{name}.txt").read_text(encoding="utf-8")
-        except (ValueError, FileNotFoundError):
-            return None
-
-    def put(self, name: str, text: str) -> dict[str, Any]:
-        """Register (or replace) a prefix; ValueError if the name or text is unusable."""
-        urial.validate_prefix_name(name)
-        if name in urial.BUILTIN_PREFIXES:
-            raise ValueError(f"'{name}' is a built-in prefix and cannot be replaced")
-        if not text.strip():
-            raise ValueError("the prefix is empty")
-        if len(text.encode()) > MAX_PREFIX_BYTES:
-            raise ValueError(f"the prefix is longer than {MAX_PREFIX_BYTES} bytes")
-        self.root.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=f".{name}.", suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.root / f"{name}.txt")  # readers see the old or the new file, never half of one
-        return describe(name, text, builtin=False)
-
-    def delete(self, name: str) -> bool:
-        urial.validate_prefix_name(name)
-        if name in urial.BUILTIN_PREFIXES:
-            raise ValueError(f"'{name}' is a built-in prefix and cannot be deleted")
-        try:
-            (self.root / f"{name}.txt").unlink()
-        except FileNotFoundError:
-            return False
-        return True
-
-    def list(self) -> list[dict[str, Any]]:
-        out = [describe(name, text, builtin=True) for name, text in urial.BUILTIN_PREFIXES.items()]
-        for path in sorted(self.root.glob("*.txt")) if self.root.is_dir() else []:
-            if (text := self.get(path.stem)) is not None and path.stem not in urial.BUILTIN_PREFIXES:
-                out.append(describe(path.stem, text, builtin=False))
-        return out
-
-
-def describe(name: str, text: str, builtin: bool) -> dict[str, Any]:
-    return {"name": name, "builtin": builtin, "examples": len(urial.split_examples(text)[1]), "chars": len(text)}
+# PrefixStore (server/stores/prefixes.py) is re-exported here for the routes and the CLI.
 
 
 # --- checks every route makes ----------------------------------------------------------------------------------

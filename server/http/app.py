@@ -73,22 +73,26 @@ def create_app(engine_factory: Callable[[], Engine], keys: KeyStore, profiles: P
                prefixes: prompting.PrefixStore | None = None, playground: bool = True,
                tool_call_parser: str | None = None, chat_template: str | None = None,
                vectors: VectorStore | None = None, limits: Limits | None = None,
-               input_limits: InputLimits | None = None) -> FastAPI:
+               input_limits: InputLimits | None = None, data_dir: Path | None = None) -> FastAPI:
     """The app. `engine_factory` builds the engine in a worker thread, so /health answers while it loads;
     `on_engine_failure` is called if it cannot be built, fails its steering self-test, or dies while serving
     (the CLI then exits non-zero; from the death on, /health, /ready and every engine route answer 503).
     `limits`: the admission bounds (server/http/admission.py). `adapters`: the adapter registry, served when the
-    engine has LoRA enabled. Tenant settings, URIAL prefixes and control vectors live beside the profiles unless
-    given. `playground`: serve the playground page (server/http/routes/playground.py); off, its routes do not
-    exist (404). `tool_call_parser` (a vLLM tool parser name) enables chat `tools`; `chat_template` (its text)
+    engine has LoRA enabled. Tenant settings, URIAL prefixes and control vectors live beside the profiles (in their
+    database, the vector files under `data_dir`) unless given; `data_dir` defaults to the profiles' SQLite file's
+    directory (a server database needs them all given). `playground`: serve the playground page
+    (server/http/routes/playground.py); off, its routes do not exist (404). `tool_call_parser` (a vLLM tool parser name) enables chat `tools`; `chat_template` (its text)
     replaces the model's chat template. `input_limits`: what one request may send (server/http/limits.py; the
     settings' defaults if None)."""
-    state = AppState(keys=keys, profiles=profiles, tenants=tenants or TenantStore(profiles.path),
-                     prefixes=prefixes or prompting.PrefixStore(profiles.path.parent / "urial"),
-                     vectors=vectors or default_store(profiles.path.parent),
+    data_dir = data_dir or (profiles.path.parent if profiles.path is not None else None)
+    if profiles.path is None and (prefixes is None or vectors is None or data_dir is None):
+        raise ValueError("on a server database, pass the prefix and vector stores and the data dir explicitly")
+    state = AppState(keys=keys, profiles=profiles, tenants=tenants or TenantStore(profiles.db),
+                     prefixes=prefixes or prompting.PrefixStore(profiles.db, legacy_dir=data_dir / "urial"),
+                     vectors=vectors or default_store(data_dir),
                      metrics=Metrics(lambda: state.engine.num_unfinished_requests() if state.engine else 0),
                      adapters=adapters, adapter_root=adapter_root, admission=Admission(limits),
-                     input_limits=input_limits or InputLimits())
+                     input_limits=input_limits or InputLimits(), data_dir=data_dir)
 
     async def load_engine() -> None:
         try:

@@ -46,6 +46,7 @@ class AppState:
     admission: Admission = field(default_factory=Admission)  # bounds on generation requests, and the drain
     dead: str | None = None  # why the engine died while serving (the process is exiting); None while it lives
     input_limits: InputLimits = field(default_factory=InputLimits)  # what one request may send
+    data_dir: Path | None = None  # the server's --data-dir (files beside the database: the sink profile)
 
     def ready_engine(self) -> Engine:
         """The engine, or a 503 saying why there is none (yet, or any more)."""

@@ -1,8 +1,7 @@
-"""Per-tenant settings that only admins change (today: whether conjugate prompting is allowed), in SQLite."""
+"""Per-tenant settings that only admins change (today: whether conjugate prompting is allowed), persisted through
+the repository layer (server/stores/database.py; the profiles' SQLite file by default, or PostgreSQL)."""
 from __future__ import annotations
 
-import sqlite3
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -11,13 +10,15 @@ from pydantic import BaseModel, ConfigDict
 
 from steerserve.server.http.auth import valid_tenant
 
-_SCHEMA = """
+from .database import Database, as_database
+
+MIGRATIONS = ("""
 CREATE TABLE IF NOT EXISTS tenant_settings (
     tenant          TEXT PRIMARY KEY,
     allow_conjugate INTEGER NOT NULL,
-    updated         REAL NOT NULL
+    updated         {real} NOT NULL
 )
-"""
+""",)
 
 
 class TenantSettings(BaseModel):
@@ -37,42 +38,38 @@ class TenantSettingsUpdate(BaseModel):
 
 
 class TenantStore:
-    """Tenant settings keyed by tenant name; thread-safe, durable across restarts (same database as the profiles)."""
+    """Tenant settings keyed by tenant name; thread-safe, durable across restarts, no cache (a change made through
+    another replica applies to the next request here). `where`: a Database, or the path of an SQLite file."""
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=10.0)
-        with self._lock:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute(_SCHEMA)
+    def __init__(self, where: str | Path | Database):
+        self.db, self._owns_db = as_database(where), not isinstance(where, Database)
+        self.path = self.db.path
+        self.db.migrate("tenants", MIGRATIONS)
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        if self._owns_db:
+            self.db.close()
 
     def get(self, tenant: str) -> TenantSettings:
         _check(tenant)
-        with self._lock:
-            row = self._db.execute("SELECT allow_conjugate FROM tenant_settings WHERE tenant = ?", (tenant,)).fetchone()
+        row = self.db.query_one("SELECT allow_conjugate FROM tenant_settings WHERE tenant = ?", (tenant,))
         return TenantSettings(allow_conjugate=bool(row[0])) if row else TenantSettings()
 
     def update(self, tenant: str, update: TenantSettingsUpdate) -> TenantSettings:
+        """Change the fields `update` gives, keep the others; atomic against concurrent updates (other replicas
+        included): the read and the write are one transaction under the table's write lock."""
         _check(tenant)
-        with self._lock:
-            row = self._db.execute("SELECT allow_conjugate FROM tenant_settings WHERE tenant = ?", (tenant,)).fetchone()
+        with self.db.transaction(lock="tenant_settings") as tx:
+            row = tx.execute("SELECT allow_conjugate FROM tenant_settings WHERE tenant = ?", (tenant,)).one()
             current = TenantSettings(allow_conjugate=bool(row[0])) if row else TenantSettings()
             new = current.model_copy(update=update.model_dump(exclude_none=True))
-            self._db.execute(
-                "INSERT INTO tenant_settings (tenant, allow_conjugate, updated) VALUES (?, ?, ?) "
-                "ON CONFLICT (tenant) DO UPDATE SET allow_conjugate = excluded.allow_conjugate, "
-                "updated = excluded.updated", (tenant, int(new.allow_conjugate), time.time()))
+            tx.execute("INSERT INTO tenant_settings (tenant, allow_conjugate, updated) VALUES (?, ?, ?) "
+                       "ON CONFLICT (tenant) DO UPDATE SET allow_conjugate = excluded.allow_conjugate, "
+                       "updated = excluded.updated", (tenant, int(new.allow_conjugate), time.time()))
         return new
 
     def list(self) -> list[dict[str, Any]]:
-        with self._lock:
-            rows = self._db.execute("SELECT tenant, allow_conjugate FROM tenant_settings ORDER BY tenant").fetchall()
+        rows = self.db.query("SELECT tenant, allow_conjugate FROM tenant_settings ORDER BY tenant")
         return [{"tenant": t, "allow_conjugate": bool(a)} for t, a in rows]
 
 

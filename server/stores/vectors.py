@@ -1,4 +1,5 @@
-"""Named control vectors per tenant (plus admin-managed global ones): metadata in SQLite, the directions as
+"""Named control vectors per tenant (plus admin-managed global ones): metadata through the repository layer
+(server/stores/database.py: SQLite by default, or PostgreSQL), the directions as
 safetensors files named by their content digest (so equal vectors registered twice share one file), in the
 artifact store (server/stores/artifacts.py: a local directory, or a shared remote store read through a local
 cache). The digest is the checksum: a file read back is decoded and its digest recomputed, so a corrupt or
@@ -13,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import sqlite3
 import threading
 import time
 from collections import OrderedDict
@@ -26,12 +26,13 @@ from steerserve.steering.control_vectors import ControlVector
 from steerserve.steering.vector_files import read_vector_file, write_vector_file
 
 from .artifacts import ArtifactError, ArtifactStore, StoreUnavailable
+from .database import Database, as_database
 from .profiles import GLOBAL, _check_tenant
 
 _NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 CACHE_BYTES = 256 << 20  # decoded vectors kept in memory, most recently used first
 
-_SCHEMA = """
+MIGRATIONS = ("""
 CREATE TABLE IF NOT EXISTS vectors (
     tenant      TEXT NOT NULL,
     name        TEXT NOT NULL,
@@ -39,10 +40,10 @@ CREATE TABLE IF NOT EXISTS vectors (
     layers      TEXT NOT NULL,     -- JSON list of 0-based decoder layers
     hidden_size INTEGER NOT NULL,
     model_hint  TEXT NOT NULL,
-    updated     REAL NOT NULL,     -- unix seconds
+    updated     {real} NOT NULL,   -- unix seconds
     PRIMARY KEY (tenant, name)
 )
-"""
+""",)
 
 
 def validate_vector_name(name: object, param: str = "name") -> str:
@@ -72,28 +73,26 @@ class StoredVector:
 
 
 class VectorStore:
-    """Vectors keyed by (tenant, name); thread-safe (one connection and the files behind one lock), durable across
-    restarts (a put returns once the file and its row are written)."""
+    """Vectors keyed by (tenant, name); thread-safe, durable across restarts (a put returns once the file and its
+    row are written). Rows are read from the database on every call (another replica's registration is seen);
+    only decoded directions are cached, keyed by their content digest (immutable). `db`: a Database, or the path
+    of an SQLite file. Files: `artifacts`, default the local directory `files_dir`."""
 
-    def __init__(self, db_path: str | Path, files_dir: str | Path, artifacts: ArtifactStore | None = None):
+    def __init__(self, db: str | Path | Database, files_dir: str | Path, artifacts: ArtifactStore | None = None):
+        self.db, self._owns_db = as_database(db), not isinstance(db, Database)
         self.artifacts = artifacts or ArtifactStore(files_dir)
-        self.path, self.files = Path(db_path), self.artifacts.local_dir
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
+        self.path, self.files = self.db.path, self.artifacts.local_dir
+        self._lock = threading.Lock()  # the cache and the files
         self._cache: OrderedDict[str, ControlVector] = OrderedDict()
         self._cached_bytes = 0
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=10.0)
-        with self._lock:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.execute(_SCHEMA)
+        self.db.migrate("vectors", MIGRATIONS)
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        if self._owns_db:
+            self.db.close()
 
     def __repr__(self) -> str:
-        return f"VectorStore({str(self.path)!r})"
+        return f"VectorStore({self.db!r})"
 
     @staticmethod
     def _key(digest: str) -> str:
@@ -107,17 +106,18 @@ class VectorStore:
         record = StoredVector(tenant, name, digest, vector.layers, vector.hidden_size, vector.model_hint, time.time())
         with self._lock:
             self._write(digest, vector)
-            old = self._db.execute("SELECT digest FROM vectors WHERE tenant = ? AND name = ?",
-                                   (tenant, name)).fetchone()
-            self._db.execute(
-                "INSERT INTO vectors (tenant, name, digest, layers, hidden_size, model_hint, updated) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (tenant, name) DO UPDATE SET digest = excluded.digest, "
-                "layers = excluded.layers, hidden_size = excluded.hidden_size, model_hint = excluded.model_hint, "
-                "updated = excluded.updated",
-                (tenant, name, digest, json.dumps(list(record.layers)), record.hidden_size, record.model_hint,
-                 record.updated))
-            if old is not None and old[0] != digest:
-                self._collect(old[0])
+            with self.db.transaction(lock="vectors") as tx:  # the row and the old file's last reference: one write
+                old = tx.execute("SELECT digest FROM vectors WHERE tenant = ? AND name = ?", (tenant, name)).one()
+                tx.execute(
+                    "INSERT INTO vectors (tenant, name, digest, layers, hidden_size, model_hint, updated) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (tenant, name) DO UPDATE SET digest = excluded.digest, "
+                    "layers = excluded.layers, hidden_size = excluded.hidden_size, "
+                    "model_hint = excluded.model_hint, updated = excluded.updated",
+                    (tenant, name, digest, json.dumps(list(record.layers)), record.hidden_size, record.model_hint,
+                     record.updated))
+                orphan = old is not None and old[0] != digest and _unreferenced(tx, old[0])
+            if orphan:
+                self._drop_file(old[0])
             self._remember(digest, vector)
         return record
 
@@ -138,30 +138,29 @@ class VectorStore:
         _check_tenant(tenant)
         validate_vector_name(name)
         with self._lock:
-            row = self._db.execute("SELECT digest FROM vectors WHERE tenant = ? AND name = ?",
-                                   (tenant, name)).fetchone()
-            if row is None:
-                return False
-            self._db.execute("DELETE FROM vectors WHERE tenant = ? AND name = ?", (tenant, name))
-            self._collect(row[0])
-        return True
+            with self.db.transaction(lock="vectors") as tx:
+                row = tx.execute("DELETE FROM vectors WHERE tenant = ? AND name = ? RETURNING digest",
+                                 (tenant, name)).one()
+                orphan = row is not None and _unreferenced(tx, row[0])
+            if orphan:
+                self._drop_file(row[0])
+        return row is not None
 
     def list(self, tenant: str) -> list[StoredVector]:
         """`tenant`'s own vectors and the global ones, by name (own before global on a tie)."""
         _check_tenant(tenant)
-        with self._lock:
-            rows = self._db.execute(f"SELECT {_COLUMNS} FROM vectors WHERE tenant IN (?, ?) ORDER BY name, "
-                                    "tenant = ?", (tenant, GLOBAL, GLOBAL)).fetchall()
+        rows = self.db.query(f"SELECT {_COLUMNS} FROM vectors WHERE tenant IN (?, ?) ORDER BY name, tenant = ?",
+                             (tenant, GLOBAL, GLOBAL))
         return [_record(row) for row in rows]
 
     # --- internals (called with the lock held, except _load which takes it) ---
 
     def _load(self, where: str, args: tuple) -> tuple[StoredVector, ControlVector] | None:
+        row = self.db.query_one(f"SELECT {_COLUMNS} FROM vectors WHERE name = ? AND {where}", args)
+        if row is None:
+            return None
+        record = _record(row)
         with self._lock:
-            row = self._db.execute(f"SELECT {_COLUMNS} FROM vectors WHERE name = ? AND {where}", args).fetchone()
-            if row is None:
-                return None
-            record = _record(row)
             vector = self._cache.get(record.digest)
             if vector is None:
                 vector = self._read(record)
@@ -212,18 +211,21 @@ class VectorStore:
             _, dropped = self._cache.popitem(last=False)
             self._cached_bytes -= _nbytes(dropped)
 
-    def _collect(self, digest: str) -> None:
-        """Remove the file of `digest` once no registration refers to it."""
-        if self._db.execute("SELECT 1 FROM vectors WHERE digest = ? LIMIT 1", (digest,)).fetchone() is None:
-            try:
-                self.artifacts.delete(self._key(digest))
-            except ArtifactError:  # left in the store: harmless, nothing points to it
-                pass
-            if (dropped := self._cache.pop(digest, None)) is not None:
-                self._cached_bytes -= _nbytes(dropped)
+    def _drop_file(self, digest: str) -> None:
+        """Remove the file of `digest`, which no registration refers to any more."""
+        try:
+            self.artifacts.delete(self._key(digest))
+        except ArtifactError:  # left in the store: harmless, nothing points to it
+            pass
+        if (dropped := self._cache.pop(digest, None)) is not None:
+            self._cached_bytes -= _nbytes(dropped)
 
 
 _COLUMNS = "tenant, name, digest, layers, hidden_size, model_hint, updated"
+
+
+def _unreferenced(tx, digest: str) -> bool:
+    return tx.execute("SELECT 1 FROM vectors WHERE digest = ? LIMIT 1", (digest,)).one() is None
 
 
 def _record(row: tuple) -> StoredVector:

@@ -69,7 +69,7 @@ def run(engine, tmp_path, steering: dict, messages: list[dict], stream: bool = F
                                                 "max_tokens": 16, "steering": steering,
                                                 "steering_stats": {"conjugate": True}, **extra})
     spec = S.merge([S.parse(steering, "steering")])
-    pr = PromptRun(engine.rec, Metrics(), req, steer.Steering(spec, None, SALT), PrefixStore(tmp_path))
+    pr = PromptRun(engine.rec, Metrics(), req, steer.Steering(spec, None, SALT), PrefixStore(tmp_path / "prefixes.sqlite3"))
 
     async def deltas():
         return [d async for d in pr.deltas()]

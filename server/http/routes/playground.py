@@ -82,7 +82,7 @@ async def model_shape(who: Caller, state: State) -> dict:
 @router.get("/playground/api/sinks")
 async def sink_profile(who: Caller, state: State) -> dict:
     """The sink profile in the data dir, as `steerserve profile sinks` wrote it, or a 404 saying how to make one."""
-    path = state.profiles.path.parent / SINKS_FILE
+    path = state.data_dir / SINKS_FILE
     try:
         profile = json.loads(path.read_text())
     except FileNotFoundError:
