@@ -14,7 +14,9 @@ their recorded path unchecked.
 """
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 import shutil
 import uuid
 from pathlib import Path
@@ -93,12 +95,30 @@ def delete(store: ArtifactStore, key: str) -> None:
         log.warning("could not delete adapter artifact %s: %s", key, exc)
 
 
+def claim(store: ArtifactStore) -> tuple[int, bool]:
+    """Hold the local directory for this store's lifetime: a shared lock on the directory itself (flock), taken
+    after trying an exclusive one. Returns (the descriptor to close with the store, whether no other store held
+    the directory: only then may `sweep` run, since another server sharing the directory may be uploading)."""
+    fd = os.open(store.local_dir, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        alone = True
+    except BlockingIOError:
+        alone = False
+    return fd, alone
+
+
+def release(fd: int) -> None:
+    """Turn `claim`'s exclusive lock into a shared one (after the sweep), or drop it (`os.close` at the end)."""
+    fcntl.flock(fd, fcntl.LOCK_SH)
+
+
 def sweep(store: ArtifactStore, keep: set[Path]) -> list[Path]:
     """Remove every local adapter directory no registration points to (`keep`: the resolved local paths of all
     registrations) and the whole staging area; returns what was removed. Only directories this module names (a
     32-hex id, or an older server's `upload-*`) are candidates, so nothing else in the directory is touched. Runs
-    at start-up, before any upload can be in progress. Never touches a remote store: another replica may be
-    publishing into it right now."""
+    at start-up, when `claim` found no other store on the directory, so no upload can be in progress. Never
+    touches a remote store: another replica may be publishing into it right now."""
     removed = []
     files_dir = store.local_dir
     for entry in sorted(files_dir.iterdir()) if files_dir.is_dir() else ():

@@ -14,6 +14,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import re
 import shutil
 import time
@@ -316,9 +317,13 @@ class AdapterStore:
         self.path, self.files_dir = self.db.path, self.artifacts.local_dir
         self.db.migrate("adapters", MIGRATIONS)
         self._broken: dict[int, str] = {}  # registration id -> why it cannot be served (`recheck`)
-        files.sweep(self.artifacts, {self.local_dir(a).resolve() for a in self.all()})
+        self._dir_fd, alone = files.claim(self.artifacts)
+        if alone:  # no other server on this directory (they may share it, on one database): sweep it
+            files.sweep(self.artifacts, {self.local_dir(a).resolve() for a in self.all()})
+        files.release(self._dir_fd)
 
     def close(self) -> None:
+        os.close(self._dir_fd)
         if self._owns_db:
             self.db.close()
 

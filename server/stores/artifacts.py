@@ -134,10 +134,9 @@ class ArtifactStore:
         return checksum
 
     def temp_file(self, suffix: str = "") -> Path:
-        """A fresh local path for a file to be `put_file`d (on the same filesystem as the final one)."""
-        root = self.local_dir / STAGING
-        root.mkdir(parents=True, exist_ok=True)
-        return root / f"file-{uuid.uuid4().hex}{suffix}"
+        """A fresh local path for a file to be `put_file`d: a hidden name beside the final files (the same
+        filesystem, so the final rename is atomic)."""
+        return self.local_dir / f".tmp-{uuid.uuid4().hex}{suffix}"
 
     def exists(self, key: str) -> bool:
         if not self.remote:
