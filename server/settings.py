@@ -31,6 +31,10 @@ class Settings(BaseSettings):
     cache: Path = Field(Path.home() / ".cache" / "steerserve", description="Model cache (env STEERSERVE_CACHE).")
     data_dir: Path = Field(Path.home() / ".local" / "share" / "steerserve",
                            description="Server state that must survive restarts (steering profiles).")
+    artifact_store: str | None = Field(None, description="Where uploaded adapter and vector files are kept: by "
+                                       "default the local <data-dir>/adapters and <data-dir>/vectors; or an fsspec "
+                                       "URL every replica shares (s3://bucket/prefix: the [s3] extra, credentials "
+                                       "and endpoint from AWS_* variables), read through a cache in --data-dir.")
     database_url: str | None = Field(None, description="Where profiles, tenant settings, the adapter and vector "
                                      "registries and URIAL prefixes live: postgresql://user:pass@host/db (shared by "
                                      "replicas); none: SQLite files under --data-dir (docs/deployment.md).")

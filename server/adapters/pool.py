@@ -112,6 +112,7 @@ class AdapterPool:
         """A lease on `adapter` for one request, after loading it into the engine if it is cold."""
         from vllm.lora.request import LoRARequest
 
+        adapter = self.store.localised(adapter)  # the engine reads this machine's copy
         if adapter.kind not in ("lora", "iapt"):
             raise BadRequest(f"adapter kind {adapter.kind!r} cannot be served yet", param="model")
         if adapter.kind == "iapt" and self.engine.iapt_unsupported:
@@ -141,6 +142,9 @@ class AdapterPool:
 
     async def _add(self, adapter: Adapter, request) -> None:
         async with self._load_lock:  # one load at a time: the engine loads between steps anyway
+            # Fetched into this machine's cache if need be and checked against the recorded sha256s first: a
+            # missing or corrupt artifact fails this request (400/503), it never reaches the engine.
+            await asyncio.to_thread(self.store.materialise, adapter)
             start = time.perf_counter()
             try:
                 if request is None:

@@ -10,8 +10,11 @@ and layer count, and every tensor's shape.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import math
+import os
 import re
 import shutil
 import time
@@ -20,7 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from steerserve.server.http.errors import BadRequest
+from steerserve.server.http.errors import APIError, BadRequest, Unavailable
+from steerserve.server.stores.artifacts import ArtifactStore, StoreUnavailable
 from steerserve.server.stores.database import Database, as_database
 from steerserve.server.stores.profiles import GLOBAL, validate_name
 
@@ -28,6 +32,7 @@ from . import files
 from .lora_config import check_lora_config_types, selects
 from .safetensors_header import read_header, tensor_shapes
 
+log = logging.getLogger("steerserve.adapters")
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 MAX_CONFIG_BYTES = 2**20
 # The linear layers vLLM can put LoRA on in the dense decoder families we serve (Llama, Mistral, Qwen2, ...).
@@ -86,8 +91,11 @@ class Adapter:
         return f"{self.tenant}/{self.name}#{self.id}"
 
     def public(self) -> dict[str, Any]:
+        # `source`: the directory a path registration was copied from; `sha256`: the stored files' checksums.
+        meta = {k: v for k, v in self.meta.items() if k not in ("artifact", "source")}
+        source = self.meta.get("source") or ("upload" if self.owned else str(self.path))
         return {"name": self.name, "scope": self.scope, "kind": self.kind, "created": self.created,
-                "source": "upload" if self.owned else str(self.path), **self.meta}
+                "source": source, **meta}
 
 
 @dataclass(frozen=True)
@@ -289,44 +297,69 @@ def inspect_iapt(path: Path, base: ServedModel) -> dict[str, Any]:
 
 
 INSPECTORS: dict[str, Callable[[Path, ServedModel], dict[str, Any]]] = {"lora": inspect_lora, "iapt": inspect_iapt}
+# The files of each kind: what an upload may send and what a registration by path copies into the store.
+KIND_FILES = {"lora": (CONFIG_FILE, WEIGHTS_FILE), "iapt": ("iapt_config.json", "iapt_model.safetensors")}
 
 
 class AdapterStore:
-    """Registrations keyed by (tenant, name), own before global; thread-safe, durable across restarts. Uploaded
-    files live under `files_dir` and belong to the store; they are written crash-safe (server/adapters/files.py),
-    and orphans are swept when the store opens. `recheck` re-inspects the stored registrations at start-up: a
-    broken one stays registered and each request for it is refused (`broken`), the rest serve."""
+    """Registrations keyed by (tenant, name), own before global; thread-safe, durable across restarts. Adapter
+    files live in the artifact store `artifacts` (default: the local directory `files_dir`; a remote store
+    caches them in `files_dir`) and belong to the registry: uploads, and copies of adapters registered by path,
+    written crash-safe and checksummed (server/adapters/files.py); local orphans are swept when the store opens.
+    `materialise` gives the verified local directory the engine loads from. `recheck` re-inspects the stored
+    registrations at start-up: a broken one stays registered and each request for it is refused (`broken`), the
+    rest serve."""
 
-    def __init__(self, db: str | Path | Database, files_dir: str | Path):
+    def __init__(self, db: str | Path | Database, files_dir: str | Path, artifacts: ArtifactStore | None = None):
         # SQLite: synchronous=FULL, a committed registration survives a power loss too.
         self.db, self._owns_db = as_database(db, synchronous="FULL"), not isinstance(db, Database)
-        self.path, self.files_dir = self.db.path, Path(files_dir)
-        self.files_dir.mkdir(parents=True, exist_ok=True)
+        self.artifacts = artifacts or ArtifactStore(files_dir)
+        self.path, self.files_dir = self.db.path, self.artifacts.local_dir
         self.db.migrate("adapters", MIGRATIONS)
         self._broken: dict[int, str] = {}  # registration id -> why it cannot be served (`recheck`)
-        files.sweep(self.files_dir, {a.path.resolve() for a in self.all()})
+        self._dir_fd, alone = files.claim(self.artifacts)
+        if alone:  # no other server on this directory (they may share it, on one database): sweep it
+            files.sweep(self.artifacts, {self.local_dir(a).resolve() for a in self.all()})
+        files.release(self._dir_fd)
 
     def close(self) -> None:
+        os.close(self._dir_fd)
         if self._owns_db:
             self.db.close()
 
     def register(self, tenant: str, name: str, kind: str, path: Path, base: ServedModel,
                  owned: bool = False) -> tuple[Adapter, Adapter | None]:
-        """Validate and store; returns (the new registration, the one it replaced or None)."""
+        """Validate and store; returns (the new registration, the one it replaced or None). An upload (`owned`,
+        staged by `upload_dir`) is moved into the artifact store; an adapter registered by path is copied into it
+        first (then validated), so what was validated is what the engine loads, whatever happens to the path."""
         validate_name(name)
         if kind not in INSPECTORS:
             raise BadRequest(f"unknown adapter kind {kind!r} (supported: {sorted(INSPECTORS)})", param="kind",
                              code="invalid_value")
-        meta = INSPECTORS[kind](path, base)
-        staged = owned and files.is_staged(path, self.files_dir)
-        if staged:  # durable and in place before the row that points to it is committed
-            path = files.publish(path, self.files_dir)
+        source = None
+        if not owned:
+            try:
+                source, path, owned = path, files.copy_in(path, KIND_FILES[kind], self.artifacts), True
+            except OSError as exc:
+                raise AdapterInvalid("files", f"cannot read {path}: {exc.strerror or exc}") from None
+        staged, stored, done = files.is_staged(path, self.artifacts), {}, False
         try:
-            return self._insert(tenant, name, kind, path, owned, meta)
-        except BaseException:
-            if staged:
+            meta = INSPECTORS[kind](path, base)
+            if source is not None:
+                meta["source"] = str(source)
+            if staged:  # durable and in place before the row that points to it is committed
+                path, stored = files.publish(path, self.artifacts)
+            registered = self._insert(tenant, name, kind, path, owned, {**meta, **stored})
+            done = True
+            return registered
+        except StoreUnavailable as exc:
+            raise Unavailable(f"the adapter could not be stored: {exc}", param="adapter",
+                              code="artifact_store_unavailable") from None
+        finally:
+            if not done and stored:  # published, but the row was not committed
+                files.delete(self.artifacts, stored["artifact"])
+            elif not done and source is not None:  # our copy (an upload's staging directory is the caller's)
                 shutil.rmtree(path, ignore_errors=True)
-            raise
 
     def _insert(self, tenant: str, name: str, kind: str, path: Path, owned: bool, meta: dict
                 ) -> tuple[Adapter, Adapter | None]:
@@ -345,17 +378,37 @@ class AdapterStore:
     def upload_dir(self) -> Path:
         """A fresh staging directory for one upload's files (`register` publishes it; on failure the caller
         deletes it; a crash leaves it to the next start-up's sweep)."""
-        return files.staging_dir(self.files_dir)
+        return self.artifacts.staging_dir()
+
+    def local_dir(self, adapter: Adapter) -> Path:
+        """Where `adapter`'s files are (or will be, once materialised) on this machine; no I/O."""
+        return files.local_dir(self.artifacts, adapter)
+
+    def localised(self, adapter: Adapter) -> Adapter:
+        """`adapter` with `path` set to its files' directory on this machine (the registering replica's path is
+        recorded; another replica keeps its cache elsewhere). What the engine and the IAPT hook are given."""
+        return dataclasses.replace(adapter, path=self.local_dir(adapter))
+
+    def materialise(self, adapter: Adapter) -> Path:
+        """The local directory of `adapter`'s files, fetched into this machine's cache if the store is remote,
+        every file checked against the sha256 recorded at registration. A missing or corrupt artifact is a 400
+        naming the adapter (`adapter_files_missing` / `adapter_files_corrupt`), an unreachable store a 503; never
+        an engine failure. Registrations older than the artifact store are read from their path unchecked."""
+        return files.materialise(self.artifacts, adapter)
 
     def recheck(self, base: ServedModel) -> dict[str, str]:
-        """Inspect every stored registration again (start-up: files may have changed or broken while the server
-        was down). Returns {"<tenant>/<name>": why} for the broken ones, which `broken` then reports."""
+        """Materialise and inspect every stored registration again (start-up: files may have changed or broken
+        while the server was down). Returns {"<tenant>/<name>": why} for the broken ones, which `broken` then
+        reports. A remote store that cannot be reached marks nothing broken (each request then tries again)."""
         broken = {}
         for adapter in self.all():
             try:
-                INSPECTORS[adapter.kind](adapter.path, base) if adapter.kind in INSPECTORS else None
-            except (BadRequest, OSError, ValueError) as exc:
-                broken[adapter.id] = exc.message if isinstance(exc, BadRequest) else f"{type(exc).__name__}: {exc}"
+                path = self.materialise(adapter)
+                INSPECTORS[adapter.kind](path, base) if adapter.kind in INSPECTORS else None
+            except Unavailable as exc:
+                log.warning("adapter %s not checked at start-up: %s", adapter.engine_name, exc.message)
+            except (APIError, OSError, ValueError) as exc:
+                broken[adapter.id] = exc.message if isinstance(exc, APIError) else f"{type(exc).__name__}: {exc}"
         self._broken = broken
         return {f"{a.tenant}/{a.name}": broken[a.id] for a in self.all() if a.id in broken}
 
@@ -391,7 +444,10 @@ class AdapterStore:
         return [_adapter(r) for r in self.db.query(f"SELECT {_COLUMNS} FROM adapters ORDER BY id")]
 
     def remove_files(self, adapter: Adapter) -> None:
-        if adapter.owned and self.files_dir in adapter.path.parents:
+        """Delete an owned adapter's artifact (from the store and this machine's cache) once it is retired."""
+        if adapter.owned and adapter.meta.get("artifact"):
+            files.delete(self.artifacts, adapter.meta["artifact"])
+        elif adapter.owned and self.files_dir in adapter.path.parents:
             shutil.rmtree(adapter.path, ignore_errors=True)
 
     def _get(self, tenant: str, name: str) -> Adapter | None:

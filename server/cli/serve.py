@@ -50,6 +50,7 @@ def serve_forever(settings: Settings) -> int:
     from steerserve.server.adapters.registry import AdapterStore
     from steerserve.server.frontend.tool_calls import chat_template
     from steerserve.server.models.store import ModelFetchError, resolve_model
+    from steerserve.server.stores.artifacts import open_for_server
     from steerserve.server.stores.database import DatabaseUnavailable, open_database
     from steerserve.server.stores.prefixes import PrefixStore
     from steerserve.server.stores.profiles import ProfileStore
@@ -69,7 +70,8 @@ def serve_forever(settings: Settings) -> int:
         check_bind(settings.host, keys)
         model_path = resolve_model(settings.model, settings.cache)
         template = chat_template(settings.chat_template) if settings.chat_template else None
-    except (ModelFetchError, ValueError, OSError) as exc:
+        adapter_files, vector_files = open_for_server(settings.artifact_store, settings.data_dir)
+    except (ModelFetchError, ValueError, OSError, ImportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     if keys.is_open:
@@ -78,10 +80,13 @@ def serve_forever(settings: Settings) -> int:
     try:  # one shared database (--database-url), else the SQLite files under --data-dir, as always
         db = open_database(settings.database_url) if settings.database_url else None
         profiles = ProfileStore(db or settings.data_dir / "profiles.sqlite3")
-        adapters = AdapterStore(db or settings.data_dir / "adapters.sqlite3", settings.data_dir / "adapters")
+        adapters = AdapterStore(db or settings.data_dir / "adapters.sqlite3", settings.data_dir / "adapters",
+                                adapter_files)
         shared = {} if db is None else {"tenants": TenantStore(db), "prefixes": PrefixStore(db),
-                                        "vectors": VectorStore(db, settings.data_dir / "vectors"),
                                         "data_dir": settings.data_dir}
+        # Vector files in the artifact store (--artifact-store), rows beside the others.
+        shared["vectors"] = VectorStore(db or settings.data_dir / "vectors.sqlite3", settings.data_dir / "vectors",
+                                        vector_files)
     except (DatabaseUnavailable, RuntimeError, ValueError, OSError) as exc:
         print(f"error: database: {exc}", file=sys.stderr)
         return 1

@@ -76,7 +76,7 @@ class AppState:
         if why := self.adapters.broken(adapter):
             raise BadRequest(f"adapter '{name}' is broken and cannot be served until it is registered again: "
                              f"{why}", param="model", code="adapter_broken")
-        return adapter
+        return self.adapters.localised(adapter)  # its files' directory on this machine (the artifact cache)
 
 
 def owner_of(who: Principal, scope: str, writing: bool, what: str = "steering profiles") -> str:

@@ -1,6 +1,9 @@
 """Named control vectors per tenant (plus admin-managed global ones): metadata through the repository layer
 (server/stores/database.py: SQLite by default, or PostgreSQL), the directions as
-safetensors files named by their content digest (so equal vectors registered twice share one file).
+safetensors files named by their content digest (so equal vectors registered twice share one file), in the
+artifact store (server/stores/artifacts.py: a local directory, or a shared remote store read through a local
+cache). The digest is the checksum: a file read back is decoded and its digest recomputed, so a corrupt or
+missing file is a clear 400 for the request that names the vector, never a wrong steering.
 
 Scoping is the profiles' (server/stores/profiles.py): a tenant sees its own vectors and the global ones, its own
 shadowing a global one of the same name; writes address exactly one scope. Vectors are checked against the served
@@ -18,10 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from steerserve.server.http.errors import BadRequest
+from steerserve.server.http.errors import BadRequest, Unavailable
 from steerserve.steering.control_vectors import ControlVector
 from steerserve.steering.vector_files import read_vector_file, write_vector_file
 
+from .artifacts import ArtifactError, ArtifactStore, StoreUnavailable
 from .database import Database, as_database
 from .profiles import GLOBAL, _check_tenant
 
@@ -72,12 +76,12 @@ class VectorStore:
     """Vectors keyed by (tenant, name); thread-safe, durable across restarts (a put returns once the file and its
     row are written). Rows are read from the database on every call (another replica's registration is seen);
     only decoded directions are cached, keyed by their content digest (immutable). `db`: a Database, or the path
-    of an SQLite file."""
+    of an SQLite file. Files: `artifacts`, default the local directory `files_dir`."""
 
-    def __init__(self, db: str | Path | Database, files_dir: str | Path):
+    def __init__(self, db: str | Path | Database, files_dir: str | Path, artifacts: ArtifactStore | None = None):
         self.db, self._owns_db = as_database(db), not isinstance(db, Database)
-        self.path, self.files = self.db.path, Path(files_dir)
-        self.files.mkdir(parents=True, exist_ok=True)
+        self.artifacts = artifacts or ArtifactStore(files_dir)
+        self.path, self.files = self.db.path, self.artifacts.local_dir
         self._lock = threading.Lock()  # the cache and the files
         self._cache: OrderedDict[str, ControlVector] = OrderedDict()
         self._cached_bytes = 0
@@ -90,8 +94,9 @@ class VectorStore:
     def __repr__(self) -> str:
         return f"VectorStore({self.db!r})"
 
-    def _file(self, digest: str) -> Path:
-        return self.files / f"{digest}.safetensors"
+    @staticmethod
+    def _key(digest: str) -> str:
+        return f"{digest}.safetensors"
 
     def put(self, tenant: str, name: str, vector: ControlVector) -> StoredVector:
         """Create or replace the vector `name` in `tenant`'s scope (GLOBAL for global ones)."""
@@ -100,8 +105,7 @@ class VectorStore:
         digest = vector.digest()
         record = StoredVector(tenant, name, digest, vector.layers, vector.hidden_size, vector.model_hint, time.time())
         with self._lock:
-            if not self._file(digest).exists():
-                write_vector_file(vector, self._file(digest))
+            self._write(digest, vector)
             with self.db.transaction(lock="vectors") as tx:  # the row and the old file's last reference: one write
                 old = tx.execute("SELECT digest FROM vectors WHERE tenant = ? AND name = ?", (tenant, name)).one()
                 tx.execute(
@@ -159,11 +163,43 @@ class VectorStore:
         with self._lock:
             vector = self._cache.get(record.digest)
             if vector is None:
-                vector = read_vector_file(self._file(record.digest))
+                vector = self._read(record)
                 self._remember(record.digest, vector)
             else:
                 self._cache.move_to_end(record.digest)
         return record, vector
+
+    def _write(self, digest: str, vector: ControlVector) -> None:
+        """Store the file of `digest` unless the store has it (atomically: a temporary file or key, then the
+        final one)."""
+        try:
+            if self.artifacts.exists(self._key(digest)):
+                return
+            temp = self.artifacts.temp_file(".safetensors")
+            try:
+                write_vector_file(vector, temp)
+                self.artifacts.put_file(temp, self._key(digest))
+            finally:
+                temp.unlink(missing_ok=True)
+        except StoreUnavailable as exc:
+            raise Unavailable(f"the vector could not be stored: {exc}", param="vector",
+                              code="artifact_store_unavailable") from None
+
+    def _read(self, record: StoredVector) -> ControlVector:
+        """The vector of `record`, read through the artifact store and checked against its digest."""
+        key = self._key(record.digest)
+        try:
+            vector = read_vector_file(self.artifacts.fetch_file(key))
+            if vector.digest() != record.digest:
+                raise ValueError(f"its content digest is {vector.digest()}, not the recorded {record.digest}")
+            return vector
+        except StoreUnavailable as exc:
+            raise Unavailable(f"vector '{record.name}' cannot be fetched now: {exc}", param="steering",
+                              code="artifact_store_unavailable") from None
+        except (ArtifactError, ValueError, OSError) as exc:
+            self.artifacts.evict(key)  # a remote store's bad cached copy is fetched afresh next time
+            raise BadRequest(f"vector '{record.name}' cannot be used: its stored file is missing or corrupt "
+                             f"({exc}); register it again", param="steering", code="vector_file_corrupt") from None
 
     def _remember(self, digest: str, vector: ControlVector) -> None:
         if digest in self._cache:
@@ -177,7 +213,10 @@ class VectorStore:
 
     def _drop_file(self, digest: str) -> None:
         """Remove the file of `digest`, which no registration refers to any more."""
-        self._file(digest).unlink(missing_ok=True)
+        try:
+            self.artifacts.delete(self._key(digest))
+        except ArtifactError:  # left in the store: harmless, nothing points to it
+            pass
         if (dropped := self._cache.pop(digest, None)) is not None:
             self._cached_bytes -= _nbytes(dropped)
 
@@ -198,6 +237,7 @@ def _nbytes(vector: ControlVector) -> int:
     return sum(d.nbytes for d in vector.directions.values())
 
 
-def default_store(data_dir: str | os.PathLike[str]) -> VectorStore:
-    """The store a server with this --data-dir keeps its vectors in."""
-    return VectorStore(Path(data_dir) / "vectors.sqlite3", Path(data_dir) / "vectors")
+def default_store(data_dir: str | os.PathLike[str], artifacts: ArtifactStore | None = None) -> VectorStore:
+    """The store a server with this --data-dir keeps its vectors in (files: `artifacts`, default the local
+    `<data-dir>/vectors`)."""
+    return VectorStore(Path(data_dir) / "vectors.sqlite3", Path(data_dir) / "vectors", artifacts)

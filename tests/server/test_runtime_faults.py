@@ -14,6 +14,7 @@ import psutil
 import pytest
 
 from tests.conftest import Server, auth
+from tests.server.conftest import stored_copy
 from tests.server.test_fail_closed import injected
 from tests.tiny_models import build_tiny_iapt, build_tiny_llama
 
@@ -83,8 +84,10 @@ def test_a_broken_adapter_fails_its_own_request_and_no_other(srv, tiny, api_keys
     assert text(httpx.post(f"{srv.url}/v1/completions", headers=alice, json=completion(f"{tiny.name}:broken"),
                            timeout=60))  # it serves while its files are intact
 
-    weights = srv.adapter_root / "alice" / "broken" / "iapt_model.safetensors"
-    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # truncated on disk
+    # Truncated on disk: the server's stored copy (registering by path copied the files into its store).
+    weights = stored_copy(srv.adapter_root.parent / "data", srv.adapter_root / "alice" / "broken",
+                          "iapt_model.safetensors")
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
 
     async def together() -> list[httpx.Response]:
         async with httpx.AsyncClient(base_url=srv.url, timeout=60) as c:

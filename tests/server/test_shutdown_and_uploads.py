@@ -19,6 +19,7 @@ import pytest
 from steerserve.server.adapters import files
 from steerserve.server.adapters.registry import AdapterStore
 from tests.conftest import Server
+from tests.server.conftest import stored_copy
 from tests.server.test_fail_closed import injected
 from tests.tiny_models import build_tiny_llama, build_tiny_lora
 
@@ -47,9 +48,9 @@ def test_the_store_sweeps_orphans_and_keeps_what_it_owns(tmp_path):
     store = AdapterStore(tmp_path / "a.db", tmp_path / "files")
     staged = store.upload_dir()
     (staged / "adapter_config.json").write_text("{}")
-    kept = files.publish(store.upload_dir(), store.files_dir)
-    uncommitted = files.publish(store.upload_dir(), store.files_dir)
-    deleted = files.publish(store.upload_dir(), store.files_dir)
+    kept, _ = files.publish(store.upload_dir(), store.artifacts)
+    uncommitted, _ = files.publish(store.upload_dir(), store.artifacts)
+    deleted, _ = files.publish(store.upload_dir(), store.artifacts)
     other = store.files_dir / "not-an-upload"
     other.mkdir()
     for path, name in ((kept, "kept"), (deleted, "deleted")):
@@ -79,8 +80,11 @@ def restarted(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("durable")
     model = build_tiny_llama(tmp / "tiny")
     lora = build_tiny_lora(tmp / "lora", model, rank=4)
-    damaged = tmp / "damaged"
+    damaged, moved = tmp / "damaged", tmp / "moved"
     shutil.copytree(lora, damaged)
+    shutil.copytree(lora, moved)
+    for path, tail in ((damaged, "\n"), (moved, " ")):  # configs with bytes of their own, to find their copies by
+        (path / "adapter_config.json").write_text((lora / "adapter_config.json").read_text() + tail)
     data = tmp / "data"
     args = ["--model", str(model), "--dtype", "float32", "--max-model-len", "1024", "--kv-cache-gib", "0.1",
             "--max-num-seqs", "4", "--data-dir", str(data), "--enable-lora", "--max-lora-rank", "8",
@@ -89,7 +93,9 @@ def restarted(tmp_path_factory):
     try:
         upload = {n: (n, (lora / n).read_bytes()) for n in LORA_FILES}
         assert httpx.put(f"{first.url}/v1/adapters/kept", files=upload, timeout=60).status_code == 200
-        assert httpx.put(f"{first.url}/v1/adapters/damaged", json={"path": str(damaged)}, timeout=60).status_code == 200
+        for name, path in (("damaged", damaged), ("moved", moved)):
+            r = httpx.put(f"{first.url}/v1/adapters/{name}", json={"path": str(path)}, timeout=60)
+            assert r.status_code == 200, r.text
         hold = threading.Event()
         boundary = "steerserve-test-boundary"
         killed = threading.Thread(target=lambda: _quietly(lambda: httpx.put(
@@ -111,8 +117,13 @@ def restarted(tmp_path_factory):
     finally:
         first.stop()
     assert any(staging.iterdir())  # the kill left a partial upload behind
-    weights = damaged / "adapter_model.safetensors"
-    weights.write_bytes(b"\x00" * 64)  # broken while the server was down
+    # While the server was down: the stored copy of `damaged` had one byte flipped (it still parses: only its
+    # checksum tells); `moved`'s original directory was broken (its registration stored a copy: no effect).
+    weights = stored_copy(data, damaged, "adapter_config.json").parent / "adapter_model.safetensors"
+    flipped = bytearray(weights.read_bytes())
+    flipped[-1] ^= 1
+    weights.write_bytes(bytes(flipped))
+    (moved / "adapter_model.safetensors").write_bytes(b"\x00" * 64)
     slow = injected(tmp, "steerserve.server.engine.processor", SLOW_STEERED_STEPS)
     second = Server(args, tmp / "second.log", env=slow).wait_ready()
     try:
@@ -133,16 +144,16 @@ def test_a_restart_sweeps_a_killed_upload_and_refuses_a_broken_adapter(restarted
     uploads = data / "adapters"
     assert not list((uploads / files.STAGING).iterdir())  # the killed upload is gone
     listed = {a["name"]: a for a in httpx.get(f"{server.url}/v1/adapters", timeout=10).json()["data"]}
-    assert set(listed) == {"kept", "damaged"}
+    assert set(listed) == {"kept", "damaged", "moved"}
     on_disk = {p.name for p in uploads.iterdir()} - {files.STAGING}
-    assert len(on_disk) == 1  # exactly the kept upload's directory: nothing orphaned
+    assert len(on_disk) == 3  # exactly the stored adapters' directories: nothing orphaned
     r = httpx.post(f"{server.url}/v1/completions", timeout=60,
                    json={"model": f"{model.name}:damaged", "prompt": "hello", "max_tokens": 3})
     assert r.status_code == 400, r.text
     error = r.json()["error"]
     assert error["code"] == "adapter_broken" and error["param"] == "model" and "damaged" in error["message"]
-    assert "corrupt" in error["message"] or "safetensors" in error["message"], error
-    for name in (f"{model.name}:kept", model.name):
+    assert "corrupt" in error["message"] and "sha256" in error["message"], error
+    for name in (f"{model.name}:kept", f"{model.name}:moved", model.name):
         r = httpx.post(f"{server.url}/v1/completions", timeout=60, json={"model": name, "prompt": "hello",
                                                                           "max_tokens": 3})
         assert r.status_code == 200, r.text

@@ -61,6 +61,7 @@ def test_transaction_rolls_back_both_rows(database: Database) -> None:
 def _writer(url: str, files: str, k: int, out) -> None:
     """One replica's writes (run in a child process): the same adapter name replaced, the same tenant updated."""
     registry.INSPECTORS["fake"] = lambda path, base: {}
+    registry.KIND_FILES["fake"] = ()  # no files to copy into the artifact store
     try:
         with open_database(url) as db:
             adapters, profiles, tenants = AdapterStore(db, files), ProfileStore(db), TenantStore(db)

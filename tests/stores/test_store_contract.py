@@ -68,14 +68,15 @@ def test_prefixes_put_get_list_delete(database: Database) -> None:
 @pytest.fixture
 def fake_kind(monkeypatch: pytest.MonkeyPatch) -> str:
     """An adapter kind whose inspection always passes: these tests are about storage, not validation."""
-    monkeypatch.setitem(registry.INSPECTORS, "fake", lambda path, base: {"rank": 4, "path": str(path)})
+    monkeypatch.setitem(registry.INSPECTORS, "fake", lambda path, base: {"rank": 4})
+    monkeypatch.setitem(registry.KIND_FILES, "fake", ())  # no files to copy into the artifact store
     return "fake"
 
 
 def test_adapters_register_replace_resolve_delete(database: Database, tmp_path: Path, fake_kind: str) -> None:
     a = AdapterStore(database, tmp_path / "files")
     first, replaced = a.register("alice", "ad", fake_kind, tmp_path / "a1", base=None)
-    assert replaced is None and first.meta == {"rank": 4, "path": str(tmp_path / "a1")}
+    assert replaced is None and first.meta["rank"] == 4 and first.meta["source"] == str(tmp_path / "a1")
     second, replaced = a.register("alice", "ad", fake_kind, tmp_path / "a2", base=None)
     assert replaced == first and second.id > first.id  # a new engine id: the old one is never reused
     glob, _ = a.register(GLOBAL, "ad", fake_kind, tmp_path / "g", base=None)
