@@ -36,7 +36,12 @@ def add_settings_flags(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields}
-    return serve_forever(Settings.load(args.config, **overrides))
+    settings = Settings.load(args.config, **overrides)
+    if settings.replicas is not None:  # Ray is imported only here (server/replicas/)
+        from ..replicas.launch import serve_replicas
+
+        return serve_replicas(settings)
+    return serve_forever(settings)
 
 
 def serve_forever(settings: Settings) -> int:
@@ -47,16 +52,11 @@ def serve_forever(settings: Settings) -> int:
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
     import uvicorn
 
-    from steerserve.server.adapters.registry import AdapterStore
     from steerserve.server.frontend.tool_calls import chat_template
     from steerserve.server.models.store import ModelFetchError, resolve_model
-    from steerserve.server.stores.profiles import ProfileStore
 
-    from ..engine.async_engine import Engine
-    from ..http.admission import Limits
-    from ..http.app import create_app
     from ..http.auth import KeyStore, check_bind
-    from ..http.limits import InputLimits
+    from .app_from_settings import build_app
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("steerserve")
@@ -71,8 +71,6 @@ def serve_forever(settings: Settings) -> int:
     if keys.is_open:
         log.warning("no API keys configured (--api-keys): open mode, every request is the 'default' tenant "
                     "with admin rights; listening on loopback only")
-    profiles = ProfileStore(settings.data_dir / "profiles.sqlite3")
-    adapters = AdapterStore(settings.data_dir / "adapters.sqlite3", settings.data_dir / "adapters")
     failed = []
 
     def stop_serving() -> None:
@@ -83,11 +81,7 @@ def serve_forever(settings: Settings) -> int:
         deadline.daemon = True  # it must not itself keep a process that shut down cleanly alive
         deadline.start()
 
-    limits = Limits(settings.max_queued_requests, settings.max_requests_per_tenant, settings.request_timeout)
-    app = create_app(lambda: Engine(settings, model_path), keys, profiles, on_engine_failure=stop_serving,
-                     adapters=adapters, adapter_root=settings.adapter_root, playground=settings.playground,
-                     tool_call_parser=settings.tool_call_parser, chat_template=template, limits=limits,
-                     input_limits=InputLimits.from_settings(settings))
+    app = build_app(settings, model_path, keys, template, stop_serving)
     # Our own access log line carries the request id (server/http/request_id.py); uvicorn's would repeat it.
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                             timeout_graceful_shutdown=ABORT_GRACE_S, access_log=False)
