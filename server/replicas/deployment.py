@@ -144,11 +144,13 @@ def _error(status: int, message: str, code: str) -> Response:
 
 
 class Router:
-    def __init__(self, engine, settings_json: str):
+    def __init__(self, engine, settings_json: str, affinity: bool = True):
+        """`affinity` False routes every request by Ray Serve's default policy (the affinity benchmark's
+        baseline)."""
         from ..http.auth import KeyStore
 
         settings = Settings.model_validate_json(settings_json)
-        self.engine = engine
+        self.engine, self.affinity = engine, affinity
         self.keys = KeyStore.load(settings.api_keys) if settings.api_keys else KeyStore.open()
         self.board = board()
 
@@ -162,7 +164,7 @@ class Router:
         forwarded = ForwardedRequest(request.method, request.url.path, request.url.query.encode(),
                                      list(request.headers.raw), await request.body(),
                                      (request.client.host, request.client.port) if request.client else None)
-        key = affinity_key(forwarded, self.tenant_of)
+        key = affinity_key(forwarded, self.tenant_of) if self.affinity else ""
         stream = self.engine.options(stream=True, multiplexed_model_id=key).forward.remote(forwarded)
         try:
             start = await stream.__anext__()
