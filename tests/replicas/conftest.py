@@ -2,6 +2,7 @@
 Serve deployment of 2 SmolLM2 replicas per test session (`replicas`), started and stopped here."""
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,9 @@ def replicas(smollm2_path: Path, api_keys, tmp_path_factory) -> Replicas:
     from steerserve.server.replicas import launch
     from steerserve.server.settings import Settings
 
+    # Ray's memory monitor kills workers when the whole machine is short of memory, whoever uses it: on a shared
+    # test machine that would be other processes' doing. Off for the test cluster (read when Ray starts).
+    os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")
     state = tmp_path_factory.mktemp("replicas")
     (state / "adapters").mkdir()
     settings = launch.prepare(Settings(

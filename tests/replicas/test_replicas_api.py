@@ -72,14 +72,14 @@ def test_openai_client_and_streaming_through_the_replicas(replicas, api_keys):
     assert completion.choices[0].text.strip()
 
 
-def test_steering_headers_and_errors_through_the_replicas(alice):
+def test_steering_headers_and_errors_through_the_replicas(replicas, alice):
     r = chat(alice, headers={"X-Steering": json.dumps({"logits": {"bias": {" plum": 100.0}}})}, max_tokens=3)
     assert text(r) == " plum" * 3 and r.headers["x-steering-applied"].endswith("methods=logits.bias")
     bad = chat(alice, max_tokens="many")
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "max_tokens"
     bad = chat(alice, headers={"X-Steering": "{not json"})
     assert bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_request_error"
-    assert httpx.get(f"{alice.base_url}v1/models").status_code == 401  # no key
+    assert httpx.get(f"{replicas.url}/v1/models").status_code == 401  # no key
 
 
 def test_ready_health_and_metrics_per_replica(replicas, alice, api_keys):
