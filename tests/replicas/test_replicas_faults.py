@@ -18,7 +18,7 @@ from tests.conftest import auth
 MODEL = "smollm2-135m-instruct"
 REPLICA = "x-steerserve-replica"
 LONG = {"model": MODEL, "messages": [{"role": "user", "content": "Tell me a long story about owls."}],
-        "temperature": 0, "max_tokens": 150, "ignore_eos": True, "stream": True}
+        "temperature": 0, "max_tokens": 80, "ignore_eos": True, "stream": True}
 
 
 def stream_one(url: str, key: str, out: dict, started: threading.Event) -> None:
