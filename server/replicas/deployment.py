@@ -230,9 +230,8 @@ def build_application(settings: Settings):
 
 def app_builder(args: dict):
     """For Ray Serve config files (`import_path: steerserve.server.replicas.deployment:app_builder`): `args` are
-    steerserve settings by name (as in `steerserve serve --config`); `replicas` defaults to 1."""
-    from ..models.store import resolve_model
+    steerserve settings by name (as in `steerserve serve --config`); `replicas` defaults to 1. The model is
+    resolved and the keys and bind address checked as `steerserve serve` checks them."""
+    from .replica_settings import prepare
 
-    settings = Settings(**{"replicas": 1, **args})
-    settings = settings.model_copy(update={"model": str(resolve_model(settings.model, settings.cache))})
-    return build_application(settings)
+    return build_application(prepare(Settings(**{"replicas": 1, **args})))

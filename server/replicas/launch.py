@@ -18,18 +18,6 @@ APP_NAME = "steerserve"
 log = logging.getLogger("steerserve.replicas")
 
 
-def prepare(settings: Settings) -> Settings:
-    """The settings every replica gets: the checkpoint resolved here (fetched once, not by each replica), the
-    key file and bind address checked as the single server checks them. Raises ValueError/OSError/ModelFetchError."""
-    from ..http.auth import KeyStore, check_bind
-    from ..models.store import resolve_model
-
-    keys = KeyStore.load(settings.api_keys) if settings.api_keys else KeyStore.open()
-    check_bind(settings.host, keys)
-    model = resolve_model(settings.model, settings.cache)
-    return settings.model_copy(update={"model": str(model), "replicas": settings.replicas or 1})
-
-
 def start(settings: Settings) -> None:
     """Starts Ray (a local cluster sized for the replicas, or joins settings.ray_address), Serve's proxy and the
     application; returns once every replica's engine is ready (Ray Serve waits for the replicas' constructors)."""
@@ -67,6 +55,7 @@ def stop() -> None:
 def serve_replicas(settings: Settings) -> int:
     """The CLI entry: serve until stopped; 0 after a clean stop, 1 if the application could not start."""
     from ..models.store import ModelFetchError
+    from .replica_settings import prepare
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

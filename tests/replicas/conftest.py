@@ -36,6 +36,7 @@ def replicas(smollm2_path: Path, api_keys, tmp_path_factory) -> Replicas:
     """`steerserve serve --replicas 2` on SmolLM2 (fp32, LoRA on with 2 slots), started in this process as the
     CLI starts it (server/replicas/launch.py), with keys; the Ray cluster is stopped at the end of the session."""
     from steerserve.server.replicas import launch
+    from steerserve.server.replicas.replica_settings import prepare
     from steerserve.server.settings import Settings
 
     # Ray's memory monitor kills workers when the whole machine is short of memory, whoever uses it: on a shared
@@ -43,7 +44,7 @@ def replicas(smollm2_path: Path, api_keys, tmp_path_factory) -> Replicas:
     os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")
     state = tmp_path_factory.mktemp("replicas")
     (state / "adapters").mkdir()
-    settings = launch.prepare(Settings(
+    settings = prepare(Settings(
         model=str(smollm2_path), port=free_port(), replicas=2, replica_cpus=1, dtype="float32", max_model_len=1024,
         max_num_seqs=8, kv_cache_gib=0.25, api_keys=Path(api_keys["file"]), data_dir=state / "data",
         enable_lora=True, max_loras=2, max_lora_rank=8, max_cpu_loras=2, adapter_root=state / "adapters",
