@@ -121,10 +121,10 @@ class EngineReplica:
         if getattr(self, "lifespan", None) is not None:
             await self.lifespan.__aexit__(None, None, None)  # shuts the engine down
 
-    @serve.multiplexed(max_num_models_per_replica=16)
     async def resident(self, key: str) -> str:
         """Marks an adapter key as held by this replica (Ray Serve routes the key's next requests here); the
-        adapter itself is loaded by the app's adapter pool, which keeps its own LRU."""
+        adapter itself is loaded by the app's adapter pool. Made a `serve.multiplexed` LRU as large as the
+        pool's (--max-cpu-loras) by `engine_replica_class`."""
         return key
 
     async def forward(self, request: ForwardedRequest):
@@ -134,6 +134,17 @@ class EngineReplica:
             if isinstance(item, ResponseStart):
                 item = ResponseStart(item.status, [*item.headers, (REPLICA_HEADER, self.replica.encode())])
             yield item
+
+
+def engine_replica_class(capacity: int) -> type:
+    """EngineReplica whose multiplexed record holds `capacity` adapter keys, as many as its adapter pool keeps
+    loaded, so Ray Serve's idea of what a replica holds is the pool's."""
+    class SteerServeEngineReplica(EngineReplica):
+        @serve.multiplexed(max_num_models_per_replica=capacity)
+        async def resident(self, key: str) -> str:
+            return key
+
+    return SteerServeEngineReplica
 
 
 def _error(status: int, message: str, code: str) -> Response:
@@ -216,7 +227,8 @@ def build_application(settings: Settings):
     """The Ray Serve application for `settings` (settings.model must be a checkpoint directory every node can
     read, settings.replicas the number of engine replicas)."""
     settings_json = settings.model_dump_json()
-    engine = serve.deployment(EngineReplica).options(
+    pool_size = settings.max_cpu_loras or 4 * settings.max_loras  # adapters the pool keeps loaded
+    engine = serve.deployment(engine_replica_class(pool_size)).options(
         name="SteerServeReplica", num_replicas=settings.replicas or 1,
         ray_actor_options={"num_cpus": settings.replica_cpus, "runtime_env": {"env_vars": replica_env(settings)}},
         # The app's own admission answers 429 beyond its bounds; Ray Serve must not queue in front of it.
