@@ -64,8 +64,12 @@ def serve_replicas(settings: Settings) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     stopping = threading.Event()
+
+    def on_signal(*_) -> None:
+        stopping.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stopping.set())
+        signal.signal(sig, on_signal)
     try:
         start(settings)
     except Exception as exc:  # noqa: BLE001 - reported, then the cluster is stopped
@@ -73,6 +77,8 @@ def serve_replicas(settings: Settings) -> int:
         print(f"error: the replicas could not start: {exc}", file=sys.stderr)
         stop()
         return 1
+    for sig in (signal.SIGTERM, signal.SIGINT):  # again: ray.init installs its own, which aborts the process
+        signal.signal(sig, on_signal)
     log.info("serving %s with %d replicas on http://%s:%d", settings.model, settings.replicas, settings.host,
              settings.port)
     stopping.wait()
