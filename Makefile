@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install model serve test lint docs bench-frontend sdk-types browser playground-screenshot soak fuzz
+.PHONY: install model serve test lint docs bench-frontend sdk-types browser playground-screenshot soak fuzz bench-affinity
 
 $(STAMP): pyproject.toml clients/python/pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -62,3 +62,8 @@ soak: model
 FUZZ_EXAMPLES ?= 200
 fuzz: model
 	STEERSERVE_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -s tests/reliability/test_schemathesis.py $(PYTEST_ARGS)
+
+# Adapter-affinity routing across Ray Serve replicas (simulated replicas, real routing; ~2 minutes):
+# benchmarks/results/replica_affinity.json and .png (docs/deployment.md#adapter-affinity).
+bench-affinity: install
+	$(PY) -m benchmarks.replica_affinity $(ARGS)

@@ -86,6 +86,13 @@ class Settings(BaseSettings):
                                "applies to every request. Default: softmax.")
     attention_mode_power: float = Field(15.0, ge=1.0, le=64.0, description="Re-weighting exponent p of the "
                                                                             "model's attention mode (lssar).")
+    # Scale-out on Ray Serve (server/replicas/; docs/deployment.md#replicas-on-ray-serve). None: one process, no Ray.
+    replicas: int | None = Field(None, ge=1, le=256, description="Serve through Ray Serve with this many replicas, "
+                                 "each with its own engine (and KV cache of kv_cache_gib); None: one process, no Ray.")
+    replica_cpus: float = Field(1.0, gt=0, description="Ray CPUs reserved per replica (--replicas); its engine "
+                                "runs max(1, floor(replica_cpus)) OpenMP threads.")
+    ray_address: str | None = Field(None, description="With --replicas: the Ray cluster to join (e.g. auto); None: "
+                                    "start a local one on this machine.")
 
     @model_validator(mode="after")
     def _check_batch_budget(self) -> Settings:

@@ -36,7 +36,12 @@ def add_settings_flags(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields}
-    return serve_forever(Settings.load(args.config, **overrides))
+    settings = Settings.load(args.config, **overrides)
+    if settings.replicas is not None:  # Ray is imported only here (server/replicas/)
+        from ..replicas.launch import serve_replicas
+
+        return serve_replicas(settings)
+    return serve_forever(settings)
 
 
 def serve_forever(settings: Settings) -> int:
@@ -47,21 +52,12 @@ def serve_forever(settings: Settings) -> int:
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
     import uvicorn
 
-    from steerserve.server.adapters.registry import AdapterStore
     from steerserve.server.frontend.tool_calls import chat_template
     from steerserve.server.models.store import ModelFetchError, resolve_model
-    from steerserve.server.stores.artifacts import open_for_server
-    from steerserve.server.stores.database import DatabaseUnavailable, open_database
-    from steerserve.server.stores.prefixes import PrefixStore
-    from steerserve.server.stores.profiles import ProfileStore
-    from steerserve.server.stores.tenants import TenantStore
-    from steerserve.server.stores.vectors import VectorStore
+    from steerserve.server.stores.database import DatabaseUnavailable
 
-    from ..engine.async_engine import Engine
-    from ..http.admission import Limits
-    from ..http.app import create_app
     from ..http.auth import KeyStore, check_bind
-    from ..http.limits import InputLimits
+    from .app_from_settings import build_app, open_stores
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("steerserve")
@@ -70,7 +66,6 @@ def serve_forever(settings: Settings) -> int:
         check_bind(settings.host, keys)
         model_path = resolve_model(settings.model, settings.cache)
         template = chat_template(settings.chat_template) if settings.chat_template else None
-        adapter_files, vector_files = open_for_server(settings.artifact_store, settings.data_dir)
     except (ModelFetchError, ValueError, OSError, ImportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -78,17 +73,12 @@ def serve_forever(settings: Settings) -> int:
         log.warning("no API keys configured (--api-keys): open mode, every request is the 'default' tenant "
                     "with admin rights; listening on loopback only")
     try:  # one shared database (--database-url), else the SQLite files under --data-dir, as always
-        db = open_database(settings.database_url) if settings.database_url else None
-        profiles = ProfileStore(db or settings.data_dir / "profiles.sqlite3")
-        adapters = AdapterStore(db or settings.data_dir / "adapters.sqlite3", settings.data_dir / "adapters",
-                                adapter_files)
-        shared = {} if db is None else {"tenants": TenantStore(db), "prefixes": PrefixStore(db),
-                                        "data_dir": settings.data_dir}
-        # Vector files in the artifact store (--artifact-store), rows beside the others.
-        shared["vectors"] = VectorStore(db or settings.data_dir / "vectors.sqlite3", settings.data_dir / "vectors",
-                                        vector_files)
-    except (DatabaseUnavailable, RuntimeError, ValueError, OSError) as exc:
+        stores = open_stores(settings)
+    except DatabaseUnavailable as exc:
         print(f"error: database: {exc}", file=sys.stderr)
+        return 1
+    except (RuntimeError, ValueError, OSError, ImportError) as exc:  # a bad URL, an unwritable artifact store
+        print(f"error: {exc}", file=sys.stderr)
         return 1
     failed = []
 
@@ -100,11 +90,7 @@ def serve_forever(settings: Settings) -> int:
         deadline.daemon = True  # it must not itself keep a process that shut down cleanly alive
         deadline.start()
 
-    limits = Limits(settings.max_queued_requests, settings.max_requests_per_tenant, settings.request_timeout)
-    app = create_app(lambda: Engine(settings, model_path), keys, profiles, on_engine_failure=stop_serving,
-                     adapters=adapters, adapter_root=settings.adapter_root, playground=settings.playground,
-                     tool_call_parser=settings.tool_call_parser, chat_template=template, limits=limits,
-                     input_limits=InputLimits.from_settings(settings), **shared)
+    app = build_app(settings, model_path, keys, template, stop_serving, stores)
     # Our own access log line carries the request id (server/http/request_id.py); uvicorn's would repeat it.
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                             timeout_graceful_shutdown=ABORT_GRACE_S, access_log=False)
