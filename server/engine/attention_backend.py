@@ -10,7 +10,7 @@ the engine step: attention steering is switched off for the engine and the fault
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -18,7 +18,7 @@ from steerserve.kernels import cpu_attention
 from steerserve.steering.plan import AttentionPlan
 
 from . import state as engine_state
-from . import vllm_compat
+from . import tp, vllm_compat
 from .state import Hook, MethodRows, RowContext
 
 BACKEND_PATH = "steerserve.server.engine.attention_backend.SteeringCPUBackend"
@@ -38,7 +38,10 @@ def admit(plan, prompt_len: int, ctx: RowContext) -> RowSteer | None:
     """A new row's attention steering, or None if its plan has none (the engine hook's `admit`)."""
     if plan.attention.is_noop():
         return None
-    return row_steer(plan.attention, prompt_len, ctx.num_layers, ctx.num_heads)
+    steer = row_steer(plan.attention, prompt_len, ctx.num_layers, ctx.num_heads)
+    if ctx.tp.size > 1:  # this rank's query heads only (server/engine/tp.py)
+        steer = replace(steer, biases=tp.local_heads(steer.biases, tp.query_heads(ctx.num_heads, ctx.tp)))
+    return steer
 
 
 def row_steer(plan: AttentionPlan, prompt_len: int, num_layers: int, num_heads: int) -> RowSteer:
