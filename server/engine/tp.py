@@ -82,3 +82,29 @@ def local_heads(tables: list[torch.Tensor | None], heads: range) -> list[torch.T
             t = t if t.any() else None
         out.append(t)
     return out
+
+
+BIND_ENV = "VLLM_CPU_OMP_THREADS_BIND"  # vLLM-CPU: the cores of each rank's OpenMP threads, ranks split by "|"
+
+
+def cpu_binding(size: int, cpus: list[int]) -> str:
+    """`VLLM_CPU_OMP_THREADS_BIND` for `size` ranks over `cpus`: contiguous, equal groups (the remainder unused),
+    e.g. "0|1" or "0-3|4-7". Raises ValueError with fewer CPUs than ranks."""
+    cpus = sorted(cpus)
+    if len(cpus) < size:
+        raise ValueError(f"tensor_parallel_size {size} needs at least {size} CPU cores; this process may use "
+                         f"{len(cpus)}")
+    per = len(cpus) // size
+    groups = [cpus[i * per: (i + 1) * per] for i in range(size)]
+    return "|".join(",".join(map(str, g)) if g != list(range(g[0], g[-1] + 1)) else
+                    (f"{g[0]}-{g[-1]}" if len(g) > 1 else str(g[0])) for g in groups)
+
+
+def bind_cpus(size: int) -> None:
+    """Give each of `size` CPU ranks its own cores, unless the operator set `VLLM_CPU_OMP_THREADS_BIND` (vLLM-CPU's
+    default binds ranks to NUMA nodes and refuses to start with fewer nodes than ranks: "Not enough allowed NUMA
+    nodes to bind threads of N local CPUWorkers"). Inherited by the engine's processes."""
+    import os
+
+    if os.environ.get(BIND_ENV, "auto") == "auto":
+        os.environ[BIND_ENV] = cpu_binding(size, list(os.sched_getaffinity(0)))
