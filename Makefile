@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install model serve test lint docs bench-frontend sdk-types browser playground-screenshot soak fuzz
+.PHONY: install model serve test lint docs bench-frontend sdk-types browser playground-screenshot soak fuzz test-tp-full
 
 $(STAMP): pyproject.toml clients/python/pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -62,3 +62,7 @@ soak: model
 FUZZ_EXAMPLES ?= 200
 fuzz: model
 	STEERSERVE_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -s tests/reliability/test_schemathesis.py $(PYTEST_ARGS)
+
+# Tensor parallelism, long: tests/tp plus a tiny Qwen3-MoE at TP=2 (docs/tensor-parallel.md); `make test` runs the rest.
+test-tp-full: install
+	STEERSERVE_TP_FULL=1 $(PY) -m pytest -s tests/tp $(PYTEST_ARGS)

@@ -8,6 +8,8 @@ same on every rank and must be published once. Checked: a mixed batch (off, on/d
 per-head sink with expert steering, base rows), greedy tokens equal and max |d logprob| < 1e-4 (measured ~5e-6);
 base rows bit-identical to an unsteered-only TP=2 run; a counted row's counts sum to exactly top-k per token and
 layer (twice that if both ranks published). Cost: one TP=2 engine (~35 s to start on 2 cores), ~15 s of work.
+`make test-tp-full` (STEERSERVE_TP_FULL=1) also runs a tiny Qwen3-MoE (a dense first layer, no top-k
+renormalisation, 4 query / 2 KV heads), one more engine.
 """
 from __future__ import annotations
 
@@ -24,23 +26,27 @@ from tests.tiny_models import build_tiny_moe
 from tests.tp.conftest import TP
 from tests.tp.rows import Row, prompt_ids, reference_logprobs, request, run, worst_error
 
-HEADS, KV_HEADS = 4, 1
+HEADS = 4
+KINDS = {"mixtral": 1, "qwen3_moe": 2}  # model kind -> its KV heads: 1 is replicated on both ranks
+FULL = os.environ.get("STEERSERVE_TP_FULL") == "1"
 MAX_TOKENS = 5
 
 
-@pytest.fixture(scope="module")
-def moe(tmp_path_factory):
+@pytest.fixture(scope="module", params=[pytest.param(kind, marks=() if kind == "mixtral" or FULL else pytest.mark.skip(
+    reason="make test-tp-full")) for kind in KINDS])
+def moe(request, tmp_path_factory):
     from transformers import AutoConfig, AutoTokenizer
 
-    path = build_tiny_moe(tmp_path_factory.mktemp("tp-moe") / "mixtral", "mixtral", seed=0,
-                          num_key_value_heads=KV_HEADS)
-    layout = moe_layout(AutoConfig.from_pretrained(path))
+    kind, kv_heads = request.param, KINDS[request.param]
+    path = build_tiny_moe(tmp_path_factory.mktemp("tp-moe") / kind, kind, seed=0, num_key_value_heads=kv_heads)
+    config = AutoConfig.from_pretrained(path)
+    layout = moe_layout(config)
     tok = AutoTokenizer.from_pretrained(path)
-    facts = ModelFacts(tok, 2048, (1,), num_layers=len(layout.layers), num_heads=HEADS, num_kv_heads=KV_HEADS,
+    facts = ModelFacts(tok, 2048, (1,), num_layers=config.num_hidden_layers, num_heads=HEADS, num_kv_heads=kv_heads,
                        moe_layers=layout.layers, num_experts=layout.num_experts, experts_top_k=layout.top_k,
                        router=layout.router)
     model = attention_reference.load(path)  # eager attention with the steering written out ...
-    experts_reference.install(model, "mixtral")  # ... and the routers written out
+    experts_reference.install(model, kind)  # ... and the routers written out
     return path, tok, facts, layout, model
 
 
@@ -84,11 +90,11 @@ def test_mixed_expert_and_attention_rows_match_hf(llm, moe):
     for attempt in ("cold", "prefix cache warm"):
         got = run(llm, requests)
         for (name, row), (tokens, logprobs, _) in zip(batch.items(), got, strict=True):
-            ref = reference_logprobs(model, row, tok, tokens, len(layout.layers), HEADS, moe=True)
+            ref = reference_logprobs(model, row, tok, tokens, facts.num_layers, HEADS, moe=True)
             err = worst_error(f"TP={TP} {attempt} {name}", ref, tokens, logprobs)
             assert err < 1e-4, f"TP={TP} {attempt} {name}: |d logprob| {err}"
             worst = max(worst, err)
-    print(f"TP={TP} mixtral (replicated KV head): max |d logprob| vs HF eager: {worst:.2e}")
+    print(f"TP={TP} {moe[0].name} ({facts.num_kv_heads} KV heads): max |d logprob| vs HF eager: {worst:.2e}")
     alone = run(llm, [r for name, r in zip(batch, requests, strict=True) if not batch[name].steered])
     base = [g[:2] for name, g in zip(batch, got, strict=True) if not batch[name].steered]
     assert [a[:2] for a in alone] == base, "base rows changed beside steered rows"
