@@ -7,9 +7,12 @@ control-vector rows, a logits row and IAPT rows (one with a sink beside it), wit
 the 64-token step budget) and prefix caching (the batch runs twice; the second run reads cached blocks). Checked:
 greedy tokens equal to the reference and max |d logprob| < 1e-4 (measured ~5e-6; TP=1 against the same references:
 tests/steering/); base and LoRA rows bit-identical to an unsteered-only TP=2 run. Cost: one TP=2 engine (~35 s to
-start on 2 cores) and ~30 s of generation and references.
+start on 2 cores) and ~30 s of generation and references. `make test-tp-full` (STEERSERVE_TP_FULL=1) also
+compares the batch row by row with a TP=1 engine.
 """
 from __future__ import annotations
+
+import os
 
 import pytest
 
@@ -23,6 +26,10 @@ from tests.tp.rows import Row, reference_logprobs, request, run, worst_error
 
 LAYERS, HEADS, KV_HEADS = TINY_LLAMA["num_hidden_layers"], TINY_LLAMA["num_attention_heads"], 2
 MAX_TOKENS = 5
+FULL = os.environ.get("STEERSERVE_TP_FULL") == "1"
+ENGINE = dict(dtype="float32", enforce_eager=True, max_model_len=512, max_num_seqs=16, max_num_batched_tokens=64,
+              block_size=32, enable_prefix_caching=True, kv_cache_memory_bytes=64 * 2**20, enable_lora=True,
+              max_loras=1, max_lora_rank=8, logprobs_mode="processed_logprobs", seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -37,10 +44,7 @@ def llm(tiny):
     from steerserve.server.engine import lora_ops_patch
     from steerserve.server.engine.builder import steering_llm
 
-    with steering_llm(tiny[0], dtype="float32", enforce_eager=True, max_model_len=512, max_num_seqs=16,
-                      max_num_batched_tokens=64, block_size=32, enable_prefix_caching=True,
-                      kv_cache_memory_bytes=64 * 2**20, enable_lora=True, max_loras=1, max_lora_rank=8,
-                      logprobs_mode="processed_logprobs", tensor_parallel_size=TP, seed=0) as engine:
+    with steering_llm(tiny[0], tensor_parallel_size=TP, **ENGINE) as engine:
         yield engine
         del engine
     lora_ops_patch.remove()
@@ -95,3 +99,22 @@ def test_mixed_batch_of_every_family_matches_hf_and_leaves_unsteered_rows_alone(
     mixed = dict(zip(batch, got, strict=True))
     for (name, _), (tokens, logprobs, _) in zip(unsteered, alone, strict=True):
         assert (tokens, logprobs) == mixed[name][:2], f"{name} changed beside steered rows"
+
+
+@pytest.mark.skipif(not FULL, reason="make test-tp-full")
+def test_tp2_equals_tp1_row_by_row(llm, hf, tiny):
+    from steerserve.server.engine.builder import steering_llm
+
+    _, _, tok, facts = hf
+    batch = rows(tiny)
+    requests = [request(row, tok, facts, MAX_TOKENS) for row in batch.values()]
+    two = run(llm, requests)
+    with steering_llm(tiny[0], tensor_parallel_size=1, **ENGINE) as single:
+        one = run(single, requests)
+        del single
+    worst = 0.0
+    for name, (tokens, logprobs, _), (want_tokens, want_logprobs, _) in zip(batch, two, one, strict=True):
+        assert tokens == want_tokens, f"{name}: TP={TP} and TP=1 differ in greedy tokens"
+        worst = max(worst, max(abs(a - b) for a, b in zip(logprobs, want_logprobs, strict=True)))
+    assert worst < 1e-4
+    print(f"TP={TP} vs TP=1 llama, every family: max |d logprob| {worst:.2e}")
