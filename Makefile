@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install model serve test lint docs bench-frontend sdk-types browser playground-screenshot soak fuzz bench-affinity
+.PHONY: install model serve test lint docs bench-frontend sdk-types browser playground-screenshot soak fuzz bench-affinity test-tp-full
 
 $(STAMP): pyproject.toml clients/python/pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -67,3 +67,7 @@ fuzz: model
 # benchmarks/results/replica_affinity.json and .png (docs/deployment.md#adapter-affinity).
 bench-affinity: install
 	$(PY) -m benchmarks.replica_affinity $(ARGS)
+
+# Tensor parallelism, long: tests/tp plus a tiny Qwen3-MoE at TP=2 (docs/tensor-parallel.md); `make test` runs the rest.
+test-tp-full: install
+	STEERSERVE_TP_FULL=1 $(PY) -m pytest -s tests/tp $(PYTEST_ARGS)

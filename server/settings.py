@@ -27,6 +27,9 @@ class Settings(BaseSettings):
     kv_cache_gib: float = Field(1.0, gt=0, description="KV cache size; always capped (vLLM-CPU otherwise takes ~15 GiB).")
     enable_prefix_caching: bool = True
     enforce_eager: bool = Field(True, description="Skip torch.compile (saves ~30 s of start-up on CPU).")
+    tensor_parallel_size: int = Field(1, ge=1, le=64, description="Ranks (worker processes) the model is split "
+                                      "over with vLLM's tensor parallelism; the query and KV heads must divide "
+                                      "over them (docs/tensor-parallel.md).")
     seed: int = 0
     cache: Path = Field(Path.home() / ".cache" / "steerserve", description="Model cache (env STEERSERVE_CACHE).")
     data_dir: Path = Field(Path.home() / ".local" / "share" / "steerserve",

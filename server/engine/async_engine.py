@@ -15,7 +15,7 @@ from steerserve.steering.model import ModelFacts
 from steerserve.steering.plan import Plan
 
 from ..settings import Settings
-from . import faults, vllm_compat
+from . import faults, tp, vllm_compat
 from . import iapt_hook as iapt
 from .router_hook import STATS_DIR
 
@@ -55,6 +55,8 @@ class Engine:
             os.environ[STATS_DIR] = tempfile.mkdtemp(prefix="steerserve-stats-", dir=shm if shm.is_dir() else None)
         if settings.enable_lora:  # IAPT adapters each worker keeps loaded, like vLLM's LoRA host cache
             os.environ[iapt.CACHE_ENV] = str(lora_args(settings)["max_cpu_loras"])
+        if settings.tensor_parallel_size > 1:  # vLLM-CPU binds each rank's threads to its own cores
+            tp.bind_cpus(settings.tensor_parallel_size)
         name = settings.served_model_name or model_path.name
         args = AsyncEngineArgs(
             model=str(model_path),
@@ -66,6 +68,7 @@ class Engine:
             kv_cache_memory_bytes=int(settings.kv_cache_gib * 2**30),
             enable_prefix_caching=settings.enable_prefix_caching,
             enforce_eager=settings.enforce_eager,
+            tensor_parallel_size=settings.tensor_parallel_size,
             seed=settings.seed,
             disable_log_stats=True,
             logits_processors=[logits_processor or SteeringLogitsProcessor],

@@ -19,14 +19,14 @@ on CPU.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from steerserve.kernels import cpu_attention, dispatch
 from steerserve.steering.plan import AttentionPlan
 
-from . import attention_glue, vllm_compat
+from . import attention_glue, tp, vllm_compat
 from . import state as engine_state
 from .state import Hook, MethodRows, RowContext
 
@@ -47,7 +47,10 @@ def admit(plan, prompt_len: int, ctx: RowContext) -> RowSteer | None:
     """A new row's attention steering, or None if its plan has none (the engine hook's `admit`)."""
     if plan.attention.is_noop():
         return None
-    return row_steer(plan.attention, prompt_len, ctx.num_layers, ctx.num_heads)
+    steer = row_steer(plan.attention, prompt_len, ctx.num_layers, ctx.num_heads)
+    if ctx.tp.size > 1:  # this rank's query heads only (server/engine/tp.py)
+        steer = replace(steer, biases=tp.local_heads(steer.biases, tp.query_heads(ctx.num_heads, ctx.tp)))
+    return steer
 
 
 def row_steer(plan: AttentionPlan, prompt_len: int, num_layers: int, num_heads: int) -> RowSteer:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from steerserve.steering.model import ModelFacts
 
-from . import plugin, vllm_compat
+from . import plugin, tp, vllm_compat
 from .async_engine import model_facts
 from .processor import SteeringLogitsProcessor
 
@@ -27,6 +27,8 @@ def open_steering_llm(model: str | Path, **engine_kwargs):
     import vllm
 
     plugin.enable()
+    if engine_kwargs.get("tensor_parallel_size", 1) > 1:  # each rank its own cores (server/engine/tp.py)
+        tp.bind_cpus(engine_kwargs["tensor_parallel_size"])
     engine_kwargs.setdefault("logits_processors", [SteeringLogitsProcessor])
     return vllm.LLM(model=str(model), **engine_kwargs)
 

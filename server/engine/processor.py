@@ -22,7 +22,7 @@ import torch
 from steerserve.steering import methods  # noqa: F401 - defines every plan part the plans here may carry
 from steerserve.steering.plan import EosRamp, Plan
 
-from . import faults
+from . import faults, tp
 from . import state as engine_state
 from .hooks import HOOKS
 from .state import RowContext
@@ -130,7 +130,8 @@ class SteeringLogitsProcessor(LogitsProcessor):
         self.diversity = self.rows.new(dtype=torch.float32)
         self.logits_active = self.rows.new(dtype=torch.bool)
         hf = vllm_config.model_config.hf_text_config
-        self.context = RowContext(hf.num_hidden_layers, hf.num_attention_heads, _num_experts(hf), self.device)
+        self.context = RowContext(hf.num_hidden_layers, hf.num_attention_heads, _num_experts(hf), self.device,
+                                  tp.current())
         # This engine's state, read by the engine hooks: made here, fresh, and dropped with this processor.
         self.state = engine_state.create(vllm_config, self, HOOKS)
         self.hook_active = {h.family: self.rows.new(dtype=torch.bool) for h in self.state.hooks}

@@ -48,7 +48,8 @@ class RowMasks:
 
 def admit(plan, prompt_len: int, ctx: RowContext) -> RowMasks | None:
     """A new row's expert masks (and routed-expert counts, if its plan has a `stats` part), or None."""
-    stats_key = plan.stats.key if ctx.num_experts else ""
+    # Every rank routes alike (server/engine/tp.py): one rank counts, so the server sums each row once.
+    stats_key = plan.stats.key if ctx.num_experts and ctx.tp.leads else ""
     if plan.experts.is_noop() and not stats_key:
         return None
     return row_masks(plan.experts, prompt_len, ctx.num_experts, stats_key, ctx.num_layers)

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from . import faults
+from . import faults, tp
 from . import forward_hook as step
 
 if TYPE_CHECKING:
@@ -36,6 +36,7 @@ class RowContext:
     num_heads: int
     num_experts: int
     device: torch.device
+    tp: tp.Rank = tp.Rank()  # this worker's tensor-parallel rank (server/engine/tp.py): what its hooks cut to
 
 
 class MethodRows:
@@ -48,6 +49,7 @@ class MethodRows:
     def __init__(self) -> None:
         self._rows: list[tuple[int, Any]] = []
         self.off: str | None = None
+        self.fail_rows: Callable[[str], None] | None = None  # under TP: fail the rows in flight (EngineState)
 
     @property
     def rows(self) -> list[tuple[int, Any]]:
@@ -66,6 +68,8 @@ class MethodRows:
         if self.off is None:
             self.off = reason
             faults.report(self.family, reason)
+            if self.fail_rows is not None:
+                self.fail_rows(reason)
 
 
 @dataclass(frozen=True)
@@ -101,6 +105,17 @@ class EngineState:
 
     def __post_init__(self) -> None:
         self.rows = {h.family: h.new_rows() for h in self.hooks}
+        rank = tp.current()
+        if rank.size > 1:  # the other ranks keep steering the rows in flight: they must not be served half-steered
+            for family, rows in self.rows.items():
+                rows.fail_rows = lambda reason, family=family: self._fail_in_flight(family, reason, rank)
+
+    def _fail_in_flight(self, family: str, reason: str, rank: tp.Rank) -> None:
+        """`family` was switched off on this rank only: report each of its keyed rows in flight as faulted, so
+        the server fails their requests (server/engine/faults.py)."""
+        for row, _ in self.rows[family].rows:
+            if (key := self.row_keys.get(row)) is not None:
+                faults.report_row(key, f"{family}: switched off on tensor-parallel rank {rank.rank}: {reason}")
 
     def fail_row(self, family: str, row: int, reason: str) -> None:
         """A hook's per-row work failed for batch row `row`: the fault is that row's request's (reported for the

@@ -89,6 +89,18 @@ def runner_model(runner):
     return runner.get_model()
 
 
+# ---- tensor parallelism (server/engine/tp.py) ----
+
+def tensor_parallel_rank() -> tuple[int, int]:
+    """vllm/distributed/parallel_state.py: `get_tensor_model_parallel_rank()` and `..._world_size()` of this
+    worker process; (0, 1) where no model-parallel group exists (outside an engine's workers)."""
+    from vllm.distributed import parallel_state as ps
+
+    if not ps.model_parallel_is_initialized():
+        return 0, 1
+    return ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
+
+
 # ---- the MoE router (server/engine/router_hook.py) ----
 
 def router_class() -> type:
